@@ -1,0 +1,333 @@
+//! Harness for the root tests: a real Postgres cluster, the real daemon, and helpers to wait
+//! for its events. Every test in `tests/tests/` starts what it needs and stops it on drop.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::{Ipv6Addr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+pub use serde_json::Value;
+
+/// True when the test can run. Without root it skips, unless the run requires root tests
+/// (`cargo xtask test` and CI do): then a skip is a failure.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("TRACER_REQUIRE_ROOT_TESTS").is_some() {
+        panic!("this root test cannot run: not root");
+    }
+    eprintln!("skipped: needs root (run `cargo xtask test` as root)");
+    false
+}
+
+static UNIQUE: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory under /tmp, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<Self> {
+        let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("tracer-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A TCP port free on both 127.0.0.1 and ::1 right now.
+pub fn free_port() -> Result<u16> {
+    for _ in 0..50 {
+        let v4 = TcpListener::bind("127.0.0.1:0")?;
+        let port = v4.local_addr()?.port();
+        if TcpListener::bind((Ipv6Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port on both 127.0.0.1 and ::1")
+}
+
+pub fn run_ok(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+fn postgres_bin_dir() -> Result<PathBuf> {
+    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .context("Postgres is not installed (run `cargo xtask setup`)")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .context("no Postgres server binaries under /usr/lib/postgresql")
+}
+
+/// A temporary Postgres cluster run as the `postgres` user on its own port and socket
+/// directory, listening on 127.0.0.1 and ::1.
+pub struct Postgres {
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    data_dir: PathBuf,
+    bin: PathBuf,
+    _dir: TempDir,
+}
+
+fn as_postgres(program: &Path) -> Command {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "postgres", "--"]).arg(program);
+    cmd
+}
+
+impl Postgres {
+    pub fn start() -> Result<Self> {
+        let bin = postgres_bin_dir()?;
+        let dir = TempDir::new("pg")?;
+        run_ok(
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&dir.0),
+        )?;
+        let data_dir = dir.0.join("data");
+        let socket_dir = dir.0.join("sock");
+        fs::create_dir_all(&socket_dir)?;
+        run_ok(
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&socket_dir),
+        )?;
+        run_ok(
+            as_postgres(&bin.join("initdb"))
+                .args(["-A", "trust", "-U", "postgres", "-N", "-D"])
+                .arg(&data_dir),
+        )?;
+        let port = free_port()?;
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses='127.0.0.1,::1' -c fsync=off -c max_connections=300",
+            socket_dir.display()
+        );
+        run_ok(
+            as_postgres(&bin.join("pg_ctl"))
+                .args(["-w", "-t", "60", "-D"])
+                .arg(&data_dir)
+                .arg("-l")
+                .arg(dir.0.join("log"))
+                .args(["-o", &options, "start"]),
+        )?;
+        Ok(Self {
+            port,
+            socket_dir,
+            data_dir,
+            bin,
+            _dir: dir,
+        })
+    }
+
+    /// `psql` against this cluster over TCP at `host`, unaligned tuples-only output.
+    pub fn psql(&self, host: &str, sql: &str) -> Command {
+        let mut cmd = Command::new("psql");
+        cmd.args([
+            "-X", "-A", "-t", "-U", "postgres", "-d", "postgres", "-h", host,
+        ])
+        .args(["-p", &self.port.to_string(), "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGSSLMODE", "disable");
+        cmd
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .args(["-m", "immediate", "-D"])
+            .arg(&self.data_dir)
+            .arg("stop")
+            .output();
+    }
+}
+
+pub fn tracer_bin() -> PathBuf {
+    std::env::var_os("TRACER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tracer"))
+}
+
+/// The daemon, writing its events to a file the test reads.
+pub struct Tracer {
+    child: Option<Child>,
+    events_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Tracer {
+    /// Starts `tracer run ARGS --events FILE` and waits for its `ready` event.
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let dir = TempDir::new("tracer")?;
+        let events_path = dir.0.join("events.jsonl");
+        let stderr = fs::File::create(dir.0.join("stderr"))?;
+        let child = Command::new(tracer_bin())
+            .arg("run")
+            .args(args)
+            .arg("--events")
+            .arg(&events_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("spawning {}", tracer_bin().display()))?;
+        let mut tracer = Self {
+            child: Some(child),
+            events_path,
+            _dir: dir,
+        };
+        let ready = tracer.wait_for(Duration::from_secs(30), |evs| {
+            evs.iter().any(|e| e["type"] == "ready")
+        });
+        if ready.is_err() {
+            let status = tracer
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            bail!(
+                "tracer not ready within 30 s (exit: {status:?}); stderr:\n{}",
+                tracer.stderr()
+            );
+        }
+        Ok(tracer)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self._dir.0.join("stderr")).unwrap_or_default()
+    }
+
+    /// Every event written so far.
+    pub fn events(&self) -> Vec<Value> {
+        let Ok(file) = fs::File::open(&self.events_path) else {
+            return Vec::new();
+        };
+        BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.ends_with('}'))
+            .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
+            .collect()
+    }
+
+    /// Polls the events until `done` holds, or fails after `timeout`.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events();
+            if done(&events) {
+                return Ok(events);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "condition not met within {timeout:?}; events so far:\n{}",
+                    lines(&events)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout`; returns the exit status and how long it took.
+    pub fn terminate(mut self, timeout: Duration) -> Result<(ExitStatus, Duration)> {
+        let mut child = self.child.take().context("already stopped")?;
+        let started = Instant::now();
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, started.elapsed()));
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                bail!("tracer still running {timeout:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn lines(events: &[Value]) -> String {
+    events.iter().map(|e| format!("{e}\n")).collect()
+}
+
+/// Port part of `ip:port` / `[v6]:port`.
+pub fn port_of(addr: &Value) -> Option<u16> {
+    addr.as_str()?.rsplit(':').next()?.parse().ok()
+}
+
+/// The connection events touching `port` on either end.
+pub fn conn_events(events: &[Value], port: u16) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| port_of(&e["local"]) == Some(port) || port_of(&e["remote"]) == Some(port))
+        .cloned()
+        .collect()
+}
+
+/// Names of the BPF programs loaded right now (`bpftool prog show`).
+pub fn loaded_program_names() -> Result<Vec<String>> {
+    let out = run_ok(Command::new("bpftool").args(["-j", "prog", "show"]))?;
+    let progs: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(progs
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// tracefs is not mounted at boot on these machines; classic-tracepoint tools (tcplife)
+/// need it.
+pub fn ensure_tracefs() -> Result<()> {
+    if Path::new("/sys/kernel/tracing/events").exists() {
+        return Ok(());
+    }
+    run_ok(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))?;
+    Ok(())
+}

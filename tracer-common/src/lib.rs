@@ -1,0 +1,205 @@
+//! Wire types shared by the kernel programs (`tracer-ebpf`) and the daemon (`tracer`).
+//!
+//! Everything here crosses the kernel/user boundary as raw bytes, so every type is
+//! `#[repr(C)]`, `Copy`, has explicit padding, and carries no `bool`, `enum` or `Option`.
+//! Sizes are asserted at compile time: a layout change that is not mirrored on both sides
+//! fails the build instead of corrupting events.
+#![no_std]
+
+/// Record kinds in the ring buffer. Stable numbers: the decoder rejects anything else.
+pub mod kind {
+    /// A connection is established and its owner is known ([`super::ConnOpen`]).
+    pub const CONN_OPEN: u32 = 1;
+    /// A connection ended ([`super::ConnClose`]).
+    pub const CONN_CLOSE: u32 = 2;
+    /// A different process now does the connection's I/O ([`super::ConnOwner`]).
+    pub const CONN_OWNER: u32 = 3;
+    /// The peer closed its side (TCP CLOSE_WAIT) ([`super::ConnPeerClosed`]).
+    pub const CONN_PEER_CLOSED: u32 = 4;
+}
+
+/// Connection roles, as in the SPEC.
+pub mod role {
+    pub const CLIENT: u8 = 1;
+    pub const SERVER: u8 = 2;
+}
+
+/// Who ended the connection (SPEC `closed_by`).
+pub mod closed_by {
+    pub const UNKNOWN: u8 = 0;
+    pub const LOCAL: u8 = 1;
+    pub const PEER: u8 = 2;
+    pub const RESET: u8 = 3;
+    pub const EXIT: u8 = 4;
+}
+
+/// Address families, as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Every record starts with this header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// One of [`kind`].
+    pub kind: u32,
+    /// Size of the whole record in bytes, header included.
+    pub size: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was made.
+    pub ts_ns: u64,
+    /// The socket cookie: the connection's identity, the same one `sock_diag` reports.
+    pub cookie: u64,
+}
+
+/// The process that owns a connection, taken in that process's own context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Process id (thread group id); 0 when no process context was seen yet.
+    pub tgid: u32,
+    /// Thread id that did the work.
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// cgroup v2 id (the cgroup directory's inode number).
+    pub cgroup_id: u64,
+    /// `task->comm`, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// `CONN_OPEN`: a connection on a watched port is established and has an owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnOpen {
+    pub header: EventHeader,
+    pub owner: ProcInfo,
+    /// When the kernel first saw the socket (SYN sent or SYN received), monotonic ns.
+    pub start_ns: u64,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Local port, host byte order.
+    pub local_port: u16,
+    /// Remote port, host byte order.
+    pub remote_port: u16,
+    /// One of [`role`].
+    pub role: u8,
+    pub _pad: u8,
+    /// IPv4 addresses use the first 4 bytes; network byte order.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// `CONN_CLOSE`: the socket reached TCP_CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnClose {
+    pub header: EventHeader,
+    pub start_ns: u64,
+    /// Payload bytes the owner sent / received (sum of `sock_sendmsg` / `sock_recvmsg`).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// One of [`closed_by`].
+    pub closed_by: u8,
+    /// TCP state before TCP_CLOSE.
+    pub old_state: u8,
+    pub _pad: [u8; 6],
+}
+
+/// `CONN_OWNER`: I/O on the connection now comes from another process (fork, fd passing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnOwner {
+    pub header: EventHeader,
+    pub owner: ProcInfo,
+}
+
+/// `CONN_PEER_CLOSED`: the peer sent FIN while the local side is still open.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnPeerClosed {
+    pub header: EventHeader,
+}
+
+/// Per-socket state kept by the kernel programs, keyed by the `struct sock` address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    pub cookie: u64,
+    pub start_ns: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub owner: ProcInfo,
+    pub role: u8,
+    /// Bit set of `SOCK_FLAG_*`.
+    pub flags: u8,
+    pub closed_by: u8,
+    pub _pad: [u8; 5],
+}
+
+/// The `CONN_OPEN` record was sent.
+pub const SOCK_FLAG_OPEN_SENT: u8 = 1;
+/// The owner was captured in process context.
+pub const SOCK_FLAG_HAS_OWNER: u8 = 2;
+
+/// Kernel structure offsets the programs need, read by user space from the running kernel's
+/// BTF and handed in as a global at load time (Rust eBPF has no CO-RE relocations).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub sock_common_daddr: u32,
+    pub sock_common_rcv_saddr: u32,
+    pub sock_common_dport: u32,
+    pub sock_common_num: u32,
+    pub sock_common_family: u32,
+    pub sock_common_v6_daddr: u32,
+    pub sock_common_v6_rcv_saddr: u32,
+    pub sock_protocol: u32,
+    pub task_flags: u32,
+    pub _pad: u32,
+}
+
+impl KernelOffsets {
+    /// x86_64 layout of recent kernels (6.x); used only as the compiled-in default, the
+    /// daemon always overrides it with offsets read from BTF.
+    pub const DEFAULT: Self = Self {
+        sock_common_daddr: 0,
+        sock_common_rcv_saddr: 4,
+        sock_common_dport: 12,
+        sock_common_num: 14,
+        sock_common_family: 16,
+        sock_common_v6_daddr: 56,
+        sock_common_v6_rcv_saddr: 72,
+        sock_protocol: 532,
+        task_flags: 44,
+        _pad: 0,
+    };
+}
+
+/// Index of the per-CPU loss counters (`LOSSES` map).
+pub mod loss {
+    /// A ring-buffer reservation failed: the record was dropped.
+    pub const RING_FULL: u32 = 0;
+    /// The socket table was full: a connection could not be tracked.
+    pub const TABLE_FULL: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<EventHeader>() == 24);
+    assert!(core::mem::size_of::<ProcInfo>() == 40);
+    assert!(core::mem::size_of::<ConnOpen>() == 24 + 40 + 8 + 8 + 32);
+    assert!(core::mem::size_of::<ConnClose>() == 24 + 32);
+    assert!(core::mem::size_of::<ConnOwner>() == 64);
+    assert!(core::mem::size_of::<ConnPeerClosed>() == 24);
+    assert!(core::mem::size_of::<SockState>() == 80);
+    assert!(core::mem::size_of::<KernelOffsets>() == 40);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, made only of integers and byte arrays with
+    // explicit padding, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::SockState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}

@@ -1,0 +1,275 @@
+//! Member offsets of kernel structures, read from the running kernel's BTF
+//! (`/sys/kernel/btf/vmlinux`).
+//!
+//! Rust eBPF programs have no CO-RE field relocations, so the daemon looks up the few
+//! offsets the programs need and passes them in at load time. Only what that needs is
+//! parsed: the type section's records, struct/union members, anonymous members followed.
+
+use std::collections::HashMap;
+use thiserror::Error;
+use tracer_common::KernelOffsets;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BtfError {
+    #[error("not BTF data (bad magic or header)")]
+    BadHeader,
+    #[error("BTF data truncated at byte {0}")]
+    Truncated(usize),
+    #[error("unknown BTF kind {0}")]
+    UnknownKind(u32),
+    #[error("struct {0} not found in kernel BTF")]
+    NoStruct(String),
+    #[error("member {1} of struct {0} not found in kernel BTF")]
+    NoMember(String, String),
+}
+
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_ENUM64: u32 = 19;
+
+struct Member {
+    name_off: u32,
+    type_id: u32,
+    bit_offset: u32,
+}
+
+struct Composite {
+    members: Vec<Member>,
+}
+
+/// The struct and union types of a BTF blob, by type id.
+pub struct KernelBtf {
+    strings: Vec<u8>,
+    composites: HashMap<u32, Composite>,
+    by_name: HashMap<String, u32>,
+}
+
+fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
+    let bytes = data.get(at..at + 4).ok_or(BtfError::Truncated(at))?;
+    Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")))
+}
+
+impl KernelBtf {
+    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
+            return Err(BtfError::BadHeader);
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
+        let types = data
+            .get(hdr_len + type_off..hdr_len + type_off + type_len)
+            .ok_or(BtfError::Truncated(hdr_len + type_off + type_len))?;
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or(BtfError::Truncated(hdr_len + str_off + str_len))?
+            .to_vec();
+
+        let mut btf = Self {
+            strings,
+            composites: HashMap::new(),
+            by_name: HashMap::new(),
+        };
+        let mut at = 0;
+        let mut type_id = 1u32;
+        while at < types.len() {
+            let name_off = u32_at(types, at)?;
+            let info = u32_at(types, at + 4)?;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 == 1;
+            at += 12;
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                2 | 7..=12 | 16 | 18 => 0,
+                other => return Err(BtfError::UnknownKind(other)),
+            };
+            if kind == KIND_STRUCT || kind == KIND_UNION {
+                let mut members = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let m = at + i * 12;
+                    let raw_offset = u32_at(types, m + 8)?;
+                    members.push(Member {
+                        name_off: u32_at(types, m)?,
+                        type_id: u32_at(types, m + 4)?,
+                        // With kind_flag the top 8 bits hold a bitfield size.
+                        bit_offset: if kind_flag {
+                            raw_offset & 0xff_ffff
+                        } else {
+                            raw_offset
+                        },
+                    });
+                }
+                if name_off != 0 && vlen > 0 {
+                    let name = btf.string(name_off).to_owned();
+                    btf.by_name.entry(name).or_insert(type_id);
+                }
+                btf.composites.insert(type_id, Composite { members });
+            }
+            if at + extra > types.len() {
+                return Err(BtfError::Truncated(at + extra));
+            }
+            at += extra;
+            type_id += 1;
+        }
+        Ok(btf)
+    }
+
+    pub fn from_sys_fs() -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let data = std::fs::read(VMLINUX_BTF).with_context(|| format!("reading {VMLINUX_BTF}"))?;
+        Ok(Self::parse(&data)?)
+    }
+
+    fn string(&self, offset: u32) -> &str {
+        let tail = self.strings.get(offset as usize..).unwrap_or_default();
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        std::str::from_utf8(&tail[..end]).unwrap_or("")
+    }
+
+    /// Byte offset of `member` in `strukt`, looking inside anonymous unions and structs.
+    pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let id = *self
+            .by_name
+            .get(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        self.find_member(id, member, 0, 0)
+            .map(|bits| bits / 8)
+            .ok_or_else(|| BtfError::NoMember(strukt.to_owned(), member.to_owned()))
+    }
+
+    fn find_member(&self, id: u32, member: &str, base_bits: u32, depth: u32) -> Option<u32> {
+        let composite = self.composites.get(&id)?;
+        if depth > 8 {
+            return None;
+        }
+        for m in &composite.members {
+            if m.name_off != 0 && self.string(m.name_off) == member {
+                return Some(base_bits + m.bit_offset);
+            }
+        }
+        composite
+            .members
+            .iter()
+            .filter(|m| m.name_off == 0)
+            .find_map(|m| self.find_member(m.type_id, member, base_bits + m.bit_offset, depth + 1))
+    }
+
+    /// The offsets the kernel programs read.
+    pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        let sc = |m| self.member_offset("sock_common", m);
+        Ok(KernelOffsets {
+            sock_common_daddr: sc("skc_daddr")?,
+            sock_common_rcv_saddr: sc("skc_rcv_saddr")?,
+            sock_common_dport: sc("skc_dport")?,
+            sock_common_num: sc("skc_num")?,
+            sock_common_family: sc("skc_family")?,
+            sock_common_v6_daddr: sc("skc_v6_daddr")?,
+            sock_common_v6_rcv_saddr: sc("skc_v6_rcv_saddr")?,
+            sock_protocol: self.member_offset("sock", "sk_protocol")?,
+            task_flags: self.member_offset("task_struct", "flags")?,
+            _pad: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a BTF blob: `struct outer { int a; union { int b; int c; }; int d; }`.
+    fn sample() -> Vec<u8> {
+        let strings = b"\0int\0outer\0a\0b\0c\0d\0".to_vec();
+        let s = |name: &str| {
+            let pos = strings
+                .windows(name.len() + 2)
+                .position(|w| {
+                    w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0
+                })
+                .expect("string present");
+            (pos + 1) as u32
+        };
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| {
+            for w in words {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        // [1] int
+        push(&[s("int"), KIND_INT << 24, 4, 32]);
+        // [2] anonymous union { b; c; }
+        push(&[0, (KIND_UNION << 24) | 2, 4]);
+        push(&[s("b"), 1, 0]);
+        push(&[s("c"), 1, 0]);
+        // [3] struct outer { a; <union>; d @ bit 64, bitfield-encoded (kind_flag) }
+        push(&[s("outer"), (1 << 31) | (KIND_STRUCT << 24) | 3, 12]);
+        push(&[s("a"), 1, 0]);
+        push(&[0, 2, 32]);
+        push(&[s("d"), 1, (3 << 24) | 64]);
+        let mut blob = Vec::new();
+        for w in [
+            0xeb9f_u32 | (1 << 16),
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+        ] {
+            blob.extend_from_slice(&w.to_le_bytes());
+        }
+        blob.extend_from_slice(&(strings.len() as u32).to_le_bytes());
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(&strings);
+        blob
+    }
+
+    #[test]
+    fn finds_direct_anonymous_and_bitfield_members() {
+        let btf = KernelBtf::parse(&sample()).expect("parses");
+        assert_eq!(btf.member_offset("outer", "a"), Ok(0));
+        assert_eq!(btf.member_offset("outer", "b"), Ok(4));
+        assert_eq!(btf.member_offset("outer", "c"), Ok(4));
+        assert_eq!(btf.member_offset("outer", "d"), Ok(8));
+        assert_eq!(
+            btf.member_offset("outer", "zz"),
+            Err(BtfError::NoMember("outer".into(), "zz".into()))
+        );
+        assert_eq!(
+            btf.member_offset("nope", "a"),
+            Err(BtfError::NoStruct("nope".into()))
+        );
+    }
+
+    #[test]
+    fn rejects_garbage_and_truncation() {
+        assert_eq!(KernelBtf::parse(b"hello").err(), Some(BtfError::BadHeader));
+        let blob = sample();
+        for cut in [24, 30, blob.len() - 3] {
+            assert!(KernelBtf::parse(&blob[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn reads_this_kernels_offsets_when_btf_is_present() {
+        let Ok(btf) = KernelBtf::from_sys_fs() else {
+            eprintln!("skipped: {VMLINUX_BTF} not readable");
+            return;
+        };
+        let offsets = btf.kernel_offsets().expect("all members present");
+        // These have not moved in a decade; the rest is checked by the root tests.
+        assert_eq!(offsets.sock_common_dport, 12);
+        assert_eq!(offsets.sock_common_num, 14);
+        assert_eq!(offsets.sock_common_family, 16);
+    }
+}

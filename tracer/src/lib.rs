@@ -1,0 +1,16 @@
+//! tracer: an eBPF connection tracer and leak detector for PostgreSQL clients.
+//!
+//! Data flows through the modules in this order: `probes` (load and attach the kernel
+//! programs) -> `daemon` (ring buffer reading and wiring) -> `decode` (bytes to kernel
+//! events) -> `conn_table` (connection state) -> `process` (owner details, containers) ->
+//! `events` (the JSON stream).
+
+pub mod btf;
+pub mod cli;
+pub mod conn_table;
+pub mod daemon;
+pub mod decode;
+pub mod events;
+pub mod privileges;
+pub mod probes;
+pub mod process;

@@ -1,0 +1,140 @@
+//! Project tasks: `cargo xtask <setup|build|run|test>`.
+//!
+//! Each task does its own set-up first (`setup` is idempotent and fast once done), so the two
+//! commands in the README work on a fresh machine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: rust-src, bpf-linker, Postgres, PgBouncer,
+    /// libbpf-tools, bpftool, Prometheus, Python's psycopg2 (needs root for apt).
+    Setup,
+    /// Build the daemon (release), with the kernel programs embedded.
+    Build,
+    /// Set up, build and run the daemon with its defaults (needs root). Arguments after
+    /// `--` go to `tracer run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the whole suite: fmt, clippy, unit tests, and the root tests against
+    /// the real kernel, Postgres and peers (root required: a skipped root test fails).
+    Test {
+        /// Only the checks and tests that need no root.
+        #[arg(long)]
+        no_root: bool,
+        /// Only root tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd
+        .current_dir(root_dir())
+        .status()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|ids| ids.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    run(Command::new("bash").arg(root_dir().join("xtask/scripts/setup.sh")))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            run(cargo().args(["build", "--release", "--package", "tracer"]))
+        }
+        Task::Run { args } => {
+            if !is_root() {
+                bail!("`cargo xtask run` starts the daemon, which needs root");
+            }
+            setup()?;
+            run(cargo().args(["build", "--release", "--package", "tracer"]))?;
+            let mut cmd = Command::new(root_dir().join("target/release/tracer"));
+            cmd.arg("run").args(args);
+            run(&mut cmd)
+        }
+        Task::Test { no_root, filter } => {
+            if !no_root && !is_root() {
+                bail!("the root tests need root: run as root, or pass --no-root for the rest");
+            }
+            setup()?;
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "tracer-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(cargo().args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "tracer-ebpf",
+                "--exclude",
+                "tests",
+            ]))?;
+            if no_root {
+                return Ok(());
+            }
+            run(cargo().args(["build", "--package", "tracer"]))?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--package", "tests", "--", "--test-threads=1"])
+                .env("TRACER_BIN", root_dir().join("target/debug/tracer"))
+                // A root test that cannot run fails instead of skipping.
+                .env("TRACER_REQUIRE_ROOT_TESTS", "1");
+            if let Some(filter) = filter {
+                cmd.arg(filter);
+            }
+            run(&mut cmd)
+        }
+    }
+}
