@@ -4,7 +4,7 @@
 //! `#[repr(C)]`, `Copy`, has explicit padding, and carries no `bool`, `enum` or `Option`.
 //! Sizes are asserted at compile time: a layout change that is not mirrored on both sides
 //! fails the build instead of corrupting events.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Record kinds in the ring buffer. Stable numbers: the decoder rejects anything else.
 pub mod kind {
@@ -34,6 +34,7 @@ pub mod closed_by {
 }
 
 /// Address families, as the kernel numbers them.
+pub const AF_UNIX: u16 = 1;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
@@ -65,6 +66,9 @@ pub struct ProcInfo {
     pub cgroup_id: u64,
     /// `task->comm`, NUL-padded.
     pub comm: [u8; 16],
+    /// `task->group_leader->start_boottime` (ns since boot): with `tgid`, identifies the
+    /// process across pid reuse (it is what `/proc/<pid>/stat` reports as `starttime`).
+    pub start_boottime_ns: u64,
 }
 
 /// `CONN_OPEN`: a connection on a watched port is established and has an owner.
@@ -73,21 +77,29 @@ pub struct ProcInfo {
 pub struct ConnOpen {
     pub header: EventHeader,
     pub owner: ProcInfo,
-    /// When the kernel first saw the socket (SYN sent or SYN received), monotonic ns.
+    /// When the kernel first saw the socket (SYN sent or SYN received), monotonic ns; for a
+    /// connection found mid-stream, when it was found.
     pub start_ns: u64,
-    /// [`AF_INET`] or [`AF_INET6`].
+    /// The `SOCKS` key (`struct sock` address), for reading the connection's live state.
+    pub sock_key: u64,
+    /// [`AF_INET`], [`AF_INET6`] or [`AF_UNIX`].
     pub family: u16,
-    /// Local port, host byte order.
+    /// Local port, host byte order (TCP).
     pub local_port: u16,
-    /// Remote port, host byte order.
+    /// Remote port, host byte order (TCP).
     pub remote_port: u16,
     /// One of [`role`].
     pub role: u8,
-    pub _pad: u8,
-    /// IPv4 addresses use the first 4 bytes; network byte order.
+    /// Bit set of `OPEN_FLAG_*`.
+    pub flags: u8,
+    /// TCP: IPv4 addresses use the first 4 bytes; network byte order.
+    /// Unix: the first 8 bytes hold the socket path's [`path_hash`] (native order).
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
 }
+
+/// The connection was found mid-stream (it existed before the probes were attached).
+pub const OPEN_FLAG_PREEXISTING: u8 = 1;
 
 /// `CONN_CLOSE`: the socket reached TCP_CLOSE.
 #[repr(C)]
@@ -128,18 +140,33 @@ pub struct SockState {
     pub start_ns: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Monotonic ns of the owner's last send / receive with data (0: none yet).
+    pub last_send_ns: u64,
+    pub last_recv_ns: u64,
     pub owner: ProcInfo,
+    /// [`AF_INET`], [`AF_INET6`] or [`AF_UNIX`].
+    pub family: u16,
     pub role: u8,
     /// Bit set of `SOCK_FLAG_*`.
     pub flags: u8,
     pub closed_by: u8,
-    pub _pad: [u8; 5],
+    /// Bit set of `PROTO_*`: what the protocol reader learned.
+    pub proto: u8,
+    /// Transaction status of the last ReadyForQuery: `b'I'`, `b'T'`, `b'E'`, or 0 (none yet).
+    pub tx_status: u8,
+    pub _pad: u8,
+    /// The last bytes of the server-to-client stream (see [`protocol`]).
+    pub window: [u8; 8],
 }
 
 /// The `CONN_OPEN` record was sent.
 pub const SOCK_FLAG_OPEN_SENT: u8 = 1;
 /// The owner was captured in process context.
 pub const SOCK_FLAG_HAS_OWNER: u8 = 2;
+/// The peer closed its side (TCP CLOSE_WAIT, or end-of-file read on a Unix socket).
+pub const SOCK_FLAG_PEER_CLOSED: u8 = 4;
+/// Found mid-stream rather than seen from its first packet.
+pub const SOCK_FLAG_PREEXISTING: u8 = 8;
 
 /// Kernel structure offsets the programs need, read by user space from the running kernel's
 /// BTF and handed in as a global at load time (Rust eBPF has no CO-RE relocations).
@@ -154,8 +181,18 @@ pub struct KernelOffsets {
     pub sock_common_v6_daddr: u32,
     pub sock_common_v6_rcv_saddr: u32,
     pub sock_protocol: u32,
+    pub sock_type: u32,
     pub task_flags: u32,
-    pub _pad: u32,
+    pub task_group_leader: u32,
+    pub task_start_boottime: u32,
+    pub unix_sock_addr: u32,
+    pub unix_sock_peer: u32,
+    pub unix_address_len: u32,
+    pub unix_address_name: u32,
+    pub pt_regs_orig_ax: u32,
+    pub pt_regs_di: u32,
+    pub pt_regs_si: u32,
+    pub pt_regs_dx: u32,
 }
 
 impl KernelOffsets {
@@ -170,8 +207,18 @@ impl KernelOffsets {
         sock_common_v6_daddr: 56,
         sock_common_v6_rcv_saddr: 72,
         sock_protocol: 532,
+        sock_type: 534,
         task_flags: 44,
-        _pad: 0,
+        task_group_leader: 1328,
+        task_start_boottime: 1560,
+        unix_sock_addr: 784,
+        unix_sock_peer: 872,
+        unix_address_len: 4,
+        unix_address_name: 8,
+        pt_regs_orig_ax: 120,
+        pt_regs_di: 112,
+        pt_regs_si: 104,
+        pt_regs_dx: 96,
     };
 }
 
@@ -184,16 +231,67 @@ pub mod loss {
     pub const COUNT: u32 = 2;
 }
 
+/// `PROTO_*` bits of [`SockState::proto`].
+pub mod proto {
+    /// The client's first packet was examined.
+    pub const FIRST_CLIENT_PACKET: u8 = 1;
+    /// The client asked for TLS or GSS encryption; the server's one-byte answer decides.
+    pub const ENCRYPTION_REQUESTED: u8 = 2;
+    /// The server's first byte was examined.
+    pub const FIRST_SERVER_BYTE: u8 = 4;
+    /// The stream is encrypted: the protocol cannot be read.
+    pub const ENCRYPTED: u8 = 8;
+    /// A CancelRequest connection: no session.
+    pub const CANCEL: u8 = 16;
+    /// The reader saw a syscall it cannot read buffers of (io_uring, sendfile, ...).
+    pub const UNREADABLE: u8 = 32;
+}
+
 const _: () = {
     assert!(core::mem::size_of::<EventHeader>() == 24);
-    assert!(core::mem::size_of::<ProcInfo>() == 40);
-    assert!(core::mem::size_of::<ConnOpen>() == 24 + 40 + 8 + 8 + 32);
+    assert!(core::mem::size_of::<ProcInfo>() == 48);
+    assert!(core::mem::size_of::<ConnOpen>() == 24 + 48 + 8 + 8 + 8 + 32);
     assert!(core::mem::size_of::<ConnClose>() == 24 + 32);
-    assert!(core::mem::size_of::<ConnOwner>() == 64);
+    assert!(core::mem::size_of::<ConnOwner>() == 72);
     assert!(core::mem::size_of::<ConnPeerClosed>() == 24);
-    assert!(core::mem::size_of::<SockState>() == 80);
-    assert!(core::mem::size_of::<KernelOffsets>() == 40);
+    assert!(core::mem::size_of::<SockState>() == 112);
+    assert!(core::mem::size_of::<KernelOffsets>() == 80);
 };
+
+/// Indexes of the `SETTINGS` array map (u32 values), which user space may change while the
+/// programs run.
+pub mod setting {
+    /// 1 while connections that existed before start-up may still be adopted on first sight.
+    pub const ADOPT_TCP: u32 = 0;
+    /// Bumped whenever the set of watched Unix socket paths changes; cached "not a Postgres
+    /// socket" verdicts from older generations are re-checked.
+    pub const UNIX_GENERATION: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// FNV-1a over a socket path (its first `max_len` bytes, up to the first NUL): the key of
+/// the watched-Unix-path map. Shared by the kernel programs and user space so both hash
+/// identically.
+#[inline(always)]
+pub fn path_hash(path: &[u8], max_len: usize) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < path.len() && i < max_len && i < UNIX_PATH_MAX {
+        let b = path[i];
+        if b == 0 {
+            break;
+        }
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+/// `sizeof(sockaddr_un.sun_path)`.
+pub const UNIX_PATH_MAX: usize = 108;
+
+pub mod protocol;
 
 #[cfg(feature = "user")]
 mod pod {

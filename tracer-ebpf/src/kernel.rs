@@ -32,7 +32,21 @@ pub fn current_proc() -> ProcInfo {
         // SAFETY: plain helper call without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        start_boottime_ns: process_start_boottime(),
     }
+}
+
+/// Start time of the current process (its thread-group leader), ns since boot.
+#[inline(always)]
+fn process_start_boottime() -> u64 {
+    let offsets = OFFSETS.load();
+    // SAFETY: helper without arguments; the pointer is only used for checked reads.
+    let task = unsafe { bpf_get_current_task_btf() } as *const c_void;
+    let leader: u64 = read_at(task, offsets.task_group_leader).unwrap_or(0);
+    if leader == 0 {
+        return 0;
+    }
+    read_at(leader as *const c_void, offsets.task_start_boottime).unwrap_or(0)
 }
 
 #[inline(always)]

@@ -17,6 +17,8 @@ mod kernel;
 mod maps;
 mod sock_io;
 mod sock_state;
+mod unix;
+mod user_buf;
 
 #[cfg(not(test))]
 #[panic_handler]

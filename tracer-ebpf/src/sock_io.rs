@@ -4,27 +4,43 @@
 //!
 //! Why these hooks: they run in the context of the process doing the I/O, so they name the
 //! real owner of a connection (the Postgres backend forked after the postmaster's accept, the
-//! new holder after fork or fd passing), and they carry the byte count. Sockets that are not
-//! tracked cost one hash lookup.
+//! new holder after fork or fd passing), and they carry the byte count; only socket I/O fires
+//! them. Per tracked connection they keep bytes, I/O times and the protocol reader's state;
+//! user space reads that state when it needs it instead of receiving an event per I/O.
+//! Untracked sockets cost one hash lookup (TCP) or two (Unix, where new Postgres
+//! connections are recognised by their socket path, there being no Unix connect hook).
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
 use core::ffi::c_void;
-use tracer_common::{ConnOwner, SOCK_FLAG_HAS_OWNER, SOCK_FLAG_OPEN_SENT, SockState, kind, loss};
+use tracer_common::{
+    AF_INET, AF_INET6, AF_UNIX, ConnOwner, OPEN_FLAG_PREEXISTING, SOCK_FLAG_HAS_OWNER,
+    SOCK_FLAG_OPEN_SENT, SOCK_FLAG_PEER_CLOSED, SOCK_FLAG_PREEXISTING, SockState, kind, loss,
+    proto, protocol, role, setting,
+};
 
 use crate::{
-    kernel::{current_proc, current_tgid},
-    maps::{EVENTS, SOCKS, count_loss},
-    sock_state::{emit_open, header},
+    kernel::{current_proc, current_tgid, read_at},
+    maps::{
+        OFFSETS, SOCKS, UNIX_CHECKED, WATCHED_UNIX, count_loss, emit, scratch_state, setting_value,
+    },
+    sock_state::{emit_open, emit_peer_closed, header, tcp_role},
+    unix::unix_path_hash,
+    user_buf::{current_syscall_buffer, head, tail8},
 };
 
 /// `MSG_PEEK`: the data stays queued and will be received (and counted) again.
 const MSG_PEEK: i32 = 2;
+const SOCK_STREAM: u16 = 1;
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn pgc_sock_send(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
-    on_io(sk, ret, Direction::Send);
+    on_io(sk, ret, true);
     0
 }
 
@@ -33,37 +49,190 @@ pub fn pgc_sock_recv(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
     let flags: i32 = ctx.arg(2);
-    let ret = if flags & MSG_PEEK != 0 { 0 } else { ret };
-    on_io(sk, ret, Direction::Receive);
+    if flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    on_io(sk, ret, false);
     0
 }
 
-enum Direction {
-    Send,
-    Receive,
-}
-
 #[inline(always)]
-fn on_io(sk: *const c_void, ret: i32, direction: Direction) {
-    let Some(state) = SOCKS.get_ptr_mut(&(sk as u64)) else {
-        return;
+fn on_io(sk: *const c_void, ret: i32, sending: bool) {
+    let key = sk as u64;
+    let state = match SOCKS.get_ptr_mut(&key) {
+        Some(state) => state,
+        None => match discover(sk, key) {
+            Some(state) => state,
+            None => return,
+        },
     };
     // SAFETY: the map value stays valid while this program runs.
     let state = unsafe { &mut *state };
+    if state.family == AF_UNIX {
+        // Unix sockets have no close hook: user space notices the close later and removes the
+        // entry, so an entry may outlive its socket and the address be reused meanwhile.
+        // SAFETY: `sk` is the tracepoint's socket argument.
+        if unsafe { bpf_get_socket_cookie(sk as *mut c_void) } != state.cookie {
+            let _ = SOCKS.remove(&key);
+            return;
+        }
+        if ret == 0 && !sending && state.flags & SOCK_FLAG_PEER_CLOSED == 0 {
+            // End of file: the peer closed its end.
+            state.flags |= SOCK_FLAG_PEER_CLOSED;
+            if state.closed_by == tracer_common::closed_by::UNKNOWN {
+                state.closed_by = tracer_common::closed_by::PEER;
+            }
+            emit_peer_closed(state);
+        }
+    }
     if ret > 0 {
-        let counter = match direction {
-            Direction::Send => &mut state.bytes_sent,
-            Direction::Receive => &mut state.bytes_received,
-        };
+        let len = ret as u64;
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
         // Not atomic (the BPF target has no fetch-add in Rust's core): two threads writing
         // one socket at the same instant could lose an increment, which libpq-style clients
         // (one thread per connection) never do.
-        *counter += ret as u64;
+        if sending {
+            state.bytes_sent += len;
+            state.last_send_ns = now;
+        } else {
+            state.bytes_received += len;
+            state.last_recv_ns = now;
+        }
+        read_protocol(state, len, sending);
     }
     if state.flags & SOCK_FLAG_HAS_OWNER != 0 && state.owner.tgid == current_tgid() {
         return;
     }
     take_ownership(sk, state);
+}
+
+/// Follows the protocol (see `tracer_common::protocol`) on a read or write of `len` bytes.
+/// Not inlined: its own stack frame keeps the program under the 512-byte stack limit.
+#[inline(never)]
+fn read_protocol(state: &mut SockState, len: u64, sending: bool) {
+    if state.proto & (proto::ENCRYPTED | proto::CANCEL) != 0 {
+        return;
+    }
+    let to_server = sending == (state.role == role::CLIENT);
+    let Some(buffer) = current_syscall_buffer(sending) else {
+        state.proto |= proto::UNREADABLE;
+        return;
+    };
+    if to_server {
+        if state.proto & proto::FIRST_CLIENT_PACKET == 0 && state.flags & SOCK_FLAG_PREEXISTING == 0
+        {
+            if let Some(head) = head::<8>(buffer, len) {
+                state.proto |= protocol::classify_client_packet(&head);
+            }
+        }
+        return;
+    }
+    let Some((tail, count)) = tail8(buffer, len) else {
+        return;
+    };
+    if state.proto & proto::FIRST_CLIENT_PACKET != 0 && state.proto & proto::FIRST_SERVER_BYTE == 0
+    {
+        // The answer to an encryption request is a single byte; it starts this read.
+        if let Some([first]) = head::<1>(buffer, len) {
+            state.proto = protocol::after_first_server_byte(state.proto, first);
+        }
+        if state.proto & proto::ENCRYPTED != 0 {
+            return;
+        }
+    }
+    protocol::roll_window(&mut state.window, &tail, count);
+    if let Some(status) = protocol::ready_for_query_status(&state.window) {
+        state.tx_status = status;
+    }
+}
+
+/// A socket without an entry: is it a Postgres connection after all? Not inlined, for the
+/// same stack reason; this path runs once per socket.
+#[inline(never)]
+fn discover(sk: *const c_void, key: u64) -> Option<*mut SockState> {
+    let offsets = OFFSETS.load();
+    let family: u16 = read_at(sk, offsets.sock_common_family)?;
+    if family == AF_UNIX {
+        discover_unix(sk, key)
+    } else if (family == AF_INET || family == AF_INET6) && setting_value(setting::ADOPT_TCP) == 1 {
+        adopt_tcp(sk, key, family)
+    } else {
+        None
+    }
+}
+
+#[inline(never)]
+fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
+    let sock_type: u16 = read_at(sk, OFFSETS.load().sock_type)?;
+    if sock_type != SOCK_STREAM {
+        return None;
+    }
+    let generation = setting_value(setting::UNIX_GENERATION);
+    // SAFETY: read-only use of the map value.
+    if let Some(&checked) = unsafe { UNIX_CHECKED.get(&key) } {
+        if checked == generation {
+            return None;
+        }
+    }
+    let watched = unix_path_hash(sk).and_then(|(hash, is_server)| {
+        // SAFETY: read-only use of the map value.
+        unsafe { WATCHED_UNIX.get(&hash) }.map(|_| (hash, is_server))
+    });
+    let Some((hash, is_server)) = watched else {
+        let _ = UNIX_CHECKED.insert(&key, &generation, 0);
+        return None;
+    };
+    let state = scratch_state()?;
+    // SAFETY: `sk` is the tracepoint's socket argument.
+    state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    // SAFETY: helper without arguments.
+    state.start_ns = unsafe { bpf_ktime_get_ns() };
+    state.family = AF_UNIX;
+    state.role = if is_server {
+        role::SERVER
+    } else {
+        role::CLIENT
+    };
+    track(sk, key, state, hash, 0)
+}
+
+/// A TCP connection on a watched port that existed before the probes were attached.
+#[inline(never)]
+fn adopt_tcp(sk: *const c_void, key: u64, family: u16) -> Option<*mut SockState> {
+    let sock_role = tcp_role(sk)?;
+    let state = scratch_state()?;
+    // SAFETY: `sk` is the tracepoint's socket argument.
+    state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    // SAFETY: helper without arguments.
+    state.start_ns = unsafe { bpf_ktime_get_ns() };
+    state.family = family;
+    state.role = sock_role;
+    state.flags = SOCK_FLAG_PREEXISTING;
+    track(sk, key, state, 0, OPEN_FLAG_PREEXISTING)
+}
+
+/// Inserts the entry; the open record follows from the caller's ownership step.
+#[inline(always)]
+fn track(
+    sk: *const c_void,
+    key: u64,
+    state: &SockState,
+    unix_hash: u64,
+    open_flags: u8,
+) -> Option<*mut SockState> {
+    if SOCKS.insert(&key, state, 0).is_err() {
+        count_loss(loss::TABLE_FULL);
+        return None;
+    }
+    let entry = SOCKS.get_ptr_mut(&key)?;
+    // Owner first, then the open record carries it.
+    // SAFETY: the map value stays valid while this program runs.
+    let entry_ref = unsafe { &mut *entry };
+    entry_ref.owner = current_proc();
+    entry_ref.flags |= SOCK_FLAG_HAS_OWNER;
+    emit_open(sk, entry_ref, unix_hash, open_flags);
+    Some(entry)
 }
 
 /// The current process does I/O on a connection it was not known to own.
@@ -73,14 +242,14 @@ fn take_ownership(sk: *const c_void, state: &mut SockState) {
     state.flags |= SOCK_FLAG_HAS_OWNER;
     if state.flags & SOCK_FLAG_OPEN_SENT == 0 {
         // Server role: the first I/O names the process that serves the connection.
-        emit_open(sk, state);
+        emit_open(sk, state, 0, 0);
         return;
     }
-    let record = ConnOwner {
-        header: header(kind::CONN_OWNER, size_of::<ConnOwner>(), state.cookie),
-        owner: state.owner,
-    };
-    if EVENTS.output::<ConnOwner>(&record, 0).is_err() {
-        count_loss(loss::RING_FULL);
-    }
+    emit::<ConnOwner>(|record| {
+        // SAFETY: reserved, writable ring-buffer slot of this type; every field is written.
+        unsafe {
+            (*record).header = header(kind::CONN_OWNER, size_of::<ConnOwner>(), state.cookie);
+            (*record).owner = state.owner;
+        }
+    });
 }

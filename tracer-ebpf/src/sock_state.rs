@@ -13,13 +13,14 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use tracer_common::{
-    AF_INET, AF_INET6, ConnClose, ConnOpen, ConnPeerClosed, EventHeader, SOCK_FLAG_HAS_OWNER,
-    SOCK_FLAG_OPEN_SENT, SockState, closed_by, kind, loss, role,
+    AF_INET, AF_INET6, AF_UNIX, ConnClose, ConnOpen, ConnPeerClosed, EventHeader,
+    OPEN_FLAG_PREEXISTING, SOCK_FLAG_HAS_OWNER, SOCK_FLAG_OPEN_SENT, SOCK_FLAG_PEER_CLOSED,
+    SOCK_FLAG_PREEXISTING, SockState, closed_by, kind, loss, role, setting,
 };
 
 use crate::{
     kernel::{current_is_exiting, current_proc, current_tgid, read_at},
-    maps::{EVENTS, OFFSETS, SOCKS, count_loss, port_watched},
+    maps::{OFFSETS, SOCKS, count_loss, emit, port_watched, scratch_state, setting_value},
 };
 
 const TCP_ESTABLISHED: i32 = 1;
@@ -46,13 +47,70 @@ fn on_state_change(sk: *const c_void, old_state: i32, new_state: i32) {
         // SAFETY: the map value stays valid while this program runs; only the programs
         // touch it and each field update is independent.
         Some(state) => on_tracked_change(sk, key, unsafe { &mut *state }, old_state, new_state),
-        None => maybe_track(sk, key, new_state),
+        None => {
+            if maybe_track(sk, key, new_state) {
+                return;
+            }
+            // A connection that existed before start-up changes state (peer closes, ends).
+            if (old_state == TCP_ESTABLISHED || old_state == TCP_CLOSE_WAIT)
+                && setting_value(setting::ADOPT_TCP) == 1
+            {
+                if let Some(state) = adopt_preexisting(sk, key) {
+                    // SAFETY: as above.
+                    on_tracked_change(sk, key, unsafe { &mut *state }, old_state, new_state);
+                }
+            }
+        }
     }
 }
 
-/// Starts tracking a socket whose connection begins on a watched port.
+/// The role of a TCP socket on a watched port: client when the remote port is watched,
+/// server when the local one is; `None` for other sockets and other protocols.
 #[inline(always)]
-fn maybe_track(sk: *const c_void, key: u64, new_state: i32) {
+pub fn tcp_role(sk: *const c_void) -> Option<u8> {
+    let offsets = OFFSETS.load();
+    let protocol: u16 = read_at(sk, offsets.sock_protocol)?;
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    let dport: u16 = read_at(sk, offsets.sock_common_dport)?;
+    if port_watched(u16::from_be(dport)) {
+        return Some(role::CLIENT);
+    }
+    let num: u16 = read_at(sk, offsets.sock_common_num)?;
+    if port_watched(num) {
+        return Some(role::SERVER);
+    }
+    None
+}
+
+#[inline(never)]
+fn adopt_preexisting(sk: *const c_void, key: u64) -> Option<*mut SockState> {
+    let sock_role = tcp_role(sk)?;
+    let family: u16 = read_at(sk, OFFSETS.load().sock_common_family)?;
+    let state = scratch_state()?;
+    // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
+    state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    // SAFETY: helper without arguments.
+    state.start_ns = unsafe { bpf_ktime_get_ns() };
+    state.family = family;
+    state.role = sock_role;
+    state.flags = SOCK_FLAG_PREEXISTING;
+    if SOCKS.insert(&key, state, 0).is_err() {
+        count_loss(loss::TABLE_FULL);
+        return None;
+    }
+    let entry = SOCKS.get_ptr_mut(&key)?;
+    // Softirq context possible: no owner here; user space knows it from its scan.
+    // SAFETY: the map value stays valid while this program runs.
+    emit_open(sk, unsafe { &mut *entry }, 0, OPEN_FLAG_PREEXISTING);
+    Some(entry)
+}
+
+/// Starts tracking a socket whose connection begins on a watched port; true when the
+/// transition was a connection start (tracked or not).
+#[inline(always)]
+fn maybe_track(sk: *const c_void, key: u64, new_state: i32) -> bool {
     let offsets = OFFSETS.load();
     let (sock_role, port) = match new_state {
         // Client: connect() in the caller's context; the remote port is already set.
@@ -65,30 +123,32 @@ fn maybe_track(sk: *const c_void, key: u64, new_state: i32) {
             role::SERVER,
             read_at(sk, offsets.sock_common_num).unwrap_or(0),
         ),
-        _ => return,
+        _ => return false,
     };
     if !port_watched(port) {
-        return;
+        return true;
     }
     let protocol: u16 = read_at(sk, offsets.sock_protocol).unwrap_or(0);
     if protocol != IPPROTO_TCP {
-        return;
+        return true;
     }
-    let mut state = SockState {
-        // SAFETY: `sk` is the tracepoint's `struct sock *` argument, as the helper requires.
-        cookie: unsafe { bpf_get_socket_cookie(sk as *mut c_void) },
-        // SAFETY: helper without arguments.
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        role: sock_role,
-        ..SockState::default()
+    let Some(state) = scratch_state() else {
+        return true;
     };
+    // SAFETY: `sk` is the tracepoint's `struct sock *` argument, as the helper requires.
+    state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    // SAFETY: helper without arguments.
+    state.start_ns = unsafe { bpf_ktime_get_ns() };
+    state.family = read_at(sk, offsets.sock_common_family).unwrap_or(0);
+    state.role = sock_role;
     if sock_role == role::CLIENT {
         state.owner = current_proc();
         state.flags |= SOCK_FLAG_HAS_OWNER;
     }
-    if SOCKS.insert(&key, &state, 0).is_err() {
+    if SOCKS.insert(&key, state, 0).is_err() {
         count_loss(loss::TABLE_FULL);
     }
+    true
 }
 
 #[inline(always)]
@@ -102,10 +162,11 @@ fn on_tracked_change(
     match new_state {
         TCP_ESTABLISHED => {
             if state.role == role::CLIENT && state.flags & SOCK_FLAG_OPEN_SENT == 0 {
-                emit_open(sk, state);
+                emit_open(sk, state, 0, 0);
             }
         }
         TCP_CLOSE_WAIT => {
+            state.flags |= SOCK_FLAG_PEER_CLOSED;
             if state.closed_by == closed_by::UNKNOWN {
                 state.closed_by = closed_by::PEER;
             }
@@ -144,7 +205,7 @@ fn on_close(sk: *const c_void, key: u64, state: &mut SockState, old_state: i32) 
             return;
         }
         // A server connection closed before any process did I/O on it.
-        emit_open(sk, state);
+        emit_open(sk, state, 0, 0);
     }
     if state.closed_by == closed_by::UNKNOWN {
         // Straight to CLOSE without a FIN: an abortive close by the owner, or a reset.
@@ -154,18 +215,19 @@ fn on_close(sk: *const c_void, key: u64, state: &mut SockState, old_state: i32) 
             closed_by::RESET
         };
     }
-    let record = ConnClose {
-        header: header(kind::CONN_CLOSE, size_of::<ConnClose>(), state.cookie),
-        start_ns: state.start_ns,
-        bytes_sent: state.bytes_sent,
-        bytes_received: state.bytes_received,
-        closed_by: state.closed_by,
-        old_state: old_state as u8,
-        _pad: [0; 6],
-    };
-    if EVENTS.output::<ConnClose>(&record, 0).is_err() {
-        count_loss(loss::RING_FULL);
-    }
+    emit::<ConnClose>(|record| {
+        // SAFETY: `record` points at a reserved, writable ring-buffer slot of this type;
+        // every field is written.
+        unsafe {
+            (*record).header = header(kind::CONN_CLOSE, size_of::<ConnClose>(), state.cookie);
+            (*record).start_ns = state.start_ns;
+            (*record).bytes_sent = state.bytes_sent;
+            (*record).bytes_received = state.bytes_received;
+            (*record).closed_by = state.closed_by;
+            (*record).old_state = old_state as u8;
+            (*record)._pad = [0; 6];
+        }
+    });
     let _ = SOCKS.remove(&key);
 }
 
@@ -180,49 +242,63 @@ pub fn header(record_kind: u32, size: usize, cookie: u64) -> EventHeader {
     }
 }
 
-/// Emits `CONN_OPEN` with the socket's addresses and the owner recorded in `state`.
+/// Emits `CONN_OPEN` with the socket's addresses (for Unix, the path hash) and the owner
+/// recorded in `state`.
 #[inline(always)]
-pub fn emit_open(sk: *const c_void, state: &mut SockState) {
+pub fn emit_open(sk: *const c_void, state: &mut SockState, unix_hash: u64, flags: u8) {
     let offsets = OFFSETS.load();
-    let family: u16 = read_at(sk, offsets.sock_common_family).unwrap_or(0);
+    let family = state.family;
     let dport: u16 = read_at(sk, offsets.sock_common_dport).unwrap_or(0);
-    let mut record = ConnOpen {
-        header: header(kind::CONN_OPEN, size_of::<ConnOpen>(), state.cookie),
-        owner: state.owner,
-        start_ns: state.start_ns,
-        family,
-        local_port: read_at(sk, offsets.sock_common_num).unwrap_or(0),
-        remote_port: u16::from_be(dport),
-        role: state.role,
-        ..ConnOpen::default()
-    };
-    if family == AF_INET6 {
-        record.local_addr = read_at(sk, offsets.sock_common_v6_rcv_saddr).unwrap_or([0; 16]);
-        record.remote_addr = read_at(sk, offsets.sock_common_v6_daddr).unwrap_or([0; 16]);
+    let num: u16 = read_at(sk, offsets.sock_common_num).unwrap_or(0);
+    let mut local_addr = [0u8; 16];
+    let mut remote_addr = [0u8; 16];
+    if family == AF_UNIX {
+        local_addr[..8].copy_from_slice(&unix_hash.to_ne_bytes());
+    } else if family == AF_INET6 {
+        local_addr = read_at(sk, offsets.sock_common_v6_rcv_saddr).unwrap_or([0; 16]);
+        remote_addr = read_at(sk, offsets.sock_common_v6_daddr).unwrap_or([0; 16]);
     } else if family == AF_INET {
         let local: [u8; 4] = read_at(sk, offsets.sock_common_rcv_saddr).unwrap_or([0; 4]);
         let remote: [u8; 4] = read_at(sk, offsets.sock_common_daddr).unwrap_or([0; 4]);
-        record.local_addr[..4].copy_from_slice(&local);
-        record.remote_addr[..4].copy_from_slice(&remote);
+        local_addr[..4].copy_from_slice(&local);
+        remote_addr[..4].copy_from_slice(&remote);
     }
-    if EVENTS.output::<ConnOpen>(&record, 0).is_err() {
-        count_loss(loss::RING_FULL);
-    }
+    emit::<ConnOpen>(|record| {
+        // SAFETY: `record` points at a reserved, writable ring-buffer slot of this type;
+        // every field is written.
+        unsafe {
+            (*record).header = header(kind::CONN_OPEN, size_of::<ConnOpen>(), state.cookie);
+            (*record).owner = state.owner;
+            (*record).start_ns = state.start_ns;
+            (*record).sock_key = sk as u64;
+            (*record).family = family;
+            (*record).role = state.role;
+            (*record).flags = flags;
+            (*record).local_port = 0;
+            (*record).remote_port = 0;
+            (*record).local_addr = local_addr;
+            (*record).remote_addr = remote_addr;
+            if family != AF_UNIX {
+                (*record).local_port = num;
+                (*record).remote_port = u16::from_be(dport);
+            }
+        }
+    });
     // Marked sent even when the ring was full: the loss is counted, and user space treats a
     // close for an unknown connection as a connection it missed.
     state.flags |= SOCK_FLAG_OPEN_SENT;
 }
 
 #[inline(always)]
-fn emit_peer_closed(state: &SockState) {
-    let record = ConnPeerClosed {
-        header: header(
-            kind::CONN_PEER_CLOSED,
-            size_of::<ConnPeerClosed>(),
-            state.cookie,
-        ),
-    };
-    if EVENTS.output::<ConnPeerClosed>(&record, 0).is_err() {
-        count_loss(loss::RING_FULL);
-    }
+pub fn emit_peer_closed(state: &SockState) {
+    emit::<ConnPeerClosed>(|record| {
+        // SAFETY: reserved, writable ring-buffer slot of this type; every field is written.
+        unsafe {
+            (*record).header = header(
+                kind::CONN_PEER_CLOSED,
+                size_of::<ConnPeerClosed>(),
+                state.cookie,
+            )
+        };
+    });
 }

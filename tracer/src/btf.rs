@@ -179,8 +179,18 @@ impl KernelBtf {
             sock_common_v6_daddr: sc("skc_v6_daddr")?,
             sock_common_v6_rcv_saddr: sc("skc_v6_rcv_saddr")?,
             sock_protocol: self.member_offset("sock", "sk_protocol")?,
+            sock_type: self.member_offset("sock", "sk_type")?,
             task_flags: self.member_offset("task_struct", "flags")?,
-            _pad: 0,
+            task_group_leader: self.member_offset("task_struct", "group_leader")?,
+            task_start_boottime: self.member_offset("task_struct", "start_boottime")?,
+            unix_sock_addr: self.member_offset("unix_sock", "addr")?,
+            unix_sock_peer: self.member_offset("unix_sock", "peer")?,
+            unix_address_len: self.member_offset("unix_address", "len")?,
+            unix_address_name: self.member_offset("unix_address", "name")?,
+            pt_regs_orig_ax: self.member_offset("pt_regs", "orig_ax")?,
+            pt_regs_di: self.member_offset("pt_regs", "di")?,
+            pt_regs_si: self.member_offset("pt_regs", "si")?,
+            pt_regs_dx: self.member_offset("pt_regs", "dx")?,
         })
     }
 }
@@ -271,5 +281,11 @@ mod tests {
         assert_eq!(offsets.sock_common_dport, 12);
         assert_eq!(offsets.sock_common_num, 14);
         assert_eq!(offsets.sock_common_family, 16);
+        // The compiled-in defaults are this kind of machine's layout.
+        if std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .is_ok_and(|r| r.starts_with("6.18"))
+        {
+            assert_eq!(offsets, KernelOffsets::DEFAULT);
+        }
     }
 }

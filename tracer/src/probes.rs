@@ -46,7 +46,13 @@ impl Probes {
     pub fn attach(ports: &[u16]) -> Result<Self> {
         let offsets = Self::kernel_offsets()?;
         let btf = Btf::from_sys_fs().context("loading kernel BTF (/sys/kernel/btf/vmlinux)")?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if std::env::var_os("TRACER_VERIFIER_LOG").is_some() {
+            // For developing the kernel programs: the verifier's full reasoning on failure.
+            loader
+                .verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
+        }
+        let mut ebpf = loader
             .btf(Some(&btf))
             .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)

@@ -1,0 +1,476 @@
+//! Stall and leak verdicts: pure functions of a connection's observed timings, the
+//! thresholds and `now`. Each episode is reported once when it starts and once when it ends.
+//!
+//! Timings are from the client's point of view whatever the role: `to_server` is the last
+//! time request bytes moved (the client's send, or the server's receive), `from_server` the
+//! last time answer bytes moved. A request is outstanding when request bytes moved after the
+//! last answer bytes; it is stalled when that has lasted `stall_after`. Measuring from the
+//! last request bytes keeps COPY FROM STDIN (the client streams for a long time before the
+//! server answers) and pipelines from looking stalled while the client is still sending.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use tracer_common::protocol::{TX_FAILED, TX_IDLE, TX_IN_TRANSACTION};
+
+/// The SPEC's connection states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    Active,
+    Idle,
+    IdleInTransaction,
+    IdleInTransactionAborted,
+    CloseWait,
+    Unknown,
+}
+
+impl ConnState {
+    pub const ALL: [ConnState; 6] = [
+        Self::Active,
+        Self::Idle,
+        Self::IdleInTransaction,
+        Self::IdleInTransactionAborted,
+        Self::CloseWait,
+        Self::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Idle => "idle",
+            Self::IdleInTransaction => "idle_in_transaction",
+            Self::IdleInTransactionAborted => "idle_in_transaction_aborted",
+            Self::CloseWait => "close_wait",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakReason {
+    CloseWait,
+    IdleInTransaction,
+    Idle,
+}
+
+impl LeakReason {
+    pub const ALL: [LeakReason; 3] = [Self::CloseWait, Self::IdleInTransaction, Self::Idle];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CloseWait => "close_wait",
+            Self::IdleInTransaction => "idle_in_transaction",
+            Self::Idle => "idle",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::CloseWait => 0,
+            Self::IdleInTransaction => 1,
+            Self::Idle => 2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Thresholds {
+    pub stall_after: Duration,
+    pub idle_in_transaction_after: Duration,
+    pub close_wait_after: Duration,
+    pub idle_after: Duration,
+}
+
+impl Default for Thresholds {
+    /// The SPEC's defaults.
+    fn default() -> Self {
+        Self {
+            stall_after: Duration::from_secs(5),
+            idle_in_transaction_after: Duration::from_secs(30),
+            close_wait_after: Duration::from_secs(10),
+            idle_after: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// What the detectors need to know of one connection (monotonic ns; 0 = never).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnView {
+    /// When the connection began (or the lower bound for one found at start-up).
+    pub born_ns: u64,
+    pub to_server_ns: u64,
+    pub from_server_ns: u64,
+    /// ReadyForQuery status byte, 0 if none seen yet.
+    pub tx_status: u8,
+    /// The protocol cannot be read (TLS / GSS encryption).
+    pub encrypted: bool,
+    /// When the peer closed its side, if it did.
+    pub peer_closed_ns: Option<u64>,
+}
+
+impl ConnView {
+    pub fn outstanding(&self) -> bool {
+        self.to_server_ns > self.from_server_ns
+    }
+
+    /// Last time any bytes moved (or the birth when none did).
+    pub fn last_activity_ns(&self) -> u64 {
+        self.to_server_ns.max(self.from_server_ns).max(self.born_ns)
+    }
+
+    pub fn state(&self) -> ConnState {
+        if self.peer_closed_ns.is_some() {
+            ConnState::CloseWait
+        } else if self.outstanding() {
+            ConnState::Active
+        } else if self.encrypted {
+            ConnState::Unknown
+        } else {
+            match self.tx_status {
+                TX_IDLE => ConnState::Idle,
+                TX_IN_TRANSACTION => ConnState::IdleInTransaction,
+                TX_FAILED => ConnState::IdleInTransactionAborted,
+                _ => ConnState::Unknown,
+            }
+        }
+    }
+
+    /// The leak condition that holds now (regardless of thresholds), with its onset.
+    fn leak_condition(&self) -> Option<(LeakReason, u64)> {
+        match self.state() {
+            ConnState::CloseWait => Some((LeakReason::CloseWait, self.peer_closed_ns.unwrap_or(0))),
+            ConnState::IdleInTransaction | ConnState::IdleInTransactionAborted => {
+                Some((LeakReason::IdleInTransaction, self.last_activity_ns()))
+            }
+            ConnState::Idle | ConnState::Unknown => {
+                Some((LeakReason::Idle, self.last_activity_ns()))
+            }
+            ConnState::Active => None,
+        }
+    }
+}
+
+/// A verdict change to report.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Finding {
+    Stall {
+        waiting_s: f64,
+    },
+    StallEnd {
+        waited_s: f64,
+    },
+    Leak {
+        reason: LeakReason,
+        age_s: f64,
+        idle_s: f64,
+    },
+    LeakEnd {
+        reason: LeakReason,
+        lasted_s: f64,
+    },
+}
+
+/// The episodes open on one connection: when each began (monotonic ns).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Episodes {
+    stall_since: Option<u64>,
+    leak_since: [Option<u64>; 3],
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+impl Episodes {
+    pub fn stalled(&self) -> bool {
+        self.stall_since.is_some()
+    }
+
+    /// The open leak verdict, if any.
+    pub fn leak(&self) -> Option<LeakReason> {
+        LeakReason::ALL
+            .into_iter()
+            .find(|r| self.leak_since[r.index()].is_some())
+    }
+
+    /// Updates the episodes for `view` at `now`; returns what started or ended.
+    pub fn evaluate(&mut self, view: &ConnView, now: u64, limits: &Thresholds) -> Vec<Finding> {
+        let mut findings = Vec::new();
+
+        match self.stall_since {
+            Some(since) if !view.outstanding() => {
+                self.stall_since = None;
+                let answered = view.from_server_ns.max(since);
+                findings.push(Finding::StallEnd {
+                    waited_s: secs(answered - since),
+                });
+            }
+            None if view.outstanding()
+                && now.saturating_sub(view.to_server_ns)
+                    >= limits.stall_after.as_nanos() as u64 =>
+            {
+                self.stall_since = Some(view.to_server_ns);
+                findings.push(Finding::Stall {
+                    waiting_s: secs(now - view.to_server_ns),
+                });
+            }
+            _ => {}
+        }
+
+        let condition = view.leak_condition();
+        for reason in LeakReason::ALL {
+            let slot = &mut self.leak_since[reason.index()];
+            let holds = condition.filter(|(r, _)| *r == reason);
+            match (*slot, holds) {
+                // Gone, or traffic moved the onset (the connection was used meanwhile).
+                (Some(onset), None) => {
+                    *slot = None;
+                    findings.push(Finding::LeakEnd {
+                        reason,
+                        lasted_s: secs(now.saturating_sub(onset)),
+                    });
+                }
+                (Some(onset), Some((_, current))) if current != onset => {
+                    *slot = None;
+                    findings.push(Finding::LeakEnd {
+                        reason,
+                        lasted_s: secs(current.saturating_sub(onset)),
+                    });
+                }
+                (None, Some((_, onset))) => {
+                    let limit = match reason {
+                        LeakReason::CloseWait => limits.close_wait_after,
+                        LeakReason::IdleInTransaction => limits.idle_in_transaction_after,
+                        LeakReason::Idle => limits.idle_after,
+                    };
+                    if now.saturating_sub(onset) >= limit.as_nanos() as u64 {
+                        *slot = Some(onset);
+                        findings.push(Finding::Leak {
+                            reason,
+                            age_s: secs(now.saturating_sub(view.born_ns)),
+                            idle_s: secs(now.saturating_sub(view.last_activity_ns())),
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        findings
+    }
+
+    /// The connection closed at `now`: every open episode ends.
+    pub fn close(&mut self, view: &ConnView, now: u64) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        if let Some(since) = self.stall_since.take() {
+            let answered = if view.outstanding() {
+                now
+            } else {
+                view.from_server_ns.max(since)
+            };
+            findings.push(Finding::StallEnd {
+                waited_s: secs(answered.saturating_sub(since)),
+            });
+        }
+        for reason in LeakReason::ALL {
+            if let Some(onset) = self.leak_since[reason.index()].take() {
+                findings.push(Finding::LeakEnd {
+                    reason,
+                    lasted_s: secs(now.saturating_sub(onset)),
+                });
+            }
+        }
+        findings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn limits() -> Thresholds {
+        Thresholds {
+            stall_after: Duration::from_secs(5),
+            idle_in_transaction_after: Duration::from_secs(30),
+            close_wait_after: Duration::from_secs(10),
+            idle_after: Duration::from_secs(60),
+        }
+    }
+
+    fn idle_view() -> ConnView {
+        ConnView {
+            born_ns: 100 * S,
+            to_server_ns: 101 * S,
+            from_server_ns: 102 * S,
+            tx_status: TX_IDLE,
+            ..ConnView::default()
+        }
+    }
+
+    #[test]
+    fn states_follow_the_protocol_and_timings() {
+        let mut v = idle_view();
+        assert_eq!(v.state(), ConnState::Idle);
+        v.tx_status = TX_IN_TRANSACTION;
+        assert_eq!(v.state(), ConnState::IdleInTransaction);
+        v.tx_status = TX_FAILED;
+        assert_eq!(v.state(), ConnState::IdleInTransactionAborted);
+        v.to_server_ns = 103 * S;
+        assert_eq!(v.state(), ConnState::Active);
+        v.encrypted = true;
+        v.to_server_ns = 0;
+        assert_eq!(v.state(), ConnState::Unknown);
+        v.peer_closed_ns = Some(110 * S);
+        assert_eq!(v.state(), ConnState::CloseWait);
+        assert_eq!(ConnView::default().state(), ConnState::Unknown);
+    }
+
+    #[test]
+    fn stall_is_reported_once_then_ends_when_the_answer_arrives() {
+        let mut e = Episodes::default();
+        let mut v = idle_view();
+        v.to_server_ns = 200 * S; // request sent, no answer
+        assert!(e.evaluate(&v, 204 * S, &limits()).is_empty(), "not yet");
+        assert_eq!(
+            e.evaluate(&v, 205 * S, &limits()),
+            vec![Finding::Stall { waiting_s: 5.0 }]
+        );
+        assert!(
+            e.evaluate(&v, 206 * S, &limits()).is_empty(),
+            "reported once"
+        );
+        assert!(e.stalled());
+        v.from_server_ns = 209 * S;
+        assert_eq!(
+            e.evaluate(&v, 210 * S, &limits()),
+            vec![Finding::StallEnd { waited_s: 9.0 }]
+        );
+        assert!(!e.stalled());
+    }
+
+    #[test]
+    fn a_client_still_streaming_copy_data_is_not_stalled() {
+        let mut e = Episodes::default();
+        let mut v = idle_view();
+        for t in 200..230 {
+            v.to_server_ns = t * S; // a send every second
+            assert!(e.evaluate(&v, t * S + S / 2, &limits()).is_empty());
+        }
+    }
+
+    #[test]
+    fn idle_in_transaction_leak_starts_after_the_threshold_and_ends_on_commit() {
+        let mut e = Episodes::default();
+        let mut v = idle_view();
+        v.tx_status = TX_IN_TRANSACTION;
+        assert!(e.evaluate(&v, 131 * S, &limits()).is_empty());
+        let f = e.evaluate(&v, 132 * S, &limits());
+        assert_eq!(
+            f,
+            vec![Finding::Leak {
+                reason: LeakReason::IdleInTransaction,
+                age_s: 32.0,
+                idle_s: 30.0
+            }]
+        );
+        assert_eq!(e.leak(), Some(LeakReason::IdleInTransaction));
+        assert!(e.evaluate(&v, 140 * S, &limits()).is_empty());
+        // COMMIT: a request, then ReadyForQuery 'I'.
+        v.to_server_ns = 150 * S;
+        v.from_server_ns = 150 * S + 1000;
+        v.tx_status = TX_IDLE;
+        assert_eq!(
+            e.evaluate(&v, 151 * S, &limits()),
+            vec![Finding::LeakEnd {
+                reason: LeakReason::IdleInTransaction,
+                lasted_s: 49.0
+            }]
+        );
+        assert_eq!(e.leak(), None);
+    }
+
+    #[test]
+    fn close_wait_leak_ends_when_the_connection_closes() {
+        let mut e = Episodes::default();
+        let mut v = idle_view();
+        v.peer_closed_ns = Some(200 * S);
+        assert!(e.evaluate(&v, 209 * S, &limits()).is_empty());
+        assert!(matches!(
+            e.evaluate(&v, 210 * S, &limits())[..],
+            [Finding::Leak {
+                reason: LeakReason::CloseWait,
+                ..
+            }]
+        ));
+        assert_eq!(
+            e.close(&v, 215 * S),
+            vec![Finding::LeakEnd {
+                reason: LeakReason::CloseWait,
+                lasted_s: 15.0
+            }]
+        );
+        assert!(e.close(&v, 216 * S).is_empty(), "ends once");
+    }
+
+    #[test]
+    fn healthy_patterns_never_leak_or_stall() {
+        let mut e = Episodes::default();
+        let mut v = idle_view();
+        // Quick queries every 10 s for 10 minutes (idle limit is 60 s here).
+        for i in 0..60u64 {
+            let t = 200 * S + i * 10 * S;
+            v.to_server_ns = t;
+            v.from_server_ns = t + 2_000_000;
+            assert!(e.evaluate(&v, t + 9 * S, &limits()).is_empty());
+        }
+        // LISTEN: notifications arrive, the client sends nothing.
+        let mut listen = idle_view();
+        for i in 0..50u64 {
+            listen.from_server_ns = 300 * S + i * 20 * S;
+            assert!(
+                e.evaluate(&listen, listen.from_server_ns + S, &limits())
+                    .iter()
+                    .all(|f| !matches!(f, Finding::Stall { .. }))
+            );
+        }
+    }
+
+    #[test]
+    fn idle_leak_needs_the_long_threshold_and_traffic_ends_it() {
+        let mut e = Episodes::default();
+        let mut v = idle_view();
+        assert!(e.evaluate(&v, 161 * S, &limits()).is_empty());
+        assert!(matches!(
+            e.evaluate(&v, 162 * S, &limits())[..],
+            [Finding::Leak {
+                reason: LeakReason::Idle,
+                ..
+            }]
+        ));
+        v.to_server_ns = 170 * S;
+        v.from_server_ns = 170 * S + 1;
+        assert!(matches!(
+            e.evaluate(&v, 171 * S, &limits())[..],
+            [Finding::LeakEnd {
+                reason: LeakReason::Idle,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn stall_open_at_close_ends_with_the_close() {
+        let mut e = Episodes::default();
+        let mut v = idle_view();
+        v.to_server_ns = 200 * S;
+        e.evaluate(&v, 206 * S, &limits());
+        assert_eq!(
+            e.close(&v, 210 * S),
+            vec![Finding::StallEnd { waited_s: 10.0 }]
+        );
+    }
+}

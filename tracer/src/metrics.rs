@@ -1,0 +1,1144 @@
+//! Prometheus metrics: owns the registry (names, types and labels of the SPEC's "Metrics"
+//! section), the cap on connection label sets, and the HTTP endpoint serving `/metrics` and
+//! `/healthz`.
+//!
+//! Counters and the duration histogram move as connections open, stall and close. Every gauge
+//! is rebuilt each tick from the full set of open connections ([`Metrics::set_open`]), so the
+//! gauges cannot drift from the connection table, and the gauge series of a label set with no
+//! open connection left disappear. Counter series stay (Prometheus semantics: a counter that
+//! vanished and came back would look like a reset); the label-set cap is what bounds them.
+
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{ALLOW, CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder, core::Collector,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+
+/// The labels of every connection metric. No pid, port or conn_id: those are in events.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnLabels {
+    /// `"client"` or `"server"`.
+    pub role: &'static str,
+    pub comm: String,
+    /// Short (12-hex) container id, or `""` outside containers. See [`short_container_id`].
+    pub container: String,
+    /// `ip:port`, `[v6]:port` or the socket path.
+    pub remote: String,
+}
+
+/// `comm` of the label set that connections beyond the label-set cap are folded into.
+pub const OVERFLOW_COMM: &str = "~other";
+
+impl ConnLabels {
+    /// The label set that takes the connections of `role` once the cap is reached.
+    pub fn overflow(role: &'static str) -> Self {
+        Self {
+            role,
+            comm: OVERFLOW_COMM.to_owned(),
+            container: String::new(),
+            remote: String::new(),
+        }
+    }
+
+    fn values(&self) -> [&str; 4] {
+        [self.role, &self.comm, &self.container, &self.remote]
+    }
+
+    fn values_with<'a>(&'a self, extra: &'a str) -> [&'a str; 5] {
+        [self.role, &self.comm, &self.container, &self.remote, extra]
+    }
+}
+
+/// The `container` label value for a full container id (`None` outside containers): the
+/// 12-character short form `docker ps` and `crictl ps` show.
+pub fn short_container_id(full: Option<&str>) -> String {
+    match full {
+        Some(id) => id.get(..12).unwrap_or(id).to_owned(),
+        None => String::new(),
+    }
+}
+
+pub const STATES: [&str; 6] = [
+    "active",
+    "idle",
+    "idle_in_transaction",
+    "idle_in_transaction_aborted",
+    "close_wait",
+    "unknown",
+];
+pub const LEAK_REASONS: [&str; 3] = ["close_wait", "idle_in_transaction", "idle"];
+pub const CLOSED_BY: [&str; 5] = ["local", "peer", "reset", "exit", "unknown"];
+pub const LOSS_WHERE: [&str; 4] = ["kernel_ring", "kernel_table", "user_queue", "decode"];
+
+/// Index of `"unknown"` in [`STATES`] and [`CLOSED_BY`]: where out-of-set values are counted.
+const UNKNOWN_STATE: usize = 5;
+const UNKNOWN_CLOSED_BY: &str = "unknown";
+
+/// Connection lifetimes span from a failed handshake (milliseconds) to pooled connections that
+/// live for days; the buckets cover that range with one bucket per order of magnitude or
+/// operational step (minute, 5 min, 15 min, hour, ...).
+const DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0, 43_200.0, 86_400.0,
+];
+
+const CONN_LABEL_NAMES: [&str; 4] = ["role", "comm", "container", "remote"];
+
+/// One open connection as the detectors see it at a tick.
+pub struct ConnSnapshot<'a> {
+    pub labels: &'a ConnLabels,
+    /// One of [`STATES`]; anything else is exported as `unknown`.
+    pub state: &'static str,
+    pub age_s: f64,
+    pub idle_s: f64,
+    pub stalled: bool,
+    /// One of [`LEAK_REASONS`] while a leak verdict holds.
+    pub leak_reason: Option<&'static str>,
+}
+
+/// Which label sets may appear, and which have gauge series right now.
+struct LabelSets {
+    max: usize,
+    /// Label sets that got in under the cap. Never shrinks: a label set's counters must not
+    /// move to the overflow set half-way through its life.
+    admitted: HashSet<ConnLabels>,
+    /// Label sets (overflow sets included) whose gauge series the last `set_open` exported.
+    exported: HashSet<ConnLabels>,
+}
+
+impl LabelSets {
+    /// The label set a connection's samples go to, and whether it was folded into overflow.
+    fn resolve<'l>(&mut self, labels: &'l ConnLabels) -> (Cow<'l, ConnLabels>, bool) {
+        if self.admitted.contains(labels) {
+            return (Cow::Borrowed(labels), false);
+        }
+        if self.admitted.len() < self.max {
+            self.admitted.insert(labels.clone());
+            return (Cow::Borrowed(labels), false);
+        }
+        (Cow::Owned(ConnLabels::overflow(labels.role)), true)
+    }
+}
+
+/// Gauge values of one label set at a tick.
+#[derive(Default)]
+struct Aggregate {
+    states: [i64; STATES.len()],
+    oldest_age_s: f64,
+    max_idle_s: f64,
+    stalled: i64,
+    leaks: [i64; LEAK_REASONS.len()],
+}
+
+/// Every metric the tracer exports, in one registry.
+pub struct Metrics {
+    registry: Registry,
+    open_connections: IntGaugeVec,
+    opened_total: IntCounterVec,
+    closed_total: IntCounterVec,
+    duration: HistogramVec,
+    oldest_age: GaugeVec,
+    max_idle: GaugeVec,
+    stalled: IntGaugeVec,
+    stalls_total: IntCounterVec,
+    leak_suspected: IntGaugeVec,
+    bytes_sent: IntCounterVec,
+    bytes_received: IntCounterVec,
+    events_lost: IntCounterVec,
+    tracked: IntGauge,
+    label_sets_overflow: IntCounter,
+    label_sets: Mutex<LabelSets>,
+}
+
+const STATIC_DEFINITION: &str = "static metric definitions are valid and registered once";
+
+fn register<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+    registry
+        .register(Box::new(collector.clone()))
+        .expect(STATIC_DEFINITION);
+    collector
+}
+
+fn conn_labels_and(extra: &'static str) -> [&'static str; 5] {
+    let [role, comm, container, remote] = CONN_LABEL_NAMES;
+    [role, comm, container, remote, extra]
+}
+
+/// Finite and not negative: `inf`/`NaN` would make the exposition invalid, and a negative age
+/// can only come from a clock step.
+fn seconds(value: f64) -> f64 {
+    if value.is_finite() {
+        value.max(0.0)
+    } else {
+        0.0
+    }
+}
+
+impl Metrics {
+    /// Registers every metric. At most `max_label_sets` distinct [`ConnLabels`] appear on the
+    /// connection metrics; the overflow sets (`comm="~other"`, one per role) come on top.
+    pub fn new(max_label_sets: usize, version: &str) -> Self {
+        let registry = Registry::new();
+        let int_gauges = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect(STATIC_DEFINITION),
+            )
+        };
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect(STATIC_DEFINITION),
+            )
+        };
+        let gauges = |name: &str, help: &str| {
+            register(
+                &registry,
+                GaugeVec::new(Opts::new(name, help), &CONN_LABEL_NAMES).expect(STATIC_DEFINITION),
+            )
+        };
+
+        let metrics = Self {
+            open_connections: int_gauges(
+                "pgconn_open_connections",
+                "Open Postgres connections, by protocol state.",
+                &conn_labels_and("state"),
+            ),
+            opened_total: counters(
+                "pgconn_connections_opened_total",
+                "Postgres connections opened (or found open at start-up).",
+                &CONN_LABEL_NAMES,
+            ),
+            closed_total: counters(
+                "pgconn_connections_closed_total",
+                "Postgres connections closed, by who closed them.",
+                &conn_labels_and("closed_by"),
+            ),
+            duration: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "pgconn_connection_duration_seconds",
+                        "Lifetime of closed Postgres connections.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &CONN_LABEL_NAMES,
+                )
+                .expect(STATIC_DEFINITION),
+            ),
+            oldest_age: gauges(
+                "pgconn_oldest_connection_age_seconds",
+                "Age of the oldest open connection.",
+            ),
+            max_idle: gauges(
+                "pgconn_max_idle_seconds",
+                "Longest silence (no traffic either way) among open connections.",
+            ),
+            stalled: int_gauges(
+                "pgconn_stalled_connections",
+                "Open connections with a request waiting longer than stall-after for an answer.",
+                &CONN_LABEL_NAMES,
+            ),
+            stalls_total: counters(
+                "pgconn_stalls_total",
+                "Requests that waited longer than stall-after for an answer.",
+                &CONN_LABEL_NAMES,
+            ),
+            leak_suspected: int_gauges(
+                "pgconn_leak_suspected_connections",
+                "Open connections under a leak verdict, by reason.",
+                &conn_labels_and("reason"),
+            ),
+            bytes_sent: counters(
+                "pgconn_bytes_sent_total",
+                "Payload bytes sent by the owning process, counted at close.",
+                &CONN_LABEL_NAMES,
+            ),
+            bytes_received: counters(
+                "pgconn_bytes_received_total",
+                "Payload bytes received by the owning process, counted at close.",
+                &CONN_LABEL_NAMES,
+            ),
+            events_lost: counters(
+                "pgconn_tracer_events_lost_total",
+                "Events the tracer dropped, by where they were lost.",
+                &["where"],
+            ),
+            tracked: register(
+                &registry,
+                IntGauge::new(
+                    "pgconn_tracer_tracked_connections",
+                    "Connections in the tracer's table.",
+                )
+                .expect(STATIC_DEFINITION),
+            ),
+            label_sets_overflow: register(
+                &registry,
+                IntCounter::new(
+                    "pgconn_tracer_label_sets_overflow_total",
+                    "Connections folded into comm=\"~other\" because the label-set cap was reached.",
+                )
+                .expect(STATIC_DEFINITION),
+            ),
+            label_sets: Mutex::new(LabelSets {
+                max: max_label_sets,
+                admitted: HashSet::new(),
+                exported: HashSet::new(),
+            }),
+            registry,
+        };
+
+        let build_info = register(
+            &metrics.registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "pgconn_tracer_build_info",
+                    "Always 1; the tracer's version is in the label.",
+                ),
+                &["version"],
+            )
+            .expect(STATIC_DEFINITION),
+        );
+        build_info.with_label_values(&[version]).set(1);
+        // Losses are alerted on with rate(); the series must exist before the first loss.
+        for location in LOSS_WHERE {
+            metrics.events_lost.with_label_values(&[location]).inc_by(0);
+        }
+        metrics
+    }
+
+    fn label_sets(&self) -> MutexGuard<'_, LabelSets> {
+        // The guarded sets stay consistent even if a holder panicked: keep going.
+        self.label_sets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a connection that began or was found at start-up. A connection folded into the
+    /// overflow label set is counted in `pgconn_tracer_label_sets_overflow_total` here, once.
+    pub fn connection_opened(&self, labels: &ConnLabels) {
+        let (labels, folded) = self.label_sets().resolve(labels);
+        if folded {
+            self.label_sets_overflow.inc();
+        }
+        let values = labels.values();
+        self.opened_total.with_label_values(&values).inc();
+        // Create the series now so rate() sees the first increment.
+        self.bytes_sent.with_label_values(&values).inc_by(0);
+        self.bytes_received.with_label_values(&values).inc_by(0);
+        self.stalls_total.with_label_values(&values).inc_by(0);
+    }
+
+    /// Counts a closed connection. `closed_by` outside [`CLOSED_BY`] is counted as `unknown`.
+    pub fn connection_closed(
+        &self,
+        labels: &ConnLabels,
+        closed_by: &str,
+        duration_s: f64,
+        bytes_sent: u64,
+        bytes_received: u64,
+    ) {
+        let (labels, _) = self.label_sets().resolve(labels);
+        let closed_by = if CLOSED_BY.contains(&closed_by) {
+            closed_by
+        } else {
+            UNKNOWN_CLOSED_BY
+        };
+        let values = labels.values();
+        self.closed_total
+            .with_label_values(&labels.values_with(closed_by))
+            .inc();
+        self.duration
+            .with_label_values(&values)
+            .observe(seconds(duration_s));
+        self.bytes_sent
+            .with_label_values(&values)
+            .inc_by(bytes_sent);
+        self.bytes_received
+            .with_label_values(&values)
+            .inc_by(bytes_received);
+    }
+
+    /// Counts a request that started to stall (`pgconn_stalls_total`).
+    pub fn stall_started(&self, labels: &ConnLabels) {
+        let (labels, _) = self.label_sets().resolve(labels);
+        self.stalls_total.with_label_values(&labels.values()).inc();
+    }
+
+    /// Replaces every gauge from the full set of open connections (called each tick):
+    /// `pgconn_open_connections{state}` (every state, zeros included), oldest age, max idle,
+    /// stalled, `pgconn_leak_suspected_connections{reason}` (every reason, zeros included) and
+    /// `pgconn_tracer_tracked_connections`. Label sets absent from `snapshot` lose their gauge
+    /// series.
+    pub fn set_open(&self, snapshot: &[ConnSnapshot<'_>]) {
+        let mut sets = self.label_sets();
+        let mut current: HashMap<Cow<'_, ConnLabels>, Aggregate> = HashMap::new();
+        for conn in snapshot {
+            let (labels, _) = sets.resolve(conn.labels);
+            let agg = current.entry(labels).or_default();
+            let state = STATES
+                .iter()
+                .position(|s| *s == conn.state)
+                .unwrap_or(UNKNOWN_STATE);
+            agg.states[state] += 1;
+            agg.oldest_age_s = agg.oldest_age_s.max(seconds(conn.age_s));
+            agg.max_idle_s = agg.max_idle_s.max(seconds(conn.idle_s));
+            agg.stalled += i64::from(conn.stalled);
+            if let Some(reason) = conn.leak_reason {
+                match LEAK_REASONS.iter().position(|r| *r == reason) {
+                    Some(i) => agg.leaks[i] += 1,
+                    None => log::debug!("metrics: leak reason {reason:?} is not exported"),
+                }
+            }
+        }
+
+        sets.exported.retain(|labels| {
+            let keep = current.contains_key(labels);
+            if !keep {
+                self.remove_gauges(labels);
+            }
+            keep
+        });
+        for (labels, agg) in &current {
+            for (state, count) in STATES.iter().zip(agg.states) {
+                self.open_connections
+                    .with_label_values(&labels.values_with(state))
+                    .set(count);
+            }
+            for (reason, count) in LEAK_REASONS.iter().zip(agg.leaks) {
+                self.leak_suspected
+                    .with_label_values(&labels.values_with(reason))
+                    .set(count);
+            }
+            let values = labels.values();
+            self.oldest_age
+                .with_label_values(&values)
+                .set(agg.oldest_age_s);
+            self.max_idle.with_label_values(&values).set(agg.max_idle_s);
+            self.stalled.with_label_values(&values).set(agg.stalled);
+            if !sets.exported.contains(labels.as_ref()) {
+                sets.exported.insert(labels.as_ref().clone());
+            }
+        }
+        self.tracked
+            .set(i64::try_from(snapshot.len()).unwrap_or(i64::MAX));
+    }
+
+    fn remove_gauges(&self, labels: &ConnLabels) {
+        // A series that is already gone is fine: removal is all that is wanted.
+        for state in STATES {
+            let _ = self
+                .open_connections
+                .remove_label_values(&labels.values_with(state));
+        }
+        for reason in LEAK_REASONS {
+            let _ = self
+                .leak_suspected
+                .remove_label_values(&labels.values_with(reason));
+        }
+        let values = labels.values();
+        let _ = self.oldest_age.remove_label_values(&values);
+        let _ = self.max_idle.remove_label_values(&values);
+        let _ = self.stalled.remove_label_values(&values);
+    }
+
+    /// Counts dropped events; `location` is one of [`LOSS_WHERE`].
+    pub fn events_lost(&self, location: &str, count: u64) {
+        self.events_lost
+            .with_label_values(&[location])
+            .inc_by(count);
+    }
+
+    /// The text exposition format (version 0.0.4).
+    pub fn try_render(&self) -> Result<String, prometheus::Error> {
+        let mut text = String::new();
+        TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text)?;
+        Ok(text)
+    }
+
+    /// [`Self::try_render`], logging a failure and returning an empty text instead.
+    pub fn render(&self) -> String {
+        self.try_render().unwrap_or_else(|err| {
+            log::error!("metrics: cannot render: {err}");
+            String::new()
+        })
+    }
+}
+
+/// Connections the endpoint serves at once; more wait in the listen backlog.
+const MAX_HTTP_CONNECTIONS: usize = 32;
+/// A client that has not sent its request headers by then is dropped (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for responses in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause after a failed accept (for example EMFILE) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Binds first (so a bad or busy address fails before anything is attached), then serves.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the metrics endpoint"))
+}
+
+/// Serves `GET /metrics` (200, text format) and `GET /healthz` (200 `ok` once `ready`, 503
+/// before) until `shutdown` resolves; then stops accepting and lets responses in flight finish
+/// (at most [`DRAIN_TIMEOUT`]).
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    loop {
+        let (stream, permit) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = accept(&listener, &limit) => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    log::warn!("metrics endpoint: accept failed: {err}");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = Arc::clone(&metrics);
+        let ready = Arc::clone(&ready);
+        let service = service_fn(move |request: Request<Incoming>| {
+            let response = respond(&request, &metrics, &ready);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                log::debug!("metrics endpoint: connection ended with an error: {err}");
+            }
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log::debug!("metrics endpoint: gave up waiting for responses in flight");
+    }
+    Ok(())
+}
+
+async fn accept(
+    listener: &TcpListener,
+    limit: &Arc<Semaphore>,
+) -> std::io::Result<(TcpStream, OwnedSemaphorePermit)> {
+    // The semaphore is never closed, so this error cannot happen; map it rather than panic.
+    let permit = Arc::clone(limit)
+        .acquire_owned()
+        .await
+        .map_err(std::io::Error::other)?;
+    let (stream, _) = listener.accept().await?;
+    Ok((stream, permit))
+}
+
+fn respond<B>(
+    request: &Request<B>,
+    metrics: &Metrics,
+    ready: &AtomicBool,
+) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if !matches!(path, "/metrics" | "/healthz") {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    if path == "/healthz" {
+        return if ready.load(Ordering::Acquire) {
+            plain(StatusCode::OK, "ok\n")
+        } else {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        };
+    }
+    match metrics.try_render() {
+        Ok(text) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(prometheus::TEXT_FORMAT),
+            );
+            response
+        }
+        Err(err) => {
+            log::error!("metrics: cannot render: {err}");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n")
+        }
+    }
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write as _, process::Stdio};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    fn labels(role: &'static str, comm: &str, remote: &str) -> ConnLabels {
+        ConnLabels {
+            role,
+            comm: comm.to_owned(),
+            container: String::new(),
+            remote: remote.to_owned(),
+        }
+    }
+
+    fn psql() -> ConnLabels {
+        labels("client", "psql", "127.0.0.1:5432")
+    }
+
+    fn snap<'a>(labels: &'a ConnLabels, state: &'static str) -> ConnSnapshot<'a> {
+        ConnSnapshot {
+            labels,
+            state,
+            age_s: 0.0,
+            idle_s: 0.0,
+            stalled: false,
+            leak_reason: None,
+        }
+    }
+
+    const PSQL: &str = r#"comm="psql",container="",remote="127.0.0.1:5432",role="client""#;
+
+    /// The exposition sorts label names, so `reason` lands between `container` and `remote`.
+    fn psql_leak(reason: &str, value: u32) -> String {
+        format!(
+            "pgconn_leak_suspected_connections{{comm=\"psql\",container=\"\",reason=\"{reason}\",remote=\"127.0.0.1:5432\",role=\"client\"}} {value}"
+        )
+    }
+
+    #[track_caller]
+    fn assert_line(text: &str, line: &str) {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing line {line:?} in:\n{text}"
+        );
+    }
+
+    fn lines_starting<'t>(text: &'t str, prefix: &str) -> Vec<&'t str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn open_connection_exports_every_state_and_reason() {
+        let metrics = Metrics::new(100, "1.2.3");
+        let psql = psql();
+        metrics.connection_opened(&psql);
+        metrics.set_open(&[ConnSnapshot {
+            age_s: 12.5,
+            idle_s: 3.0,
+            ..snap(&psql, "idle")
+        }]);
+        let text = metrics.render();
+
+        for state in STATES {
+            let value = if state == "idle" { 1 } else { 0 };
+            assert_line(
+                &text,
+                &format!("pgconn_open_connections{{{PSQL},state=\"{state}\"}} {value}"),
+            );
+        }
+        assert_eq!(lines_starting(&text, "pgconn_open_connections{").len(), 6);
+        for reason in LEAK_REASONS {
+            assert_line(&text, &psql_leak(reason, 0));
+        }
+        assert_line(
+            &text,
+            &format!("pgconn_connections_opened_total{{{PSQL}}} 1"),
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_oldest_connection_age_seconds{{{PSQL}}} 12.5"),
+        );
+        assert_line(&text, &format!("pgconn_max_idle_seconds{{{PSQL}}} 3"));
+        assert_line(&text, &format!("pgconn_stalled_connections{{{PSQL}}} 0"));
+        assert_line(&text, &format!("pgconn_stalls_total{{{PSQL}}} 0"));
+        assert_line(&text, &format!("pgconn_bytes_sent_total{{{PSQL}}} 0"));
+        assert_line(&text, "pgconn_tracer_tracked_connections 1");
+        assert_line(&text, r#"pgconn_tracer_build_info{version="1.2.3"} 1"#);
+        assert_line(&text, "# TYPE pgconn_open_connections gauge");
+        assert_line(&text, "# TYPE pgconn_connections_opened_total counter");
+        assert_line(&text, "# TYPE pgconn_tracer_build_info gauge");
+    }
+
+    #[test]
+    fn gauges_follow_ticks_and_disappear_after_close_while_counters_stay() {
+        let metrics = Metrics::new(100, "1.2.3");
+        let psql = psql();
+        let app = labels("client", "app", "10.0.0.5:6432");
+        metrics.connection_opened(&psql);
+        metrics.connection_opened(&psql);
+        metrics.connection_opened(&app);
+        metrics.stall_started(&psql);
+        metrics.set_open(&[
+            ConnSnapshot {
+                age_s: 100.0,
+                idle_s: 40.0,
+                leak_reason: Some("idle_in_transaction"),
+                ..snap(&psql, "idle_in_transaction")
+            },
+            ConnSnapshot {
+                age_s: 7.0,
+                idle_s: 6.0,
+                stalled: true,
+                ..snap(&psql, "active")
+            },
+            snap(&app, "idle"),
+        ]);
+        let text = metrics.render();
+        let psql_state = |state: &str, n: u32| {
+            format!("pgconn_open_connections{{{PSQL},state=\"{state}\"}} {n}")
+        };
+        assert_line(&text, &psql_state("idle_in_transaction", 1));
+        assert_line(&text, &psql_state("active", 1));
+        assert_line(&text, &psql_state("idle", 0));
+        assert_line(&text, &psql_leak("idle_in_transaction", 1));
+        assert_line(&text, &psql_leak("idle", 0));
+        assert_line(
+            &text,
+            &format!("pgconn_oldest_connection_age_seconds{{{PSQL}}} 100"),
+        );
+        assert_line(&text, &format!("pgconn_max_idle_seconds{{{PSQL}}} 40"));
+        assert_line(&text, &format!("pgconn_stalled_connections{{{PSQL}}} 1"));
+        assert_line(&text, &format!("pgconn_stalls_total{{{PSQL}}} 1"));
+        assert_line(
+            &text,
+            &format!("pgconn_connections_opened_total{{{PSQL}}} 2"),
+        );
+        assert_line(&text, "pgconn_tracer_tracked_connections 3");
+        assert_eq!(lines_starting(&text, "pgconn_open_connections{").len(), 12);
+
+        // Both psql connections close; app stays open.
+        metrics.connection_closed(&psql, "peer", 42.0, 100, 200);
+        metrics.connection_closed(&psql, "made-up", 0.005, 1, 2);
+        metrics.set_open(&[snap(&app, "idle")]);
+        let text = metrics.render();
+        for gauge in [
+            "pgconn_open_connections{",
+            "pgconn_leak_suspected_connections{",
+            "pgconn_oldest_connection_age_seconds{",
+            "pgconn_max_idle_seconds{",
+            "pgconn_stalled_connections{",
+        ] {
+            let psql_lines: Vec<_> = lines_starting(&text, gauge)
+                .into_iter()
+                .filter(|l| l.contains(r#"comm="psql""#))
+                .collect();
+            assert!(psql_lines.is_empty(), "psql gauge left: {psql_lines:?}");
+        }
+        assert_eq!(lines_starting(&text, "pgconn_open_connections{").len(), 6);
+        assert_line(
+            &text,
+            r#"pgconn_open_connections{comm="app",container="",remote="10.0.0.5:6432",role="client",state="idle"} 1"#,
+        );
+        assert_line(&text, "pgconn_tracer_tracked_connections 1");
+        assert_line(
+            &text,
+            &format!("pgconn_connections_opened_total{{{PSQL}}} 2"),
+        );
+        assert_line(&text, &format!("pgconn_stalls_total{{{PSQL}}} 1"));
+        assert_line(
+            &text,
+            &format!("pgconn_connections_closed_total{{closed_by=\"peer\",{PSQL}}} 1"),
+        );
+        // An out-of-set closed_by is counted as unknown.
+        assert_line(
+            &text,
+            &format!("pgconn_connections_closed_total{{closed_by=\"unknown\",{PSQL}}} 1"),
+        );
+        assert!(!text.contains("made-up"));
+        assert_line(&text, &format!("pgconn_bytes_sent_total{{{PSQL}}} 101"));
+        assert_line(&text, &format!("pgconn_bytes_received_total{{{PSQL}}} 202"));
+        assert_line(
+            &text,
+            &format!("pgconn_connection_duration_seconds_count{{{PSQL}}} 2"),
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_connection_duration_seconds_sum{{{PSQL}}} 42.005"),
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"0.01\"}} 1"),
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"30\"}} 1"),
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"60\"}} 2"),
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"86400\"}} 2"),
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"+Inf\"}} 2"),
+        );
+
+        // Nothing open: no gauge series of any connection label set.
+        metrics.set_open(&[]);
+        let text = metrics.render();
+        assert!(lines_starting(&text, "pgconn_open_connections{").is_empty());
+        assert!(lines_starting(&text, "pgconn_max_idle_seconds{").is_empty());
+        assert_line(&text, "pgconn_tracer_tracked_connections 0");
+    }
+
+    #[test]
+    fn label_sets_beyond_the_cap_fold_into_other_and_are_counted() {
+        let metrics = Metrics::new(2, "1.2.3");
+        let a = labels("client", "a", "db:5432");
+        let b = labels("client", "b", "db:5432");
+        let c = labels("client", "c", "db:5432");
+        let d = labels("server", "postgres", "10.0.0.9:40000");
+        for l in [&a, &b, &c, &d, &a, &c] {
+            metrics.connection_opened(l);
+        }
+        // c and d arrive once the cap is reached: c twice, d once.
+        metrics.stall_started(&c);
+        metrics.set_open(&[
+            snap(&a, "idle"),
+            snap(&c, "active"),
+            snap(&c, "idle"),
+            snap(&d, "idle"),
+        ]);
+        metrics.connection_closed(&c, "local", 1.0, 10, 20);
+        let text = metrics.render();
+
+        const OTHER_CLIENT: &str = r#"comm="~other",container="",remote="",role="client""#;
+        const OTHER_SERVER: &str = r#"comm="~other",container="",remote="",role="server""#;
+        assert_line(&text, "pgconn_tracer_label_sets_overflow_total 3");
+        assert_line(
+            &text,
+            r#"pgconn_connections_opened_total{comm="a",container="",remote="db:5432",role="client"} 2"#,
+        );
+        assert_line(
+            &text,
+            r#"pgconn_connections_opened_total{comm="b",container="",remote="db:5432",role="client"} 1"#,
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_connections_opened_total{{{OTHER_CLIENT}}} 2"),
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_connections_opened_total{{{OTHER_SERVER}}} 1"),
+        );
+        assert_line(&text, &format!("pgconn_stalls_total{{{OTHER_CLIENT}}} 1"));
+        assert_line(
+            &text,
+            &format!("pgconn_connections_closed_total{{closed_by=\"local\",{OTHER_CLIENT}}} 1"),
+        );
+        assert_line(
+            &text,
+            &format!("pgconn_bytes_sent_total{{{OTHER_CLIENT}}} 10"),
+        );
+        for state in ["active", "idle"] {
+            assert_line(
+                &text,
+                &format!("pgconn_open_connections{{{OTHER_CLIENT},state=\"{state}\"}} 1"),
+            );
+        }
+        assert_line(
+            &text,
+            &format!("pgconn_open_connections{{{OTHER_SERVER},state=\"idle\"}} 1"),
+        );
+        assert!(!text.contains(r#"comm="c""#), "c must be folded:\n{text}");
+        assert!(
+            !text.contains(r#"comm="postgres""#),
+            "d must be folded:\n{text}"
+        );
+        // a, ~other/client, ~other/server: 3 label sets with gauges.
+        assert_eq!(lines_starting(&text, "pgconn_open_connections{").len(), 18);
+
+        // An admitted label set stays admitted after all its connections are gone.
+        metrics.set_open(&[]);
+        metrics.connection_opened(&b);
+        let text = metrics.render();
+        assert_line(
+            &text,
+            r#"pgconn_connections_opened_total{comm="b",container="",remote="db:5432",role="client"} 2"#,
+        );
+        assert_line(&text, "pgconn_tracer_label_sets_overflow_total 3");
+    }
+
+    #[test]
+    fn zero_cap_folds_everything() {
+        let metrics = Metrics::new(0, "1.2.3");
+        metrics.connection_opened(&psql());
+        let text = metrics.render();
+        assert_line(
+            &text,
+            r#"pgconn_connections_opened_total{comm="~other",container="",remote="",role="client"} 1"#,
+        );
+        assert_line(&text, "pgconn_tracer_label_sets_overflow_total 1");
+        assert!(!text.contains("psql"));
+    }
+
+    fn weird() -> ConnLabels {
+        labels("client", "we\"ird\\na\nme", "/run/post\"gres/.s.PGSQL.5432")
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let metrics = Metrics::new(10, "1.2.3");
+        let weird = weird();
+        metrics.connection_opened(&weird);
+        metrics.set_open(&[ConnSnapshot {
+            age_s: f64::INFINITY,
+            idle_s: f64::NAN,
+            ..snap(&weird, "idle")
+        }]);
+        let text = metrics.render();
+        assert_line(
+            &text,
+            r#"pgconn_connections_opened_total{comm="we\"ird\\na\nme",container="",remote="/run/post\"gres/.s.PGSQL.5432",role="client"} 1"#,
+        );
+        // Non-finite inputs never reach the exposition (`inf`/`NaN` there are invalid).
+        assert_line(
+            &text,
+            r#"pgconn_oldest_connection_age_seconds{comm="we\"ird\\na\nme",container="",remote="/run/post\"gres/.s.PGSQL.5432",role="client"} 0"#,
+        );
+        // The raw newline inside comm must not split a sample line.
+        for line in text.lines() {
+            assert!(
+                line.starts_with("# ") || line.starts_with("pgconn_"),
+                "broken line {line:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn losses_start_at_zero_and_accumulate() {
+        let metrics = Metrics::new(10, "1.2.3");
+        let text = metrics.render();
+        for location in LOSS_WHERE {
+            assert_line(
+                &text,
+                &format!("pgconn_tracer_events_lost_total{{where=\"{location}\"}} 0"),
+            );
+        }
+        metrics.events_lost("kernel_ring", 5);
+        metrics.events_lost("kernel_ring", 7);
+        metrics.events_lost("decode", 1);
+        let text = metrics.render();
+        assert_line(
+            &text,
+            r#"pgconn_tracer_events_lost_total{where="kernel_ring"} 12"#,
+        );
+        assert_line(
+            &text,
+            r#"pgconn_tracer_events_lost_total{where="decode"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"pgconn_tracer_events_lost_total{where="user_queue"} 0"#,
+        );
+    }
+
+    #[test]
+    fn short_container_ids() {
+        let full = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(short_container_id(Some(full)), "0123456789ab");
+        assert_eq!(short_container_id(Some("abc")), "abc");
+        assert_eq!(short_container_id(None), "");
+    }
+
+    const PROMTOOL: &str = "/usr/bin/promtool";
+
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        if !std::path::Path::new(PROMTOOL).exists() {
+            eprintln!("skipped: {PROMTOOL} missing (apt-get install prometheus)");
+            return;
+        }
+        let metrics = Metrics::new(3, "1.2.3");
+        let (psql, weird) = (psql(), weird());
+        let server = labels("server", "postgres", "[::1]:51000");
+        let extra = labels("client", "extra", "db:5432");
+        for l in [&psql, &weird, &server, &extra] {
+            metrics.connection_opened(l);
+        }
+        metrics.stall_started(&psql);
+        metrics.set_open(&[
+            ConnSnapshot {
+                age_s: 30.0,
+                idle_s: 29.5,
+                stalled: true,
+                leak_reason: Some("idle"),
+                ..snap(&psql, "active")
+            },
+            snap(&weird, "unknown"),
+            snap(&extra, "close_wait"),
+        ]);
+        metrics.connection_closed(&server, "reset", 3.5, 10, 20);
+        metrics.events_lost("user_queue", 3);
+        let text = metrics.render();
+
+        let mut child = std::process::Command::new(PROMTOOL)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run promtool");
+        child
+            .stdin
+            .take()
+            .expect("promtool stdin")
+            .write_all(text.as_bytes())
+            .expect("write to promtool");
+        let out = child.wait_with_output().expect("wait for promtool");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && report.trim().is_empty(),
+            "promtool: {}\n{report}\n--- input:\n{text}",
+            out.status
+        );
+    }
+
+    /// A one-shot HTTP/1.1 GET; returns (status, headers, body).
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.expect("read");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a full response");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status code");
+        (status, head.to_owned(), body.to_owned())
+    }
+
+    async fn within<F: Future>(what: &str, future: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(5), future)
+            .await
+            .unwrap_or_else(|_| panic!("timed out: {what}"))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn endpoint_serves_health_metrics_and_stops_on_shutdown() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let metrics = Arc::new(Metrics::new(10, "9.9.9"));
+        metrics.connection_opened(&psql());
+        let ready = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::clone(&metrics),
+            Arc::clone(&ready),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+
+        let (status, _, body) = within("healthz", get(addr, "/healthz")).await;
+        assert_eq!((status, body.as_str()), (503, "not ready\n"));
+        ready.store(true, Ordering::Release);
+        let (status, _, body) = within("healthz", get(addr, "/healthz")).await;
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+        let (status, head, body) = within("metrics", get(addr, "/metrics")).await;
+        assert_eq!(status, 200);
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        assert_line(&body, r#"pgconn_tracer_build_info{version="9.9.9"} 1"#);
+        assert_line(
+            &body,
+            &format!("pgconn_connections_opened_total{{{PSQL}}} 1"),
+        );
+
+        let (status, _, _) = within("404", get(addr, "/nope")).await;
+        assert_eq!(status, 404);
+
+        // An idle client connection must not hold shutdown up.
+        let mut idle = TcpStream::connect(addr).await.expect("connect");
+        tokio::task::yield_now().await;
+        stop.send(()).expect("server still running");
+        let result = within("serve to return", server).await.expect("join");
+        assert!(result.is_ok(), "{result:?}");
+        let mut buf = [0_u8; 16];
+        let n = within("idle connection closed", idle.read(&mut buf))
+            .await
+            .unwrap_or(0);
+        assert_eq!(n, 0, "idle connection got data after shutdown");
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "listener still accepting after shutdown"
+        );
+    }
+}
