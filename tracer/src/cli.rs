@@ -1,75 +1,113 @@
-//! Command line: subcommands and their options, validated before anything is attached.
+//! Command line: subcommands and their options, merged with `--config FILE` and validated
+//! before anything is attached. Value parsers and the file format live in `config`.
+//!
+//! Flags are parsed into `Option`s (so that "not given" is visible), the file into the same
+//! shape, and [`RunArgs`] takes each option from the flags, else the file, else the default.
 
-use std::path::PathBuf;
+use std::{ffi::OsStr, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, builder::TypedValueParser, error::ErrorKind};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "tracer",
-    version,
-    about = "eBPF connection tracer and leak detector for PostgreSQL clients"
-)]
+pub use crate::config::EventsDest;
+use crate::config::{self, RunSettings, shown};
+
+/// The validated command line.
+#[derive(Clone, Debug)]
 pub struct Cli {
-    #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug)]
 pub enum Command {
-    /// Attach the probes and stream connection events until SIGINT/SIGTERM.
     Run(RunArgs),
+    List(ListArgs),
+    Check,
 }
 
-#[derive(Clone, Debug, Args)]
+/// `tracer run`: every option resolved (flag, else config file, else default) and valid.
+#[derive(Clone, Debug, PartialEq)]
 pub struct RunArgs {
-    /// TCP ports that count as Postgres / PgBouncer (repeatable or comma list).
-    #[arg(long = "port", value_name = "P", value_delimiter = ',', value_parser = parse_port,
-          default_values_t = [5432u16, 6432u16])]
+    /// Sorted, without duplicates.
     pub ports: Vec<u16>,
-    /// Where JSON events go: `-` for stdout, or a file path (appended).
-    #[arg(long, value_name = "DEST", default_value = "-")]
+    pub unix_socket_glob: String,
     pub events: EventsDest,
-    /// Log level for stderr: error, warn, info, debug or trace.
-    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_level)]
+    /// `None`: `--metrics-addr off`.
+    pub metrics_addr: Option<SocketAddr>,
+    pub stall_after: Duration,
+    pub idle_in_transaction_after: Duration,
+    pub close_wait_after: Duration,
+    pub idle_after: Duration,
     pub log_level: log::LevelFilter,
+    pub max_label_sets: usize,
+    pub max_connections: u32,
+    /// The file the options were read from, if any.
+    pub config: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EventsDest {
-    Stdout,
-    File(PathBuf),
-}
-
-impl std::str::FromStr for EventsDest {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "" => Err("empty events destination".into()),
-            "-" => Ok(Self::Stdout),
-            path => Ok(Self::File(path.into())),
+impl Default for RunArgs {
+    /// The SPEC defaults.
+    fn default() -> Self {
+        Self {
+            ports: config::DEFAULT_PORTS.to_vec(),
+            unix_socket_glob: config::DEFAULT_UNIX_SOCKET_GLOB.to_owned(),
+            events: EventsDest::Stdout,
+            metrics_addr: Some(config::DEFAULT_METRICS_ADDR),
+            stall_after: config::DEFAULT_STALL_AFTER,
+            idle_in_transaction_after: config::DEFAULT_IDLE_IN_TRANSACTION_AFTER,
+            close_wait_after: config::DEFAULT_CLOSE_WAIT_AFTER,
+            idle_after: config::DEFAULT_IDLE_AFTER,
+            log_level: config::DEFAULT_LOG_LEVEL,
+            max_label_sets: config::DEFAULT_MAX_LABEL_SETS,
+            max_connections: config::DEFAULT_MAX_CONNECTIONS,
+            config: None,
         }
-    }
-}
-
-pub fn parse_port(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u64>() {
-        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        Ok(_) => Err("ports are 1-65535".into()),
-        Err(_) => Err("not a port number".into()),
-    }
-}
-
-fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
-    match s {
-        "error" | "warn" | "info" | "debug" | "trace" => {
-            s.parse().map_err(|_| "unknown log level".to_owned())
-        }
-        _ => Err("expected error, warn, info, debug or trace".into()),
     }
 }
 
 impl RunArgs {
+    /// Each option from `flags`, else from `file`, else the default.
+    pub fn merge(flags: RunSettings, file: RunSettings, config: Option<PathBuf>) -> Self {
+        let d = Self::default();
+        let mut ports = flags.ports.or(file.ports).unwrap_or(d.ports);
+        ports.sort_unstable();
+        ports.dedup();
+        Self {
+            ports,
+            unix_socket_glob: flags
+                .unix_socket_glob
+                .or(file.unix_socket_glob)
+                .unwrap_or(d.unix_socket_glob),
+            events: flags.events.or(file.events).unwrap_or(d.events),
+            metrics_addr: flags
+                .metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or(d.metrics_addr),
+            stall_after: flags
+                .stall_after
+                .or(file.stall_after)
+                .unwrap_or(d.stall_after),
+            idle_in_transaction_after: flags
+                .idle_in_transaction_after
+                .or(file.idle_in_transaction_after)
+                .unwrap_or(d.idle_in_transaction_after),
+            close_wait_after: flags
+                .close_wait_after
+                .or(file.close_wait_after)
+                .unwrap_or(d.close_wait_after),
+            idle_after: flags.idle_after.or(file.idle_after).unwrap_or(d.idle_after),
+            log_level: flags.log_level.or(file.log_level).unwrap_or(d.log_level),
+            max_label_sets: flags
+                .max_label_sets
+                .or(file.max_label_sets)
+                .unwrap_or(d.max_label_sets),
+            max_connections: flags
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            config,
+        }
+    }
+
     /// Watched ports, sorted, without duplicates.
     pub fn unique_ports(&self) -> Vec<u16> {
         let mut ports = self.ports.clone();
@@ -79,70 +117,691 @@ impl RunArgs {
     }
 }
 
-/// Parses the command line; on bad input returns the one line to print (exit code 2).
-pub fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
+/// `tracer list`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListArgs {
+    pub json: bool,
+    /// Sorted, without duplicates.
+    pub ports: Vec<u16>,
+    pub unix_socket_glob: String,
+}
+
+/// Why parsing stopped.
+#[derive(Debug)]
+pub enum CliError {
+    /// `--help` / `--version`: print it as clap renders it (stdout) and exit 0.
+    Info(clap::Error),
+    /// Bad input: print this one line (prefixed `tracer: `) on stderr and exit 2.
+    Usage(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Info(_) => 0,
+            Self::Usage(_) => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Info(info) => write!(f, "{}", info.render()),
+            Self::Usage(line) => f.write_str(line),
+        }
+    }
+}
+
+/// Parses and validates the command line, reading `--config` if given.
+pub fn parse<I, T>(args: I) -> Result<Cli, CliError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    Cli::try_parse_from(args)
+    let raw = RawCli::try_parse_from(args).map_err(|err| {
+        if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            CliError::Usage("missing subcommand: run, list or check (see tracer --help)".into())
+        } else if err.use_stderr() {
+            CliError::Usage(one_line(&err))
+        } else {
+            CliError::Info(err)
+        }
+    })?;
+    let command = match raw.command {
+        RawCommand::Run(flags) => {
+            let file = match &flags.config {
+                Some(path) => config::load(path)
+                    .map_err(|e| CliError::Usage(config::flatten(&e.to_string())))?,
+                None => RunSettings::default(),
+            };
+            let config = flags.config.clone();
+            Command::Run(RunArgs::merge(flags.into_settings(), file, config))
+        }
+        RawCommand::List(flags) => {
+            let mut ports = if flags.ports.is_empty() {
+                config::DEFAULT_PORTS.to_vec()
+            } else {
+                flags.ports
+            };
+            ports.sort_unstable();
+            ports.dedup();
+            Command::List(ListArgs {
+                json: flags.json,
+                ports,
+                unix_socket_glob: flags
+                    .unix_socket_glob
+                    .unwrap_or_else(|| config::DEFAULT_UNIX_SOCKET_GLOB.to_owned()),
+            })
+        }
+        RawCommand::Check => Command::Check,
+    };
+    Ok(Cli { command })
 }
 
-/// The first line of a clap error: one clear line naming the bad value.
+/// The first line of a clap error, without clap's `error: ` prefix: one line naming the bad
+/// value.
 pub fn one_line(err: &clap::Error) -> String {
     let rendered = err.render().to_string();
-    rendered
+    let first = rendered
         .lines()
-        .next()
-        .unwrap_or("error: bad command line")
-        .trim()
-        .to_owned()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("bad command line");
+    first.strip_prefix("error: ").unwrap_or(first).to_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// What clap sees
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracer",
+    version,
+    propagate_version = true,
+    about = "eBPF connection tracer and leak detector for PostgreSQL clients"
+)]
+struct RawCli {
+    #[command(subcommand)]
+    command: RawCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum RawCommand {
+    /// Attach the probes and stream connection events and metrics until SIGINT/SIGTERM.
+    #[command(after_help = RUN_AFTER_HELP)]
+    Run(RunFlags),
+    /// Print the Postgres connections open on this host right now, then exit.
+    List(ListFlags),
+    /// Check that this kernel and these privileges can `run`; one line per check.
+    Check,
+}
+
+const RUN_AFTER_HELP: &str = "\
+Config file (--config FILE): TOML, one key per option, the long flag name with '_' for '-':
+  port = [5432, 6432]    stall_after = \"5s\"    metrics_addr = \"off\"
+Flags win over the file, the file over the defaults.
+
+Durations: an integer and a unit (ms, s, m, h), e.g. 500ms, 5s, 2m, 1h, 1m30s.
+Unix-socket glob: `*` matches any characters, `/` included; `?` one character;
+`[a-z]`, `[!a-z]` one character of a class; `\\x` the character x.";
+
+#[derive(Debug, Args)]
+struct RunFlags {
+    /// TOML file with any of these options; flags given here win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Postgres / PgBouncer TCP ports, repeatable or comma list [default: 5432,6432]
+    #[arg(long = "port", value_name = "P", value_delimiter = ',',
+          allow_hyphen_values = true,
+          value_parser = Checked(config::parse_port))]
+    ports: Vec<u16>,
+    /// Unix-socket paths that count as Postgres (a glob, see below) [default:
+    /// */.s.PGSQL.*]
+    #[arg(long, value_name = "G", value_parser = Checked(config::parse_unix_socket_glob))]
+    unix_socket_glob: Option<String>,
+    /// Where JSON events go: `-` for stdout, or a file path (appended) [default: -]
+    #[arg(long, value_name = "DEST", value_parser = EventsParser)]
+    events: Option<EventsDest>,
+    /// Prometheus endpoint, IP:PORT or [IPv6]:PORT, or `off` [default: 127.0.0.1:9433]
+    #[arg(long, value_name = "ADDR", value_parser = Checked(parse_metrics_flag))]
+    metrics_addr: Option<MetricsAddr>,
+    /// A request unanswered this long is stalled [default: 5s]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true,
+          value_parser = Checked(config::parse_threshold))]
+    stall_after: Option<Duration>,
+    /// Inside a transaction and silent this long = leak suspect [default: 30s]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true,
+          value_parser = Checked(config::parse_threshold))]
+    idle_in_transaction_after: Option<Duration>,
+    /// Peer closed, local process has not, for this long = leak suspect [default: 10s]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true,
+          value_parser = Checked(config::parse_threshold))]
+    close_wait_after: Option<Duration>,
+    /// No traffic at all for this long = leak suspect [default: 30m]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true,
+          value_parser = Checked(config::parse_threshold))]
+    idle_after: Option<Duration>,
+    /// Logs on stderr: error, warn, info, debug or trace [default: info]
+    #[arg(long, value_name = "LEVEL", value_parser = Checked(config::parse_log_level))]
+    log_level: Option<log::LevelFilter>,
+    /// Cap on Prometheus label sets; the rest go to comm="~other" [default: 1000]
+    #[arg(long, value_name = "N", allow_hyphen_values = true,
+          value_parser = Checked(config::parse_max_label_sets))]
+    max_label_sets: Option<usize>,
+    /// Capacity of the kernel connection table, 16-1048576 [default: 65536]
+    #[arg(long, value_name = "N", allow_hyphen_values = true,
+          value_parser = Checked(config::parse_max_connections))]
+    max_connections: Option<u32>,
+}
+
+impl RunFlags {
+    fn into_settings(self) -> RunSettings {
+        RunSettings {
+            ports: (!self.ports.is_empty()).then_some(self.ports),
+            unix_socket_glob: self.unix_socket_glob,
+            events: self.events,
+            metrics_addr: self.metrics_addr.map(|m| m.0),
+            stall_after: self.stall_after,
+            idle_in_transaction_after: self.idle_in_transaction_after,
+            close_wait_after: self.close_wait_after,
+            idle_after: self.idle_after,
+            log_level: self.log_level,
+            max_label_sets: self.max_label_sets,
+            max_connections: self.max_connections,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct ListFlags {
+    /// One JSON object per connection instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Postgres / PgBouncer TCP ports, repeatable or comma list [default: 5432,6432]
+    #[arg(long = "port", value_name = "P", value_delimiter = ',',
+          allow_hyphen_values = true,
+          value_parser = Checked(config::parse_port))]
+    ports: Vec<u16>,
+    /// Unix-socket paths that count as Postgres [default: */.s.PGSQL.*]
+    #[arg(long, value_name = "G", value_parser = Checked(config::parse_unix_socket_glob))]
+    unix_socket_glob: Option<String>,
+}
+
+/// `Option<Option<_>>` means something else to clap; wrap the inner one.
+#[derive(Clone, Debug)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics_flag(s: &str) -> Result<MetricsAddr, String> {
+    config::parse_metrics_addr(s).map(MetricsAddr)
+}
+
+/// Runs a `config` parser on a flag value; on failure (non-UTF-8 included) the error names
+/// the flag and the value on one line.
+#[derive(Clone)]
+struct Checked<T>(fn(&str) -> Result<T, String>);
+
+impl<T: Clone + Send + Sync + 'static> TypedValueParser for Checked<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<T, clap::Error> {
+        let Some(s) = value.to_str() else {
+            return Err(invalid(cmd, arg, value, "not valid UTF-8"));
+        };
+        (self.0)(s).map_err(|reason| invalid(cmd, arg, value, &reason))
+    }
+}
+
+/// `-`, or a path (any bytes: paths need not be UTF-8).
+#[derive(Clone)]
+struct EventsParser;
+
+impl TypedValueParser for EventsParser {
+    type Value = EventsDest;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<EventsDest, clap::Error> {
+        match value.to_str() {
+            Some(s) => config::parse_events(s).map_err(|reason| invalid(cmd, arg, value, &reason)),
+            None => Ok(EventsDest::File(PathBuf::from(value))),
+        }
+    }
+}
+
+fn invalid(
+    cmd: &clap::Command,
+    arg: Option<&clap::Arg>,
+    value: &OsStr,
+    reason: &str,
+) -> clap::Error {
+    let arg = arg.map_or_else(|| "...".to_owned(), ToString::to_string);
+    let value = match value.to_str() {
+        Some(s) => shown(s),
+        None => value.as_encoded_bytes().escape_ascii().to_string(),
+    };
+    clap::Error::raw(
+        ErrorKind::ValueValidation,
+        format!("invalid value '{value}' for '{arg}': {reason}\n"),
+    )
+    .with_cmd(cmd)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        ffi::OsString,
+        os::unix::ffi::OsStringExt,
+        sync::atomic::{AtomicU32, Ordering},
+    };
+
     use super::*;
 
-    fn run_args(args: &[&str]) -> Result<RunArgs, String> {
-        let mut argv = vec!["tracer", "run"];
-        argv.extend_from_slice(args);
-        match parse(argv) {
-            Ok(Cli {
-                command: Command::Run(a),
-            }) => Ok(a),
-            Err(e) => Err(one_line(&e)),
+    /// A config file under the temp dir, removed on drop.
+    struct ConfigFile(PathBuf);
+
+    impl ConfigFile {
+        fn new(contents: &[u8]) -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "tracer-cli-{}-{}.toml",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&path, contents).expect("write config");
+            Self(path)
+        }
+
+        fn arg(&self) -> String {
+            self.0.to_str().expect("utf-8 temp path").to_owned()
+        }
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn parse_os(args: Vec<OsString>) -> Result<Command, CliError> {
+        parse(args).map(|cli| cli.command)
+    }
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        std::iter::once("tracer")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, CliError> {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        match parse_os(argv(&all))? {
+            Command::Run(a) => Ok(a),
+            other => panic!("not run: {other:?}"),
         }
     }
 
     #[test]
     fn defaults_follow_the_spec() {
         let a = run_args(&[]).expect("parses");
+        assert_eq!(a.ports, vec![5432, 6432]);
         assert_eq!(a.unique_ports(), vec![5432, 6432]);
+        assert_eq!(a.unix_socket_glob, "*/.s.PGSQL.*");
         assert_eq!(a.events, EventsDest::Stdout);
+        assert_eq!(
+            a.metrics_addr,
+            Some("127.0.0.1:9433".parse().expect("addr"))
+        );
+        assert_eq!(a.stall_after, Duration::from_secs(5));
+        assert_eq!(a.idle_in_transaction_after, Duration::from_secs(30));
+        assert_eq!(a.close_wait_after, Duration::from_secs(10));
+        assert_eq!(a.idle_after, Duration::from_secs(30 * 60));
         assert_eq!(a.log_level, log::LevelFilter::Info);
+        assert_eq!(a.max_label_sets, 1000);
+        assert_eq!(a.max_connections, 65_536);
+        assert_eq!(a.config, None);
+        assert_eq!(a, RunArgs::default());
     }
 
     #[test]
-    fn ports_repeat_and_split_on_commas() {
-        let a = run_args(&["--port", "6432,5432", "--port", "15432", "--port", "5432"])
-            .expect("parses");
-        assert_eq!(a.unique_ports(), vec![5432, 6432, 15432]);
+    fn every_flag() {
+        let a = run_args(&[
+            "--port=6432,5432",
+            "--port",
+            "15432",
+            "--port",
+            "5432",
+            "--unix-socket-glob",
+            "/run/pg/*",
+            "--events",
+            "/tmp/ev.jsonl",
+            "--metrics-addr",
+            "[::1]:9500",
+            "--stall-after",
+            "500ms",
+            "--idle-in-transaction-after",
+            "1m30s",
+            "--close-wait-after",
+            "2m",
+            "--idle-after",
+            "1h",
+            "--log-level",
+            "trace",
+            "--max-label-sets",
+            "10",
+            "--max-connections",
+            "16",
+        ])
+        .expect("parses");
+        assert_eq!(
+            a,
+            RunArgs {
+                ports: vec![5432, 6432, 15432],
+                unix_socket_glob: "/run/pg/*".into(),
+                events: EventsDest::File("/tmp/ev.jsonl".into()),
+                metrics_addr: Some("[::1]:9500".parse().expect("addr")),
+                stall_after: Duration::from_millis(500),
+                idle_in_transaction_after: Duration::from_secs(90),
+                close_wait_after: Duration::from_secs(120),
+                idle_after: Duration::from_secs(3600),
+                log_level: log::LevelFilter::Trace,
+                max_label_sets: 10,
+                max_connections: 16,
+                config: None,
+            }
+        );
+        let off = run_args(&["--metrics-addr", "off"]).expect("parses");
+        assert_eq!(off.metrics_addr, None);
     }
 
     #[test]
-    fn bad_input_is_one_line_naming_the_value() {
-        for (args, needle) in [
-            (vec!["--port", "0"], "'0'"),
-            (vec!["--port", "65536"], "'65536'"),
-            (vec!["--port", "abc"], "'abc'"),
-            (vec!["--port", "5432,-1"], "'-1'"),
-            (vec!["--log-level", "loud"], "'loud'"),
-            (vec!["--events", ""], "--events"),
-            (vec!["--bogus"], "--bogus"),
-        ] {
-            let err = run_args(&args).expect_err("rejected");
-            assert!(!err.contains('\n'), "{err}");
-            assert!(err.contains(needle), "{args:?}: {err}");
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file = ConfigFile::new(
+            br#"
+            port = [7000, 7001]
+            stall_after = "1s"
+            idle_after = "2h"
+            metrics_addr = "off"
+            log_level = "warn"
+            max_connections = 1024
+            "#,
+        );
+        let a = run_args(&[
+            "--config",
+            &file.arg(),
+            "--port",
+            "8000",
+            "--idle-after",
+            "5m",
+            "--metrics-addr",
+            "127.0.0.1:9999",
+        ])
+        .expect("parses");
+        // Flags.
+        assert_eq!(a.ports, vec![8000]);
+        assert_eq!(a.idle_after, Duration::from_secs(300));
+        assert_eq!(
+            a.metrics_addr,
+            Some("127.0.0.1:9999".parse().expect("addr"))
+        );
+        // File.
+        assert_eq!(a.stall_after, Duration::from_secs(1));
+        assert_eq!(a.log_level, log::LevelFilter::Warn);
+        assert_eq!(a.max_connections, 1024);
+        // Defaults.
+        assert_eq!(a.close_wait_after, Duration::from_secs(10));
+        assert_eq!(a.idle_in_transaction_after, Duration::from_secs(30));
+        assert_eq!(a.max_label_sets, 1000);
+        assert_eq!(a.events, EventsDest::Stdout);
+        assert_eq!(a.config, Some(file.0.clone()));
+
+        // Without flags the file's values hold.
+        let a = run_args(&["--config", &file.arg()]).expect("parses");
+        assert_eq!(a.ports, vec![7000, 7001]);
+        assert_eq!(a.metrics_addr, None);
+        assert_eq!(a.idle_after, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn an_empty_file_changes_nothing() {
+        let file = ConfigFile::new(b"# all defaults\n");
+        let a = run_args(&["--config", &file.arg()]).expect("parses");
+        assert_eq!(
+            a,
+            RunArgs {
+                config: Some(file.0.clone()),
+                ..RunArgs::default()
+            }
+        );
+    }
+
+    /// Asserts exit class 2, one line, and every needle in it.
+    fn assert_bad(args: Vec<OsString>, needles: &[&str]) {
+        let shown = format!("{args:?}");
+        let err = parse_os(args).expect_err(&shown);
+        assert_eq!(err.exit_code(), 2, "{shown}: {err}");
+        let CliError::Usage(line) = &err else {
+            panic!("{shown}: not a usage error: {err}");
+        };
+        assert!(
+            !line.is_empty() && !line.contains('\n'),
+            "{shown}: {line:?}"
+        );
+        for needle in needles {
+            assert!(line.contains(needle), "{shown}: {line:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn bad_flags_are_one_line_naming_the_value() {
+        for (args, needles) in [
+            (&["run", "--port", "0"][..], &["'0'", "--port"][..]),
+            (&["run", "--port", "65536"], &["'65536'"]),
+            (&["run", "--port", "abc"], &["'abc'"]),
+            (&["run", "--port", "5432,-1"], &["'-1'"]),
+            (&["run", "--port", "-1"], &["'-1'"]),
+            (&["run", "--port", "5432,"], &["''", "--port"]),
+            (&["run", "--port"], &["--port"]),
+            (&["run", "--bogus"], &["--bogus"]),
+            (&["run", "extra"], &["extra"]),
+            (&["bogus"], &["bogus"]),
+            (&[], &["subcommand"]),
+            (
+                &["run", "--stall-after", "0s"],
+                &["'0s'", "--stall-after", "greater than zero"],
+            ),
+            (&["run", "--idle-in-transaction-after", "0ms"], &["'0ms'"]),
+            (&["run", "--close-wait-after", "0m"], &["'0m'"]),
+            (&["run", "--idle-after", "0h"], &["'0h'"]),
+            (&["run", "--idle-after", "-5s"], &["'-5s'", "negative"]),
+            (&["run", "--stall-after", "5"], &["'5'", "missing unit"]),
+            (&["run", "--stall-after", "5x"], &["'5x'"]),
+            (&["run", "--stall-after", "soon"], &["'soon'"]),
+            (&["run", "--stall-after", "5s\n"], &["'5s\\n'"]),
+            (
+                &["run", "--metrics-addr", "127.0.0.1:0"],
+                &["'127.0.0.1:0'"],
+            ),
+            (&["run", "--metrics-addr", "[::1]:0"], &["'[::1]:0'"]),
+            (
+                &["run", "--metrics-addr", "localhost:9433"],
+                &["'localhost:9433'"],
+            ),
+            (&["run", "--metrics-addr", "9433"], &["'9433'"]),
+            (&["run", "--log-level", "loud"], &["'loud'"]),
+            (&["run", "--events", ""], &["--events"]),
+            (
+                &["run", "--unix-socket-glob", ""],
+                &["--unix-socket-glob", "empty glob"],
+            ),
+            (&["run", "--unix-socket-glob", "/tmp/[x"], &["'/tmp/[x'"]),
+            (
+                &["run", "--max-label-sets", "0"],
+                &["'0'", "--max-label-sets"],
+            ),
+            (&["run", "--max-connections", "15"], &["'15'", "16-1048576"]),
+            (&["run", "--max-connections", "1048577"], &["'1048577'"]),
+            (&["run", "--max-connections", "-1"], &["'-1'"]),
+            (
+                &["run", "--config", "/nonexistent/tracer.toml"],
+                &["/nonexistent/tracer.toml", "No such file"],
+            ),
+            (&["run", "--config", "/"], &["config /:"]),
+            (&["list", "--port", "0"], &["'0'"]),
+            (&["list", "--unix-socket-glob", "[x"], &["'[x'"]),
+            (&["list", "--stall-after", "5s"], &["--stall-after"]),
+            (&["check", "--json"], &["--json"]),
+        ] {
+            assert_bad(argv(args), needles);
+        }
+    }
+
+    #[test]
+    fn non_utf8_values_are_named() {
+        let mut args = argv(&["run", "--port"]);
+        args.push(OsString::from_vec(b"54\xff".to_vec()));
+        assert_bad(args, &["'54\\xff'", "--port", "UTF-8"]);
+        let mut args = argv(&["run", "--stall-after"]);
+        args.push(OsString::from_vec(b"\xfe5s".to_vec()));
+        assert_bad(args, &["'\\xfe5s'"]);
+        // A path may be any bytes.
+        let mut args = argv(&["run", "--events"]);
+        args.push(OsString::from_vec(b"/tmp/ev\xff".to_vec()));
+        match parse_os(args).expect("parses") {
+            Command::Run(a) => assert!(matches!(a.events, EventsDest::File(_))),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_files_are_one_line_naming_file_key_and_value() {
+        for (contents, needles) in [
+            (&b"bogus = 1\n"[..], &["line 1", "bogus"][..]),
+            (b"port = [5432, 0]", &["port 0"]),
+            (b"port = 65536", &["port 65536"]),
+            (b"\nstall_after = \"0s\"", &["line 2", "stall_after '0s'"]),
+            (b"idle_after = \"5\"", &["idle_after '5'"]),
+            (b"metrics_addr = \"1.2.3.4\"", &["metrics_addr '1.2.3.4'"]),
+            (b"port = [5432,", &["line 1", "port = [5432,"]),
+            (b"log_level = \"\xff\"", &["not valid UTF-8"]),
+            (b"[[x]]\ny = 1\n", &["x"]),
+        ] {
+            let file = ConfigFile::new(contents);
+            let mut needles = needles.to_vec();
+            let name = format!("config {}", file.0.display());
+            needles.push(&name);
+            assert_bad(argv(&["run", "--config", &file.arg()]), &needles);
+        }
+    }
+
+    #[test]
+    fn a_bad_file_is_rejected_even_when_flags_override_the_key() {
+        let file = ConfigFile::new(b"stall_after = \"0s\"");
+        assert_bad(
+            argv(&["run", "--config", &file.arg(), "--stall-after", "5s"]),
+            &["stall_after '0s'"],
+        );
+    }
+
+    #[test]
+    fn help_and_version_exit_zero() {
+        for args in [
+            &["--help"][..],
+            &["--version"],
+            &["run", "--help"],
+            &["list", "--help"],
+            &["check", "--help"],
+            &["help", "run"],
+        ] {
+            let err = parse_os(argv(args)).expect_err("stops");
+            assert_eq!(err.exit_code(), 0, "{args:?}");
+            assert!(matches!(err, CliError::Info(_)), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn run_help_documents_every_option_and_its_default() {
+        let Err(CliError::Info(help)) = parse_os(argv(&["run", "--help"])) else {
+            panic!("no help");
+        };
+        let help = help.render().to_string();
+        for needle in [
+            "--config <FILE>",
+            "--port <P>",
+            "[default: 5432,6432]",
+            "--unix-socket-glob <G>",
+            "[default: */.s.PGSQL.*]",
+            "--events <DEST>",
+            "[default: -]",
+            "--metrics-addr <ADDR>",
+            "[default: 127.0.0.1:9433]",
+            "--stall-after <DUR>",
+            "[default: 5s]",
+            "--idle-in-transaction-after <DUR>",
+            "[default: 30s]",
+            "--close-wait-after <DUR>",
+            "[default: 10s]",
+            "--idle-after <DUR>",
+            "[default: 30m]",
+            "--log-level <LEVEL>",
+            "[default: info]",
+            "--max-label-sets <N>",
+            "[default: 1000]",
+            "--max-connections <N>",
+            "[default: 65536]",
+            "stall_after = \"5s\"",
+        ] {
+            assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
+        }
+    }
+
+    #[test]
+    fn list_and_check() {
+        assert_eq!(
+            match parse_os(argv(&["list"])).expect("parses") {
+                Command::List(a) => a,
+                other => panic!("{other:?}"),
+            },
+            ListArgs {
+                json: false,
+                ports: vec![5432, 6432],
+                unix_socket_glob: "*/.s.PGSQL.*".into(),
+            }
+        );
+        assert_eq!(
+            match parse_os(argv(&[
+                "list",
+                "--json",
+                "--port",
+                "7000,6000",
+                "--port=6000",
+                "--unix-socket-glob",
+                "/run/*"
+            ]))
+            .expect("parses")
+            {
+                Command::List(a) => a,
+                other => panic!("{other:?}"),
+            },
+            ListArgs {
+                json: true,
+                ports: vec![6000, 7000],
+                unix_socket_glob: "/run/*".into(),
+            }
+        );
+        assert!(matches!(
+            parse_os(argv(&["check"])).expect("parses"),
+            Command::Check
+        ));
     }
 }

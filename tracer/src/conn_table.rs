@@ -7,9 +7,15 @@ use std::{
 };
 
 use serde::Serialize;
-use tracer_common::{AF_INET6, ProcInfo, closed_by, role};
+use tracer_common::{
+    AF_INET6, AF_UNIX, OPEN_FLAG_PREEXISTING, ProcInfo, SockState, closed_by, proto, role,
+};
 
-use crate::decode::KernelEvent;
+use crate::{
+    decode::KernelEvent,
+    detectors::{ConnView, Episodes},
+    process::ProcessDetails,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -22,6 +28,7 @@ pub enum Role {
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     Tcp,
+    Unix,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -53,6 +60,8 @@ pub struct Owner {
     pub uid: u32,
     pub cgroup_id: u64,
     pub comm: String,
+    /// Process start (ns since boot), 0 when unknown: tells a reused pid from the owner.
+    pub start_boottime_ns: u64,
 }
 
 impl Owner {
@@ -67,11 +76,12 @@ impl Owner {
             uid: info.uid,
             cgroup_id: info.cgroup_id,
             comm: String::from_utf8_lossy(&info.comm[..end]).into_owned(),
+            start_boottime_ns: info.start_boottime_ns,
         }
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Conn {
     /// The socket cookie.
     pub cookie: u64,
@@ -80,13 +90,76 @@ pub struct Conn {
     pub local: String,
     pub remote: String,
     pub owner: Owner,
+    /// What `/proc` said of the owner (filled in by the daemon).
+    pub details: ProcessDetails,
     /// When the kernel first saw the socket (monotonic ns).
     pub start_ns: u64,
-    /// The peer closed its side while the local side is open.
-    pub peer_closed: bool,
+    /// When the connection began, or a lower bound for one found at start-up.
+    pub born_ns: u64,
+    /// It existed before the daemon started.
+    pub preexisting: bool,
+    /// The kernel table key (`struct sock` address); 0 until the kernel tracks it.
+    pub sock_key: u64,
+    /// When the peer closed its side, while the local side stays open.
+    pub peer_closed_ns: Option<u64>,
+    /// The kernel's per-connection state, as last read.
+    pub live: SockState,
+    /// Timings known from the socket tables for a connection found at start-up (monotonic
+    /// ns); the kernel's own timings take over once it sees traffic.
+    pub found_to_server_ns: u64,
+    pub found_from_server_ns: u64,
+    /// Open stall / leak episodes.
+    pub episodes: Episodes,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl Conn {
+    /// The detectors' view: timings from the client's side whatever the role.
+    pub fn view(&self) -> ConnView {
+        let (to_server, from_server) = match self.role {
+            Role::Client => (self.live.last_send_ns, self.live.last_recv_ns),
+            Role::Server => (self.live.last_recv_ns, self.live.last_send_ns),
+        };
+        ConnView {
+            born_ns: self.born_ns,
+            to_server_ns: to_server.max(self.found_to_server_ns),
+            from_server_ns: from_server.max(self.found_from_server_ns),
+            tx_status: self.live.tx_status,
+            encrypted: self.live.proto & proto::ENCRYPTED != 0,
+            peer_closed_ns: self.peer_closed_ns,
+        }
+    }
+
+    pub fn new(
+        cookie: u64,
+        role: Role,
+        transport: Transport,
+        local: String,
+        remote: String,
+        owner: Owner,
+        start_ns: u64,
+    ) -> Self {
+        Self {
+            cookie,
+            role,
+            transport,
+            local,
+            remote,
+            owner,
+            details: ProcessDetails::default(),
+            start_ns,
+            born_ns: start_ns,
+            preexisting: false,
+            sock_key: 0,
+            peer_closed_ns: None,
+            live: SockState::default(),
+            found_to_server_ns: 0,
+            found_from_server_ns: 0,
+            episodes: Episodes::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
 pub struct Closed {
     pub conn: Conn,
     pub end_ns: u64,
@@ -95,17 +168,18 @@ pub struct Closed {
     pub closed_by: ClosedBy,
 }
 
-/// What one kernel event changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What one kernel event changed (connections named by cookie; read them with `get`).
+#[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    Opened(Conn),
-    OwnerChanged(Conn),
-    PeerClosed(Conn),
-    Closed(Closed),
+    Opened(u64),
+    OwnerChanged(u64),
+    PeerClosed(u64),
+    Closed(Box<Closed>),
     /// An event for a connection the table does not know (its open was lost): counted.
     Untracked,
-    /// A second open for a connection already known: ignored.
-    Duplicate,
+    /// The kernel now tracks a connection already known (found at start-up): its table key
+    /// and, when it did I/O, its owner were updated.
+    Refreshed(u64),
 }
 
 #[derive(Default)]
@@ -138,58 +212,113 @@ impl ConnTable {
         self.conns.values()
     }
 
-    pub fn apply(&mut self, event: &KernelEvent) -> Change {
+    pub fn get_mut(&mut self, cookie: u64) -> Option<&mut Conn> {
+        self.conns.get_mut(&cookie)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Conn> {
+        self.conns.values_mut()
+    }
+
+    /// Adds a connection found outside the kernel (at start-up); false if already known.
+    pub fn insert_found(&mut self, conn: Conn) -> bool {
+        if self.conns.contains_key(&conn.cookie) {
+            return false;
+        }
+        self.conns.insert(conn.cookie, conn);
+        true
+    }
+
+    /// Removes a connection whose end was noticed outside the kernel (Unix sockets).
+    pub fn remove(&mut self, cookie: u64) -> Option<Conn> {
+        self.conns.remove(&cookie)
+    }
+
+    /// Applies one kernel event. `unix_path` names the socket path a Unix path hash stands for.
+    pub fn apply(
+        &mut self,
+        event: &KernelEvent,
+        unix_path: &dyn Fn(u64) -> Option<String>,
+    ) -> Change {
         let cookie = event.header().cookie;
         match event {
             KernelEvent::Open(open) => {
-                if self.conns.contains_key(&cookie) {
-                    return Change::Duplicate;
+                if let Some(conn) = self.conns.get_mut(&cookie) {
+                    conn.sock_key = open.sock_key;
+                    if open.owner.tgid != 0 {
+                        conn.owner = Owner::from_wire(&open.owner);
+                    }
+                    return Change::Refreshed(cookie);
                 }
-                let local =
-                    SocketAddr::new(ip_from_wire(open.family, &open.local_addr), open.local_port);
-                let remote = SocketAddr::new(
-                    ip_from_wire(open.family, &open.remote_addr),
-                    open.remote_port,
-                );
-                let conn = Conn {
-                    cookie,
-                    role: if open.role == role::SERVER {
-                        Role::Server
-                    } else {
-                        Role::Client
-                    },
-                    transport: Transport::Tcp,
-                    local: local.to_string(),
-                    remote: remote.to_string(),
-                    owner: Owner::from_wire(&open.owner),
-                    start_ns: open.start_ns,
-                    peer_closed: false,
+                let role = if open.role == role::SERVER {
+                    Role::Server
+                } else {
+                    Role::Client
                 };
-                self.conns.insert(cookie, conn.clone());
-                Change::Opened(conn)
+                let (transport, local, remote) = if open.family == AF_UNIX {
+                    let hash =
+                        u64::from_ne_bytes(open.local_addr[..8].try_into().expect("8 bytes"));
+                    let path =
+                        unix_path(hash).unwrap_or_else(|| format!("unix-path-hash:{hash:016x}"));
+                    let local = if role == Role::Server {
+                        path.clone()
+                    } else {
+                        String::new()
+                    };
+                    (Transport::Unix, local, path)
+                } else {
+                    let local = SocketAddr::new(
+                        ip_from_wire(open.family, &open.local_addr),
+                        open.local_port,
+                    );
+                    let remote = SocketAddr::new(
+                        ip_from_wire(open.family, &open.remote_addr),
+                        open.remote_port,
+                    );
+                    (Transport::Tcp, local.to_string(), remote.to_string())
+                };
+                let mut conn = Conn::new(
+                    cookie,
+                    role,
+                    transport,
+                    local,
+                    remote,
+                    Owner::from_wire(&open.owner),
+                    open.start_ns,
+                );
+                conn.sock_key = open.sock_key;
+                conn.preexisting = open.flags & OPEN_FLAG_PREEXISTING != 0;
+                self.conns.insert(cookie, conn);
+                Change::Opened(cookie)
             }
             KernelEvent::Owner(owner) => match self.conns.get_mut(&cookie) {
                 Some(conn) => {
                     conn.owner = Owner::from_wire(&owner.owner);
-                    Change::OwnerChanged(conn.clone())
+                    Change::OwnerChanged(cookie)
                 }
                 None => Change::Untracked,
             },
-            KernelEvent::PeerClosed(_) => match self.conns.get_mut(&cookie) {
+            KernelEvent::PeerClosed(peer) => match self.conns.get_mut(&cookie) {
                 Some(conn) => {
-                    conn.peer_closed = true;
-                    Change::PeerClosed(conn.clone())
+                    conn.peer_closed_ns.get_or_insert(peer.header.ts_ns);
+                    Change::PeerClosed(cookie)
                 }
                 None => Change::Untracked,
             },
             KernelEvent::Close(close) => match self.conns.remove(&cookie) {
-                Some(conn) => Change::Closed(Closed {
-                    conn,
-                    end_ns: close.header.ts_ns,
-                    bytes_sent: close.bytes_sent,
-                    bytes_received: close.bytes_received,
-                    closed_by: ClosedBy::from_wire(close.closed_by),
-                }),
+                Some(mut conn) => {
+                    conn.live.bytes_sent = close.bytes_sent;
+                    conn.live.bytes_received = close.bytes_received;
+                    Change::Closed(Box::new(Closed {
+                        end_ns: close.header.ts_ns,
+                        // A connection adopted mid-stream counts bytes from adoption on; the
+                        // kernel's totals are then the better figure anyway.
+                        bytes_sent: close.bytes_sent,
+                        bytes_received: close.bytes_received,
+                        closed_by: ClosedBy::from_wire(close.closed_by),
+                        conn,
+                    }))
+                }
                 None => Change::Untracked,
             },
         }
@@ -202,6 +331,10 @@ mod tests {
     use tracer_common::{
         AF_INET, ConnClose, ConnOpen, ConnOwner, ConnPeerClosed, EventHeader, kind,
     };
+
+    fn paths(hash: u64) -> Option<String> {
+        (hash == 0xabc).then(|| "/run/postgresql/.s.PGSQL.5432".to_owned())
+    }
 
     fn header(k: u32, cookie: u64, ts_ns: u64) -> EventHeader {
         EventHeader {
@@ -222,13 +355,14 @@ mod tests {
         }
     }
 
-    fn open_v4(cookie: u64) -> KernelEvent {
+    fn open_v4(cookie: u64) -> ConnOpen {
         let mut local_addr = [0; 16];
         local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        KernelEvent::Open(ConnOpen {
+        ConnOpen {
             header: header(kind::CONN_OPEN, cookie, 1_000),
             owner: proc(10, "psql"),
             start_ns: 900,
+            sock_key: 0xffff_0000 + cookie,
             family: AF_INET,
             local_port: 40000,
             remote_port: 5432,
@@ -236,7 +370,7 @@ mod tests {
             local_addr,
             remote_addr: local_addr,
             ..ConnOpen::default()
-        })
+        }
     }
 
     fn close(cookie: u64, by: u8) -> KernelEvent {
@@ -253,15 +387,20 @@ mod tests {
     #[test]
     fn open_then_close_reports_bytes_and_cause() {
         let mut table = ConnTable::default();
-        let Change::Opened(conn) = table.apply(&open_v4(1)) else {
-            panic!("not opened")
-        };
+        assert_eq!(
+            table.apply(&KernelEvent::Open(open_v4(1)), &paths),
+            Change::Opened(1)
+        );
+        let conn = table.get(1).expect("tracked");
         assert_eq!(conn.local, "127.0.0.1:40000");
         assert_eq!(conn.remote, "127.0.0.1:5432");
         assert_eq!(conn.owner.comm, "psql");
-        assert_eq!(conn.role, Role::Client);
-        assert_eq!(table.len(), 1);
-        let Change::Closed(closed) = table.apply(&close(1, closed_by::PEER)) else {
+        assert_eq!(
+            (conn.role, conn.transport, conn.sock_key),
+            (Role::Client, Transport::Tcp, 0xffff_0001)
+        );
+        assert!(!conn.preexisting);
+        let Change::Closed(closed) = table.apply(&close(1, closed_by::PEER), &paths) else {
             panic!("not closed")
         };
         assert_eq!((closed.bytes_sent, closed.bytes_received), (11, 22));
@@ -271,48 +410,84 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_addresses_are_bracketed() {
+    fn ipv6_addresses_are_bracketed_and_unix_paths_resolved() {
         let mut table = ConnTable::default();
         let mut v6 = [0u8; 16];
         v6[15] = 1;
-        let KernelEvent::Open(mut open) = open_v4(2) else {
-            unreachable!()
-        };
+        let mut open = open_v4(2);
         open.family = AF_INET6;
         open.local_addr = v6;
         open.remote_addr = v6;
-        let Change::Opened(conn) = table.apply(&KernelEvent::Open(open)) else {
-            panic!()
-        };
-        assert_eq!(conn.remote, "[::1]:5432");
+        table.apply(&KernelEvent::Open(open), &paths);
+        assert_eq!(table.get(2).expect("v6").remote, "[::1]:5432");
+
+        let mut unix = open_v4(3);
+        unix.family = AF_UNIX;
+        unix.role = role::SERVER;
+        unix.local_addr = [0; 16];
+        unix.local_addr[..8].copy_from_slice(&0xabc_u64.to_ne_bytes());
+        table.apply(&KernelEvent::Open(unix), &paths);
+        let conn = table.get(3).expect("unix");
+        assert_eq!(conn.transport, Transport::Unix);
+        assert_eq!(conn.local, "/run/postgresql/.s.PGSQL.5432");
+        assert_eq!(conn.remote, "/run/postgresql/.s.PGSQL.5432");
     }
 
     #[test]
-    fn duplicate_and_untracked_events_change_nothing() {
+    fn known_connections_are_refreshed_not_duplicated() {
         let mut table = ConnTable::default();
-        table.apply(&open_v4(3));
-        assert_eq!(table.apply(&open_v4(3)), Change::Duplicate);
-        assert_eq!(table.apply(&close(99, closed_by::LOCAL)), Change::Untracked);
+        let found = Conn::new(
+            7,
+            Role::Client,
+            Transport::Tcp,
+            "a".into(),
+            "b".into(),
+            Owner::from_wire(&proc(5, "worker")),
+            0,
+        );
+        assert!(table.insert_found(found.clone()));
+        assert!(!table.insert_found(found));
+        let mut adopted = open_v4(7);
+        adopted.flags = OPEN_FLAG_PREEXISTING;
+        adopted.owner = ProcInfo::default(); // seen in softirq: no owner
+        assert_eq!(
+            table.apply(&KernelEvent::Open(adopted), &paths),
+            Change::Refreshed(7)
+        );
+        let conn = table.get(7).expect("kept");
+        assert_eq!(
+            (conn.owner.pid, conn.sock_key),
+            (5, 0xffff_0007),
+            "owner kept, key learned"
+        );
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn events_for_unknown_connections_change_nothing() {
+        let mut table = ConnTable::default();
+        table.apply(&KernelEvent::Open(open_v4(3)), &paths);
+        assert_eq!(
+            table.apply(&close(99, closed_by::LOCAL), &paths),
+            Change::Untracked
+        );
         let peer = KernelEvent::PeerClosed(ConnPeerClosed {
             header: header(kind::CONN_PEER_CLOSED, 98, 0),
         });
-        assert_eq!(table.apply(&peer), Change::Untracked);
+        assert_eq!(table.apply(&peer, &paths), Change::Untracked);
         assert_eq!(table.len(), 1);
     }
 
     #[test]
     fn owner_moves_with_the_io() {
         let mut table = ConnTable::default();
-        table.apply(&open_v4(4));
+        table.apply(&KernelEvent::Open(open_v4(4)), &paths);
         let moved = KernelEvent::Owner(ConnOwner {
             header: header(kind::CONN_OWNER, 4, 2_000),
             owner: proc(11, "worker"),
         });
-        let Change::OwnerChanged(conn) = table.apply(&moved) else {
-            panic!()
-        };
-        assert_eq!((conn.owner.pid, conn.owner.comm.as_str()), (11, "worker"));
-        let Change::Closed(closed) = table.apply(&close(4, closed_by::EXIT)) else {
+        assert_eq!(table.apply(&moved, &paths), Change::OwnerChanged(4));
+        let Change::Closed(closed) = table.apply(&close(4, closed_by::EXIT), &paths) else {
             panic!()
         };
         assert_eq!(closed.conn.owner.pid, 11);
@@ -320,17 +495,27 @@ mod tests {
     }
 
     #[test]
-    fn peer_close_is_remembered_and_unknown_causes_map_to_unknown() {
+    fn peer_close_is_remembered_and_views_follow_the_role() {
         let mut table = ConnTable::default();
-        table.apply(&open_v4(5));
+        table.apply(&KernelEvent::Open(open_v4(5)), &paths);
         let peer = KernelEvent::PeerClosed(ConnPeerClosed {
-            header: header(kind::CONN_PEER_CLOSED, 5, 0),
+            header: header(kind::CONN_PEER_CLOSED, 5, 3_000),
         });
-        let Change::PeerClosed(conn) = table.apply(&peer) else {
-            panic!()
-        };
-        assert!(conn.peer_closed);
-        let Change::Closed(closed) = table.apply(&close(5, 200)) else {
+        assert_eq!(table.apply(&peer, &paths), Change::PeerClosed(5));
+        let conn = table.get_mut(5).expect("open");
+        assert_eq!(conn.peer_closed_ns, Some(3_000));
+        conn.live.last_send_ns = 10;
+        conn.live.last_recv_ns = 20;
+        assert_eq!(
+            (conn.view().to_server_ns, conn.view().from_server_ns),
+            (10, 20)
+        );
+        conn.role = Role::Server;
+        assert_eq!(
+            (conn.view().to_server_ns, conn.view().from_server_ns),
+            (20, 10)
+        );
+        let Change::Closed(closed) = table.apply(&close(5, 200), &paths) else {
             panic!()
         };
         assert_eq!(closed.closed_by, ClosedBy::Unknown);

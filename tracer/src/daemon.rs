@@ -1,10 +1,20 @@
-//! `tracer run`: wires probes -> ring buffer -> decode -> connection table -> event stream,
-//! and shuts everything down on SIGINT / SIGTERM.
+//! `tracer run`: wires probes -> ring buffer -> decode -> connection table -> detectors ->
+//! events and metrics, and shuts everything down on SIGINT / SIGTERM.
+//!
+//! Two paces: kernel records are handled as they arrive (opens, closes, owner changes), and
+//! a tick reads each connection's live kernel state (bytes, I/O times, transaction status)
+//! to run the detectors, notice Unix-socket closes and refresh the gauges. The kernel sends
+//! nothing per query, so the cost does not grow with traffic.
 
 use std::{
+    collections::{HashMap, HashSet},
     fs::OpenOptions,
     io::Write,
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -14,20 +24,31 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
 };
+use tracer_common::{SOCK_FLAG_PEER_CLOSED, path_hash};
 
 use crate::{
     cli::{EventsDest, RunArgs},
-    conn_table::{Change, ConnTable},
+    config::Glob,
+    conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
     decode::decode,
+    detectors::{Finding, Thresholds},
+    discovery::{FoundConn, find_connections, watched_unix_listeners},
     events::{ConnFields, Event, EventBody, EventSink},
+    metrics::{self, ConnLabels, ConnSnapshot, Metrics, short_container_id},
+    owners::start_ticks,
     probes::{KernelLosses, Probes},
-    process::read_details,
+    process::{ProcessDetails, read_details},
+    sockdiag::DiagSocket,
 };
 
 /// Lines that may wait for a slow event reader before events are dropped (and counted).
 const EVENT_QUEUE_CAPACITY: usize = 65_536;
 /// How long shutdown waits for the event writer to flush.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Detector and gauge pace.
+const TICK: Duration = Duration::from_secs(1);
+/// How often the listening Unix sockets are looked for again (Postgres may restart).
+const UNIX_LISTENER_REFRESH_TICKS: u64 = 5;
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock time.
 #[derive(Clone, Copy)]
@@ -43,6 +64,11 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     // SAFETY: `ts` is a valid, writable timespec.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// CLOCK_MONOTONIC now, the clock of the kernel's timestamps.
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
 
 impl Clock {
@@ -78,16 +104,86 @@ pub fn open_events(dest: &EventsDest) -> Result<Box<dyn Write + Send>> {
     })
 }
 
-/// Turns kernel records into SPEC events.
-struct Pipeline {
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat`.
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// What `/proc` says of `owner`, unless its pid now names another process.
+fn owner_details(owner: &Owner) -> ProcessDetails {
+    let proc_root = Path::new("/proc");
+    if owner.pid == 0 {
+        return ProcessDetails::default();
+    }
+    if owner.start_boottime_ns != 0 {
+        let started = std::fs::read_to_string(proc_root.join(owner.pid.to_string()).join("stat"))
+            .ok()
+            .and_then(|stat| start_ticks(&stat));
+        let expected = owner.start_boottime_ns / (1_000_000_000 / clock_ticks());
+        match started {
+            Some(ticks) if ticks.abs_diff(expected) <= 1 => {}
+            // Gone, or the pid was reused by another process: no details rather than wrong ones.
+            _ => return ProcessDetails::default(),
+        }
+    }
+    read_details(proc_root, owner.pid)
+}
+
+/// Metric labels of a connection. A server's `remote` drops the client's ephemeral port,
+/// which would otherwise make a label set per connection.
+fn labels_of(conn: &Conn) -> ConnLabels {
+    let remote = match (conn.role, conn.transport) {
+        (Role::Server, Transport::Tcp) => conn
+            .remote
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|_| conn.remote.clone()),
+        _ => conn.remote.clone(),
+    };
+    ConnLabels {
+        role: match conn.role {
+            Role::Client => "client",
+            Role::Server => "server",
+        },
+        comm: conn.owner.comm.clone(),
+        container: short_container_id(conn.details.container.container_id.as_deref()),
+        remote,
+    }
+}
+
+/// Everything the daemon knows, and how it reports.
+struct Tracker {
     table: ConnTable,
     clock: Clock,
     sink: EventSink,
+    metrics: Arc<Metrics>,
+    limits: Thresholds,
+    ports: Vec<u16>,
+    unix_glob: Glob,
+    /// Watched Unix socket paths by their hash.
+    unix_paths: HashMap<u64, String>,
+    unix_generation: u32,
+    /// TCP connections found at start-up that the kernel has not adopted yet.
+    pending_adoption: HashSet<u64>,
+    adopting: bool,
+    labels: HashMap<u64, ConnLabels>,
+    diag: Option<DiagSocket>,
     decode_errors: u64,
     untracked: u64,
+    ticks: u64,
 }
 
-impl Pipeline {
+impl Tracker {
+    fn send(&self, ts_ns: u64, body: EventBody) {
+        self.sink.send(&Event::at(self.clock.wall(ts_ns), body));
+    }
+
     fn handle_record(&mut self, bytes: &[u8]) {
         let event = match decode(bytes) {
             Ok(event) => event,
@@ -97,37 +193,329 @@ impl Pipeline {
                 return;
             }
         };
-        let ts = self.clock.wall(event.header().ts_ns);
-        let body = match self.table.apply(&event) {
-            Change::Opened(conn) => {
-                let details = read_details(Path::new("/proc"), conn.owner.pid);
-                EventBody::Open {
-                    conn: ConnFields::new(&conn, &details),
-                    preexisting: false,
-                }
+        let ts = event.header().ts_ns;
+        let paths = self.unix_paths.clone();
+        match self.table.apply(&event, &|hash| paths.get(&hash).cloned()) {
+            Change::Opened(cookie) => self.opened(cookie, ts),
+            Change::Refreshed(cookie) => {
+                self.pending_adoption.remove(&cookie);
+                self.refresh_owner(cookie);
             }
+            Change::OwnerChanged(cookie) => self.refresh_owner(cookie),
             Change::Closed(closed) => {
-                let details = read_details(Path::new("/proc"), closed.conn.owner.pid);
-                let duration_ns = closed.end_ns.saturating_sub(closed.conn.start_ns);
-                EventBody::Close {
-                    conn: ConnFields::new(&closed.conn, &details),
-                    duration_s: duration_ns as f64 / 1e9,
-                    bytes_sent: closed.bytes_sent,
-                    bytes_received: closed.bytes_received,
-                    closed_by: closed.closed_by,
+                let mut conn = closed.conn;
+                self.closed(
+                    &mut conn,
+                    closed.end_ns,
+                    closed.bytes_sent,
+                    closed.bytes_received,
+                    closed.closed_by,
+                );
+            }
+            Change::PeerClosed(_) => {}
+            Change::Untracked => self.untracked += 1,
+        }
+    }
+
+    fn opened(&mut self, cookie: u64, ts: u64) {
+        let Some(conn) = self.table.get_mut(cookie) else {
+            return;
+        };
+        conn.details = owner_details(&conn.owner);
+        let labels = labels_of(conn);
+        let body = EventBody::Open {
+            conn: ConnFields::new(conn),
+            preexisting: conn.preexisting,
+            age_s: if conn.preexisting {
+                secs(ts.saturating_sub(conn.born_ns))
+            } else {
+                0.0
+            },
+        };
+        self.metrics.connection_opened(&labels);
+        self.labels.insert(cookie, labels);
+        self.send(ts, body);
+    }
+
+    fn refresh_owner(&mut self, cookie: u64) {
+        if let Some(conn) = self.table.get_mut(cookie) {
+            conn.details = owner_details(&conn.owner);
+        }
+    }
+
+    fn closed(
+        &mut self,
+        conn: &mut Conn,
+        end_ns: u64,
+        bytes_sent: u64,
+        bytes_received: u64,
+        closed_by: ClosedBy,
+    ) {
+        self.pending_adoption.remove(&conn.cookie);
+        let view = conn.view();
+        for finding in conn.episodes.close(&view, end_ns) {
+            self.report(conn, end_ns, finding);
+        }
+        let labels = self
+            .labels
+            .remove(&conn.cookie)
+            .unwrap_or_else(|| labels_of(conn));
+        let duration_ns = end_ns.saturating_sub(conn.born_ns);
+        let closed_by_str = match closed_by {
+            ClosedBy::Local => "local",
+            ClosedBy::Peer => "peer",
+            ClosedBy::Reset => "reset",
+            ClosedBy::Exit => "exit",
+            ClosedBy::Unknown => "unknown",
+        };
+        self.metrics.connection_closed(
+            &labels,
+            closed_by_str,
+            secs(duration_ns),
+            bytes_sent,
+            bytes_received,
+        );
+        self.send(
+            end_ns,
+            EventBody::Close {
+                conn: ConnFields::new(conn),
+                duration_s: secs(duration_ns),
+                bytes_sent,
+                bytes_received,
+                closed_by,
+            },
+        );
+    }
+
+    fn report(&self, conn: &Conn, now: u64, finding: Finding) {
+        let fields = ConnFields::new(conn);
+        let body = match finding {
+            Finding::Stall { waiting_s } => {
+                if let Some(labels) = self.labels.get(&conn.cookie) {
+                    self.metrics.stall_started(labels);
+                }
+                EventBody::Stall {
+                    conn: fields,
+                    waiting_s,
                 }
             }
-            Change::Untracked => {
-                self.untracked += 1;
+            Finding::StallEnd { waited_s } => EventBody::StallEnd {
+                conn: fields,
+                waited_s,
+            },
+            Finding::Leak {
+                reason,
+                age_s,
+                idle_s,
+            } => EventBody::Leak {
+                conn: fields,
+                reason,
+                age_s,
+                idle_s,
+            },
+            Finding::LeakEnd { reason, lasted_s } => EventBody::LeakEnd {
+                conn: fields,
+                reason,
+                lasted_s,
+            },
+        };
+        self.send(now, body);
+    }
+
+    /// Seeds the table with the connections that existed before the probes.
+    fn seed(&mut self, found: Vec<FoundConn>, now: u64) {
+        let proc_root = Path::new("/proc");
+        for f in found {
+            let pid = f.pid().unwrap_or(0);
+            let comm = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
+                .map(|c| c.trim_end().to_owned())
+                .unwrap_or_default();
+            let owner = Owner {
+                pid,
+                uid: f.uid,
+                cgroup_id: 0,
+                comm,
+                start_boottime_ns: 0,
+            };
+            let ago = |s: Option<f64>| s.map_or(0, |s| now.saturating_sub((s * 1e9) as u64));
+            let mut conn = Conn::new(
+                f.cookie,
+                f.role,
+                f.transport,
+                f.local.clone(),
+                f.remote.clone(),
+                owner,
+                now,
+            );
+            conn.preexisting = true;
+            conn.born_ns = now.saturating_sub((f.age_s * 1e9) as u64);
+            conn.found_to_server_ns = ago(f.to_server_ago_s);
+            conn.found_from_server_ns = ago(f.from_server_ago_s);
+            if f.peer_closed {
+                conn.peer_closed_ns = Some(now);
+            }
+            if f.transport == Transport::Unix {
+                self.unix_paths.insert(
+                    path_hash(f.remote.as_bytes(), f.remote.len()),
+                    f.remote.clone(),
+                );
+            } else {
+                self.pending_adoption.insert(f.cookie);
+            }
+            let cookie = conn.cookie;
+            if self.table.insert_found(conn) {
+                self.opened(cookie, now);
+            }
+        }
+    }
+
+    /// Looks for Postgres's listening Unix sockets; true when the set changed.
+    fn refresh_unix_listeners(&mut self) -> Option<Vec<String>> {
+        let glob = self.unix_glob.clone();
+        match watched_unix_listeners(&|p| glob.matches(p)) {
+            Ok(paths) => {
+                let mut changed = false;
+                for path in &paths {
+                    let hash = path_hash(path.as_bytes(), path.len());
+                    if self.unix_paths.insert(hash, path.clone()).is_none() {
+                        changed = true;
+                    }
+                }
+                changed.then_some(paths)
+            }
+            Err(err) => {
+                log::warn!("listing Unix sockets: {err}");
+                None
+            }
+        }
+    }
+
+    fn tick(&mut self, probes: &mut Probes) {
+        self.ticks += 1;
+        let now = monotonic_ns();
+
+        if self.ticks.is_multiple_of(UNIX_LISTENER_REFRESH_TICKS)
+            && self.refresh_unix_listeners().is_some()
+        {
+            self.unix_generation += 1;
+            let paths: Vec<String> = self.unix_paths.values().cloned().collect();
+            if let Err(err) = probes.set_watched_unix(&paths, self.unix_generation) {
+                log::warn!("updating watched Unix paths: {err:#}");
+            }
+        }
+        if self.adopting && self.pending_adoption.is_empty() {
+            self.adopting = false;
+            if let Err(err) = probes.set_adopt_tcp(false) {
+                log::warn!("{err:#}");
+            }
+        }
+        self.close_gone_unix(probes, now);
+
+        // Live state, detectors, gauges.
+        let mut findings = Vec::new();
+        for conn in self.table.iter_mut() {
+            if conn.sock_key != 0
+                && let Some(live) = probes.sock_state(conn.sock_key)
+                && live.cookie == conn.cookie
+            {
+                conn.live = live;
+                if live.flags & SOCK_FLAG_PEER_CLOSED != 0 {
+                    conn.peer_closed_ns.get_or_insert(now);
+                }
+            }
+            for finding in conn.episodes.evaluate(&conn.view(), now, &self.limits) {
+                findings.push((conn.cookie, finding));
+            }
+        }
+        for (cookie, finding) in findings {
+            if let Some(conn) = self.table.get(cookie) {
+                self.report(conn, now, finding);
+            }
+        }
+        let mut fallback = HashMap::new();
+        for conn in self.table.iter() {
+            if !self.labels.contains_key(&conn.cookie) {
+                fallback.insert(conn.cookie, labels_of(conn));
+            }
+        }
+        let snapshot: Vec<ConnSnapshot<'_>> = self
+            .table
+            .iter()
+            .filter_map(|conn| {
+                let labels = self
+                    .labels
+                    .get(&conn.cookie)
+                    .or_else(|| fallback.get(&conn.cookie))?;
+                let view = conn.view();
+                Some(ConnSnapshot {
+                    labels,
+                    state: view.state().as_str(),
+                    age_s: secs(now.saturating_sub(conn.born_ns)),
+                    idle_s: secs(now.saturating_sub(view.last_activity_ns())),
+                    stalled: conn.episodes.stalled(),
+                    leak_reason: conn.episodes.leak().map(|r| r.as_str()),
+                })
+            })
+            .collect();
+        self.metrics.set_open(&snapshot);
+    }
+
+    /// Unix sockets have no close hook: a tracked one missing from the socket table closed.
+    fn close_gone_unix(&mut self, probes: &mut Probes, now: u64) {
+        let unix: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|c| c.transport == Transport::Unix)
+            .map(|c| c.cookie)
+            .collect();
+        if unix.is_empty() {
+            return;
+        }
+        if self.diag.is_none() {
+            self.diag = DiagSocket::open()
+                .map_err(|e| log::warn!("sock_diag: {e}"))
+                .ok();
+        }
+        let Some(diag) = self.diag.as_mut() else {
+            return;
+        };
+        let alive: HashSet<u64> = match diag.unix_sockets() {
+            Ok(sockets) => sockets.into_iter().map(|s| s.cookie).collect(),
+            Err(err) => {
+                log::warn!("listing Unix sockets: {err}");
                 return;
             }
-            Change::OwnerChanged(_) | Change::PeerClosed(_) | Change::Duplicate => return,
         };
-        self.sink.send(&Event::at(ts, body));
+        for cookie in unix.into_iter().filter(|c| !alive.contains(c)) {
+            let Some(mut conn) = self.table.remove(cookie) else {
+                continue;
+            };
+            if conn.sock_key != 0 {
+                if let Some(live) = probes
+                    .sock_state(conn.sock_key)
+                    .filter(|l| l.cookie == cookie)
+                {
+                    conn.live = live;
+                }
+                let _ = probes.forget_sock(conn.sock_key, cookie);
+            }
+            let owner_alive = Path::new("/proc").join(conn.owner.pid.to_string()).exists();
+            let closed_by =
+                if conn.live.flags & SOCK_FLAG_PEER_CLOSED != 0 || conn.peer_closed_ns.is_some() {
+                    ClosedBy::Peer
+                } else if conn.owner.pid != 0 && !owner_alive {
+                    ClosedBy::Exit
+                } else {
+                    ClosedBy::Local
+                };
+            let (sent, received) = (conn.live.bytes_sent, conn.live.bytes_received);
+            self.closed(&mut conn, now, sent, received, closed_by);
+        }
     }
 
     fn report_lost(&self, count: u64, location: &'static str) {
         if count > 0 {
+            self.metrics.events_lost(location, count);
             self.sink.send(&Event::at(
                 SystemTime::now(),
                 EventBody::Lost { count, location },
@@ -144,69 +532,129 @@ struct Reported {
     decode: u64,
 }
 
-fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
+fn drain(ring: &mut RingBuf<MapData>, tracker: &mut Tracker) {
     while let Some(item) = ring.next() {
-        pipeline.handle_record(&item);
+        tracker.handle_record(&item);
     }
 }
 
-fn report_losses(probes: &Probes, pipeline: &Pipeline, reported: &mut Reported) {
+fn report_losses(probes: &Probes, tracker: &Tracker, reported: &mut Reported) {
     match probes.losses() {
         Ok(now) => {
-            pipeline.report_lost(now.ring_full - reported.kernel.ring_full, "kernel_ring");
-            pipeline.report_lost(now.table_full - reported.kernel.table_full, "kernel_table");
+            tracker.report_lost(now.ring_full - reported.kernel.ring_full, "kernel_ring");
+            tracker.report_lost(now.table_full - reported.kernel.table_full, "kernel_table");
             reported.kernel = now;
         }
         Err(err) => log::warn!("reading kernel loss counters: {err:#}"),
     }
-    // Events dropped by the queue itself are reported once the queue takes events again.
-    let queue = pipeline.sink.dropped();
-    if queue > reported.queue
-        && pipeline.sink.send(&Event::at(
+    // Events the queue dropped are reported once it takes events again.
+    let queue = tracker.sink.dropped();
+    if queue > reported.queue {
+        let count = queue - reported.queue;
+        tracker.metrics.events_lost("user_queue", count);
+        reported.queue = queue;
+        tracker.sink.send(&Event::at(
             SystemTime::now(),
             EventBody::Lost {
-                count: queue - reported.queue,
+                count,
                 location: "user_queue",
             },
-        ))
-    {
-        reported.queue = queue;
+        ));
     }
-    pipeline.report_lost(pipeline.decode_errors - reported.decode, "decode");
-    reported.decode = pipeline.decode_errors;
+    tracker.report_lost(tracker.decode_errors - reported.decode, "decode");
+    reported.decode = tracker.decode_errors;
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let ports = args.unique_ports();
+    let unix_glob = Glob::compile(&args.unix_socket_glob).map_err(anyhow::Error::msg)?;
     let output = open_events(&args.events)?;
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
 
-    let mut probes = Probes::attach(&ports)?;
+    let mut probes = Probes::attach(&ports, args.max_connections)?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
     // AsyncFd (and with it the RingBuf) is dropped.
     let mut ring =
         unsafe { AsyncFd::register_with_interest(probes.take_ring()?, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)
             .context("polling the ring buffer")?;
-    let mut pipeline = Pipeline {
+    let metrics = Arc::new(Metrics::new(args.max_label_sets, env!("CARGO_PKG_VERSION")));
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = metrics_listener.map(|listener| {
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            ready.clone(),
+            async move {
+                let _ = metrics_stopped.await;
+            },
+        ))
+    });
+
+    let mut tracker = Tracker {
         table: ConnTable::default(),
         clock: Clock::new(),
         sink: EventSink::start(output, EVENT_QUEUE_CAPACITY),
+        metrics: metrics.clone(),
+        limits: Thresholds {
+            stall_after: args.stall_after,
+            idle_in_transaction_after: args.idle_in_transaction_after,
+            close_wait_after: args.close_wait_after,
+            idle_after: args.idle_after,
+        },
+        ports: ports.clone(),
+        unix_glob: unix_glob.clone(),
+        unix_paths: HashMap::new(),
+        unix_generation: 1,
+        pending_adoption: HashSet::new(),
+        adopting: false,
+        labels: HashMap::new(),
+        diag: None,
         decode_errors: 0,
         untracked: 0,
+        ticks: 0,
     };
-    pipeline.sink.send(&Event::at(
-        SystemTime::now(),
+
+    // Watch the Unix sockets Postgres listens on, then seed the connections that already
+    // exist. Records the kernel produced meanwhile are handled first, so a connection opened
+    // during start-up is reported once, by the kernel, and the scan skips it.
+    tracker.refresh_unix_listeners();
+    let paths: Vec<String> = tracker.unix_paths.values().cloned().collect();
+    probes.set_watched_unix(&paths, tracker.unix_generation)?;
+    probes.set_adopt_tcp(true)?;
+    tracker.adopting = true;
+    drain(ring.get_mut(), &mut tracker);
+    let found = find_connections(
+        &tracker.ports,
+        &|p| unix_glob.matches(p),
+        Path::new("/proc"),
+    )
+    .context("listing existing sockets (sock_diag)")?;
+    tracker.seed(found, monotonic_ns());
+    tracker.send(
+        monotonic_ns(),
         EventBody::Ready {
             version: env!("CARGO_PKG_VERSION"),
             ports: ports.clone(),
             probes: Probes::hook_names(),
+            unix_socket_glob: args.unix_socket_glob.clone(),
         },
-    ));
-    log::info!("ready: watching TCP ports {ports:?}");
+    );
+    ready.store(true, Ordering::SeqCst);
+    log::info!(
+        "ready: watching TCP ports {ports:?} and Unix sockets {:?}; {} connections already open",
+        tracker.unix_paths.values().collect::<Vec<_>>(),
+        tracker.table.len()
+    );
 
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = Reported::default();
     loop {
         tokio::select! {
@@ -214,25 +662,42 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => break,
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut pipeline);
+                drain(guard.get_inner_mut(), &mut tracker);
                 guard.clear_ready();
             }
-            _ = tick.tick() => report_losses(&probes, &pipeline, &mut reported),
+            _ = tick.tick() => {
+                tracker.tick(&mut probes);
+                report_losses(&probes, &tracker, &mut reported);
+            }
         }
     }
 
     log::info!("shutting down");
+    // A second signal during shutdown exits at once.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => {},
+            _ = sigint.recv() => {},
+        }
+        log::warn!("second signal: exiting now");
+        std::process::exit(0);
+    });
+    ready.store(false, Ordering::SeqCst);
     // Whatever the kernel already queued is still reported.
-    drain(ring.get_mut(), &mut pipeline);
-    report_losses(&probes, &pipeline, &mut reported);
+    drain(ring.get_mut(), &mut tracker);
+    report_losses(&probes, &tracker, &mut reported);
     drop(ring);
     drop(probes);
+    let _ = stop_metrics.send(());
+    if let Some(server) = server {
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    }
     log::info!(
         "detached; {} connections still open, {} records for unknown connections",
-        pipeline.table.len(),
-        pipeline.untracked
+        tracker.table.len(),
+        tracker.untracked
     );
-    if !pipeline.sink.finish(FLUSH_TIMEOUT) {
+    if !tracker.sink.finish(FLUSH_TIMEOUT) {
         log::warn!("event output did not drain within {FLUSH_TIMEOUT:?}; exiting anyway");
     }
     Ok(())

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::{
     conn_table::{ClosedBy, Conn, Role, Transport},
-    process::ProcessDetails,
+    detectors::{ConnState, LeakReason},
 };
 
 /// The fields every connection event carries.
@@ -38,10 +38,12 @@ pub struct ConnFields {
     pub container_runtime: Option<&'static str>,
     pub pod_uid: Option<String>,
     pub systemd_unit: Option<String>,
+    pub state: ConnState,
 }
 
 impl ConnFields {
-    pub fn new(conn: &Conn, details: &ProcessDetails) -> Self {
+    pub fn new(conn: &Conn) -> Self {
+        let details = &conn.details;
         Self {
             conn_id: conn.cookie.to_string(),
             role: conn.role,
@@ -58,6 +60,7 @@ impl ConnFields {
             container_runtime: details.container.container_runtime,
             pod_uid: details.container.pod_uid.clone(),
             systemd_unit: details.container.systemd_unit.clone(),
+            state: conn.view().state(),
         }
     }
 }
@@ -69,11 +72,14 @@ pub enum EventBody {
         version: &'static str,
         ports: Vec<u16>,
         probes: Vec<String>,
+        unix_socket_glob: String,
     },
     Open {
         #[serde(flatten)]
         conn: ConnFields,
         preexisting: bool,
+        /// 0 for a new connection; a lower bound for one found at start-up.
+        age_s: f64,
     },
     Close {
         #[serde(flatten)]
@@ -82,6 +88,29 @@ pub enum EventBody {
         bytes_sent: u64,
         bytes_received: u64,
         closed_by: ClosedBy,
+    },
+    Stall {
+        #[serde(flatten)]
+        conn: ConnFields,
+        waiting_s: f64,
+    },
+    StallEnd {
+        #[serde(flatten)]
+        conn: ConnFields,
+        waited_s: f64,
+    },
+    Leak {
+        #[serde(flatten)]
+        conn: ConnFields,
+        reason: LeakReason,
+        age_s: f64,
+        idle_s: f64,
+    },
+    LeakEnd {
+        #[serde(flatten)]
+        conn: ConnFields,
+        reason: LeakReason,
+        lasted_s: f64,
     },
     Lost {
         count: u64,
@@ -198,21 +227,21 @@ mod tests {
     use std::sync::Mutex;
 
     fn conn() -> Conn {
-        Conn {
-            cookie: 4242,
-            role: Role::Server,
-            transport: Transport::Tcp,
-            local: "127.0.0.1:5432".into(),
-            remote: "127.0.0.1:40000".into(),
-            owner: Owner {
+        Conn::new(
+            4242,
+            Role::Server,
+            Transport::Tcp,
+            "127.0.0.1:5432".into(),
+            "127.0.0.1:40000".into(),
+            Owner {
                 pid: 9,
                 uid: 0,
                 cgroup_id: 1,
                 comm: "postgres".into(),
+                start_boottime_ns: 0,
             },
-            start_ns: 0,
-            peer_closed: false,
-        }
+            0,
+        )
     }
 
     #[test]
@@ -220,7 +249,7 @@ mod tests {
         let ev = Event::at(
             SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
             EventBody::Close {
-                conn: ConnFields::new(&conn(), &ProcessDetails::default()),
+                conn: ConnFields::new(&conn()),
                 duration_s: 0.5,
                 bytes_sent: 10,
                 bytes_received: 20,
@@ -235,6 +264,7 @@ mod tests {
         assert_eq!(v["transport"], "tcp");
         assert_eq!(v["closed_by"], "peer");
         assert_eq!(v["pid"], 9);
+        assert_eq!(v["state"], "unknown");
         for key in [
             "exe",
             "cmdline",

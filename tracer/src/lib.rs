@@ -6,12 +6,16 @@
 //! `events` (the JSON stream).
 
 pub mod btf;
+pub mod check;
 pub mod cli;
+pub mod config;
 pub mod conn_table;
 pub mod daemon;
 pub mod decode;
 pub mod detectors;
+pub mod discovery;
 pub mod events;
+pub mod list;
 pub mod metrics;
 pub mod owners;
 pub mod privileges;

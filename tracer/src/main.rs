@@ -1,21 +1,19 @@
 use std::process::ExitCode;
 
-use tracer::{cli, daemon, privileges};
+use tracer::{check, cli, daemon, list, privileges};
 
 fn main() -> ExitCode {
+    // Everything is parsed and validated (config file included) before anything is attached.
     let cli = match cli::parse(std::env::args_os()) {
         Ok(cli) => cli,
-        Err(err) if !err.use_stderr() => {
+        Err(cli::CliError::Info(info)) => {
             // --help / --version
-            let _ = err.print();
+            let _ = info.print();
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            eprintln!(
-                "tracer: {}",
-                cli::one_line(&err).trim_start_matches("error: ")
-            );
-            return ExitCode::from(2);
+            eprintln!("tracer: {err}");
+            return ExitCode::from(err.exit_code());
         }
     };
     match cli.command {
@@ -45,9 +43,32 @@ fn main() -> ExitCode {
             match runtime.block_on(daemon::run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("tracer: {err:#}");
+                    eprintln!("tracer: {}", check::one_line(&format!("{err:#}")));
                     ExitCode::from(1)
                 }
+            }
+        }
+        cli::Command::List(args) => match list::run(&args, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("tracer: {}", check::one_line(&format!("{err:#}")));
+                ExitCode::from(1)
+            }
+        },
+        cli::Command::Check => {
+            let checks = check::run_checks();
+            for c in &checks {
+                println!(
+                    "{:<5} {:<13} {}",
+                    if c.ok { "ok" } else { "FAIL" },
+                    c.name,
+                    c.detail
+                );
+            }
+            if checks.iter().all(|c| c.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
             }
         }
     }

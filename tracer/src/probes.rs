@@ -7,10 +7,10 @@
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use tracer_common::{KernelOffsets, loss};
+use tracer_common::{KernelOffsets, SockState, loss, path_hash, setting};
 
 use crate::btf::KernelBtf;
 
@@ -42,8 +42,9 @@ impl Probes {
             .context("kernel BTF lacks a structure member the probes read")
     }
 
-    /// Loads the programs, fills the port map and attaches every hook.
-    pub fn attach(ports: &[u16]) -> Result<Self> {
+    /// Loads the programs, fills the port map and attaches every hook. `max_connections`
+    /// sizes the kernel's connection table.
+    pub fn attach(ports: &[u16], max_connections: u32) -> Result<Self> {
         let offsets = Self::kernel_offsets()?;
         let btf = Btf::from_sys_fs().context("loading kernel BTF (/sys/kernel/btf/vmlinux)")?;
         let mut loader = EbpfLoader::new();
@@ -53,6 +54,7 @@ impl Probes {
                 .verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
         }
         let mut ebpf = loader
+            .map_max_entries("SOCKS", max_connections)
             .btf(Some(&btf))
             .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)
@@ -83,6 +85,37 @@ impl Probes {
         Ok(Self { ebpf })
     }
 
+    /// Loads and attaches each program on its own, then removes it: `tracer check`.
+    pub fn check_each() -> Vec<(&'static str, Result<()>)> {
+        let prepared = Self::kernel_offsets().and_then(|offsets| {
+            let btf = Btf::from_sys_fs().context("loading kernel BTF")?;
+            Ok((offsets, btf))
+        });
+        PROGRAMS
+            .iter()
+            .map(|(name, tracepoint)| {
+                let result = match &prepared {
+                    Err(e) => Err(anyhow!("{e:#}")),
+                    Ok((offsets, btf)) => (|| {
+                        let mut ebpf = EbpfLoader::new()
+                            .btf(Some(btf))
+                            .override_global("OFFSETS", offsets, true)
+                            .load(OBJECT)
+                            .context("loading the eBPF object")?;
+                        let program: &mut BtfTracePoint = ebpf
+                            .program_mut(name)
+                            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                            .try_into()?;
+                        program.load(tracepoint, btf).context("load")?;
+                        program.attach().context("attach")?;
+                        Ok(())
+                    })(),
+                };
+                (*tracepoint, result)
+            })
+            .collect()
+    }
+
     /// The hooks, as reported in the `ready` event.
     pub fn hook_names() -> Vec<String> {
         PROGRAMS
@@ -98,6 +131,69 @@ impl Probes {
             .take_map("EVENTS")
             .ok_or_else(|| anyhow!("map EVENTS missing or already taken"))?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    /// The kernel's live state of a tracked connection.
+    pub fn sock_state(&self, key: u64) -> Option<SockState> {
+        let map: HashMap<&MapData, u64, SockState> =
+            HashMap::try_from(self.ebpf.map("SOCKS")?).ok()?;
+        map.get(&key, 0).ok()
+    }
+
+    /// Forgets a connection whose end the kernel cannot see (Unix sockets), unless the key
+    /// already belongs to another socket.
+    pub fn forget_sock(&mut self, key: u64, cookie: u64) -> Result<()> {
+        let mut map: HashMap<&mut MapData, u64, SockState> = HashMap::try_from(
+            self.ebpf
+                .map_mut("SOCKS")
+                .ok_or_else(|| anyhow!("map SOCKS missing"))?,
+        )?;
+        if map.get(&key, 0).is_ok_and(|s| s.cookie == cookie) {
+            let _ = map.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Replaces the set of watched Unix socket paths; sockets judged before are re-judged.
+    pub fn set_watched_unix(&mut self, paths: &[String], generation: u32) -> Result<()> {
+        let mut map: HashMap<&mut MapData, u64, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut("WATCHED_UNIX")
+                .ok_or_else(|| anyhow!("map WATCHED_UNIX missing"))?,
+        )?;
+        let wanted: Vec<u64> = paths
+            .iter()
+            .map(|p| path_hash(p.as_bytes(), p.len()))
+            .collect();
+        let stale: Vec<u64> = map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            let _ = map.remove(&key);
+        }
+        for hash in wanted {
+            map.insert(hash, 1, 0)
+                .context("adding a watched Unix socket path")?;
+        }
+        self.set(setting::UNIX_GENERATION, generation)
+    }
+
+    /// While connections found at start-up may still be adopted by the kernel programs.
+    pub fn set_adopt_tcp(&mut self, on: bool) -> Result<()> {
+        self.set(setting::ADOPT_TCP, u32::from(on))
+    }
+
+    fn set(&mut self, index: u32, value: u32) -> Result<()> {
+        let mut map: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("SETTINGS")
+                .ok_or_else(|| anyhow!("map SETTINGS missing"))?,
+        )?;
+        map.set(index, value, 0)
+            .context("writing a kernel setting")?;
+        Ok(())
     }
 
     pub fn losses(&self) -> Result<KernelLosses> {

@@ -12,7 +12,8 @@ need_root() {
 
 # Debian packages: real servers and peer tools for the tests, LLVM 22 for bpf-linker.
 PKGS=(postgresql pgbouncer libbpf-tools bpftool prometheus python3-psycopg2
-      llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 libcap2-bin)
+      llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 libcap2-bin strace
+      openjdk-17-jdk-headless libpostgresql-jdbc-java)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,134 @@
+//! `tracer check`: can `tracer run` work on this host? One line per check, `ok` or what is
+//! missing and what to do; the probes are really loaded and attached, then removed.
+
+use std::path::Path;
+
+use crate::{btf::VMLINUX_BTF, privileges, probes::Probes, sockdiag};
+
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// (major, minor) of a release string like "6.18.44-fc".
+pub fn version_of(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// The oldest kernel with everything the probes use (BTF tracepoints with socket cookies,
+/// `bpf_task_pt_regs`, ring buffers).
+pub const MIN_KERNEL: (u32, u32) = (5, 15);
+
+pub fn run_checks() -> Vec<Check> {
+    let mut checks = Vec::new();
+    let release = kernel_release();
+    let version_ok = version_of(&release).is_some_and(|v| v >= MIN_KERNEL);
+    checks.push(Check {
+        name: "kernel",
+        ok: version_ok,
+        detail: if version_ok {
+            release.clone()
+        } else {
+            format!(
+                "{release}: needs Linux {}.{} or newer",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            )
+        },
+    });
+
+    let btf = Probes::kernel_offsets();
+    checks.push(Check {
+        name: "btf",
+        ok: btf.is_ok(),
+        detail: match &btf {
+            Ok(_) => format!("{VMLINUX_BTF} readable, structure offsets resolved"),
+            Err(e) => format!("{e:#}: the kernel needs CONFIG_DEBUG_INFO_BTF=y"),
+        },
+    });
+
+    let tracefs = Path::new("/sys/kernel/tracing/events").exists();
+    checks.push(Check {
+        name: "tracefs",
+        ok: true,
+        detail: if tracefs {
+            "mounted (not required: the probes are BTF tracepoints)".into()
+        } else {
+            "not mounted; not required: the probes are BTF tracepoints".into()
+        },
+    });
+
+    let missing = privileges::missing(privileges::effective());
+    checks.push(Check {
+        name: "capabilities",
+        ok: missing.is_empty(),
+        detail: if missing.is_empty() {
+            "all present".into()
+        } else {
+            format!(
+                "missing {}: run as root or grant them (see deploy/README.md)",
+                missing.join(", ")
+            )
+        },
+    });
+
+    checks.extend(
+        Probes::check_each()
+            .into_iter()
+            .map(|(hook, result)| Check {
+                name: "probe",
+                ok: result.is_ok(),
+                detail: match result {
+                    Ok(()) => format!("tp_btf/{hook} loads and attaches"),
+                    Err(e) => format!("tp_btf/{hook}: {}", one_line(&format!("{e:#}"))),
+                },
+            }),
+    );
+
+    let diag = sockdiag::tcp_sockets().and_then(|_| sockdiag::unix_sockets());
+    checks.push(Check {
+        name: "sock_diag",
+        ok: diag.is_ok(),
+        detail: match diag {
+            Ok(_) => "existing TCP and Unix sockets can be listed".into(),
+            Err(e) => format!("{e}: needed to find connections opened before start-up"),
+        },
+    });
+    checks
+}
+
+/// Collapses a multi-line error (a verifier log) into one line.
+pub fn one_line(text: &str) -> String {
+    let first = text.lines().next().unwrap_or_default();
+    if text.lines().count() > 1 {
+        format!("{first} (…)")
+    } else {
+        first.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_versions() {
+        assert_eq!(version_of("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(version_of("5.15.0-91-generic"), Some((5, 15)));
+        assert_eq!(version_of("garbage"), None);
+        assert!(version_of("5.4.0").unwrap() < MIN_KERNEL);
+    }
+
+    #[test]
+    fn one_line_keeps_the_first_line() {
+        assert_eq!(one_line("a\nb\nc"), "a (…)");
+        assert_eq!(one_line("single"), "single");
+    }
+}

@@ -1,0 +1,325 @@
+//! Postgres connections that exist right now, found without the kernel programs: the
+//! sockets `sock_diag` lists, filtered by the watched ports and socket paths, with their
+//! owners from `/proc`. The daemon seeds its table with them at start-up (they are the
+//! connections opened before it ran); `tracer list` prints them.
+
+use std::{collections::HashMap, net::SocketAddr, path::Path};
+
+use crate::{
+    conn_table::{Role, Transport},
+    owners::{process_age_s, socket_owners},
+    sockdiag::{self, DiagError, TCP_CLOSE_WAIT, TCP_LISTEN, TcpSocket, UnixConnection, UnixRole},
+};
+
+/// One connection found in the socket tables.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FoundConn {
+    pub cookie: u64,
+    pub inode: u64,
+    pub role: Role,
+    pub transport: Transport,
+    pub local: String,
+    pub remote: String,
+    /// The processes holding the socket (sorted; several after fork or fd passing).
+    pub pids: Vec<u32>,
+    pub uid: u32,
+    /// The peer has closed its side (TCP CLOSE_WAIT).
+    pub peer_closed: bool,
+    /// A lower bound of the connection's age, seconds.
+    pub age_s: f64,
+    /// Seconds since request bytes / answer bytes last moved (client's view), when known.
+    pub to_server_ago_s: Option<f64>,
+    pub from_server_ago_s: Option<f64>,
+}
+
+impl FoundConn {
+    /// The owner: the lowest pid holding the socket (the parent, after a fork).
+    pub fn pid(&self) -> Option<u32> {
+        self.pids.first().copied()
+    }
+
+    /// Seconds since any bytes moved, when known.
+    pub fn idle_s(&self) -> Option<f64> {
+        match (self.to_server_ago_s, self.from_server_ago_s) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// Renders an address the way events do: `ip:port`, `[v6]:port`.
+pub fn render_addr(addr: &SocketAddr) -> String {
+    addr.to_string()
+}
+
+/// The role of a TCP socket given the watched ports, or `None` when it is not one of ours.
+pub fn tcp_role(socket: &TcpSocket, ports: &[u16]) -> Option<Role> {
+    if socket.state == TCP_LISTEN {
+        return None;
+    }
+    if ports.contains(&socket.remote.port()) {
+        Some(Role::Client)
+    } else if ports.contains(&socket.local.port()) {
+        Some(Role::Server)
+    } else {
+        None
+    }
+}
+
+/// Pure part: TCP sockets to found connections.
+pub fn tcp_connections(
+    sockets: &[TcpSocket],
+    ports: &[u16],
+    owners: &HashMap<u64, Vec<u32>>,
+    process_age: &dyn Fn(u32) -> Option<f64>,
+) -> Vec<FoundConn> {
+    sockets
+        .iter()
+        .filter(|s| s.state == sockdiag::TCP_ESTABLISHED || s.state == TCP_CLOSE_WAIT)
+        .filter_map(|s| {
+            let role = tcp_role(s, ports)?;
+            let pids = owners.get(&s.inode).cloned().unwrap_or_default();
+            let owner_age = pids.first().and_then(|&p| process_age(p));
+            // `tcp_info` counts from the last data; a socket that never sent reports the time
+            // since boot, hence the cap at the owner's age.
+            let cap = |ms: u32| {
+                let s = f64::from(ms) / 1000.0;
+                owner_age.map_or(s, |age| s.min(age))
+            };
+            let (sent, recv) = s
+                .info
+                .map(|i| {
+                    (
+                        Some(cap(i.last_data_sent_ms)),
+                        Some(cap(i.last_data_recv_ms)),
+                    )
+                })
+                .unwrap_or((None, None));
+            let (to_server, from_server) = match role {
+                Role::Client => (sent, recv),
+                Role::Server => (recv, sent),
+            };
+            let age_s = [to_server, from_server]
+                .into_iter()
+                .flatten()
+                .fold(0.0, f64::max);
+            Some(FoundConn {
+                cookie: s.cookie,
+                inode: s.inode,
+                role,
+                transport: Transport::Tcp,
+                local: render_addr(&s.local),
+                remote: render_addr(&s.remote),
+                pids,
+                uid: s.uid,
+                peer_closed: s.state == TCP_CLOSE_WAIT,
+                age_s,
+                to_server_ago_s: to_server,
+                from_server_ago_s: from_server,
+            })
+        })
+        .collect()
+}
+
+/// Pure part: Unix connections whose socket path matches `watched`.
+pub fn unix_found(
+    connections: &[UnixConnection],
+    watched: &dyn Fn(&str) -> bool,
+    owners: &HashMap<u64, Vec<u32>>,
+    uid_of: &dyn Fn(u32) -> Option<u32>,
+) -> Vec<FoundConn> {
+    connections
+        .iter()
+        .filter(|c| watched(&c.path))
+        .map(|c| {
+            let pids = owners.get(&c.socket.inode).cloned().unwrap_or_default();
+            let role = match c.role {
+                UnixRole::Client => Role::Client,
+                UnixRole::Server => Role::Server,
+            };
+            FoundConn {
+                cookie: c.socket.cookie,
+                inode: c.socket.inode,
+                role,
+                transport: Transport::Unix,
+                local: unix_local(role, &c.path),
+                remote: c.path.clone(),
+                uid: pids.first().and_then(|&p| uid_of(p)).unwrap_or(0),
+                pids,
+                peer_closed: false,
+                age_s: 0.0,
+                to_server_ago_s: None,
+                from_server_ago_s: None,
+            }
+        })
+        .collect()
+}
+
+/// `local` of a Unix connection: the server end is bound to the path, the client end is
+/// unnamed.
+pub fn unix_local(role: Role, path: &str) -> String {
+    match role {
+        Role::Server => path.to_owned(),
+        Role::Client => String::new(),
+    }
+}
+
+/// Real uid of a process (`/proc/<pid>/status`).
+pub fn process_uid(proc_root: &Path, pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        .and_then(|uid| uid.parse().ok())
+}
+
+/// Every watched connection open on this host now.
+pub fn find_connections(
+    ports: &[u16],
+    unix_watched: &dyn Fn(&str) -> bool,
+    proc_root: &Path,
+) -> Result<Vec<FoundConn>, DiagError> {
+    let tcp = sockdiag::tcp_sockets()?;
+    let unix = sockdiag::unix_sockets()?;
+    let owners = socket_owners(proc_root);
+    let mut found = tcp_connections(&tcp, ports, &owners, &|pid| process_age_s(proc_root, pid));
+    let pairs = sockdiag::unix_connections(&unix);
+    found.extend(unix_found(&pairs, unix_watched, &owners, &|pid| {
+        process_uid(proc_root, pid)
+    }));
+    Ok(found)
+}
+
+/// Paths of listening Unix sockets that match `watched`: the sockets Postgres and PgBouncer
+/// accept on.
+pub fn watched_unix_listeners(watched: &dyn Fn(&str) -> bool) -> Result<Vec<String>, DiagError> {
+    let mut paths: Vec<String> = sockdiag::unix_sockets()?
+        .into_iter()
+        .filter(|s| s.state == TCP_LISTEN)
+        .filter_map(|s| s.path)
+        .filter(|p| !p.starts_with('@') && watched(p))
+        .collect();
+    paths.sort();
+    paths.dedup();
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sockdiag::{TcpInfoTimes, UnixSocket};
+
+    fn tcp(local: &str, remote: &str, state: u8, inode: u64) -> TcpSocket {
+        TcpSocket {
+            cookie: inode * 10,
+            inode,
+            uid: 1000,
+            state,
+            local: local.parse().expect("addr"),
+            remote: remote.parse().expect("addr"),
+            info: Some(TcpInfoTimes {
+                last_data_sent_ms: 2_000,
+                last_data_recv_ms: 1_000,
+                last_ack_recv_ms: 1_000,
+                bytes_acked: 0,
+                bytes_received: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn picks_watched_tcp_connections_with_roles_and_owners() {
+        let sockets = vec![
+            tcp("127.0.0.1:5432", "0.0.0.0:0", TCP_LISTEN, 1),
+            tcp(
+                "127.0.0.1:40000",
+                "127.0.0.1:5432",
+                sockdiag::TCP_ESTABLISHED,
+                2,
+            ),
+            tcp(
+                "127.0.0.1:5432",
+                "127.0.0.1:40000",
+                sockdiag::TCP_ESTABLISHED,
+                3,
+            ),
+            tcp(
+                "127.0.0.1:40001",
+                "127.0.0.1:8080",
+                sockdiag::TCP_ESTABLISHED,
+                4,
+            ),
+            tcp("[::1]:40002", "[::1]:6432", TCP_CLOSE_WAIT, 5),
+        ];
+        let owners = HashMap::from([(2, vec![77]), (3, vec![88, 99]), (5, vec![55])]);
+        let found = tcp_connections(&sockets, &[5432, 6432], &owners, &|_| Some(1.5));
+        let summary: Vec<_> = found
+            .iter()
+            .map(|f| (f.inode, f.role, f.pid(), f.peer_closed))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (2, Role::Client, Some(77), false),
+                (3, Role::Server, Some(88), false),
+                (5, Role::Client, Some(55), true),
+            ]
+        );
+        assert_eq!(found[2].remote, "[::1]:6432");
+        // Timings are capped at the owner's age (1.5 s) and mirrored for the server role.
+        assert_eq!(found[0].to_server_ago_s, Some(1.5));
+        assert_eq!(found[0].from_server_ago_s, Some(1.0));
+        assert_eq!(found[1].to_server_ago_s, Some(1.0));
+        assert_eq!(found[0].idle_s(), Some(1.0));
+        assert_eq!(found[0].age_s, 1.5);
+    }
+
+    #[test]
+    fn picks_unix_connections_by_path() {
+        let sock = |inode, path: Option<&str>| UnixSocket {
+            cookie: inode,
+            inode,
+            state: 1,
+            socket_type: 1,
+            path: path.map(str::to_owned),
+            peer_inode: None,
+        };
+        let conns = vec![
+            UnixConnection {
+                socket: sock(1, None),
+                role: UnixRole::Client,
+                path: "/run/postgresql/.s.PGSQL.5432".into(),
+            },
+            UnixConnection {
+                socket: sock(2, Some("/run/postgresql/.s.PGSQL.5432")),
+                role: UnixRole::Server,
+                path: "/run/postgresql/.s.PGSQL.5432".into(),
+            },
+            UnixConnection {
+                socket: sock(3, None),
+                role: UnixRole::Client,
+                path: "/run/dbus/system_bus_socket".into(),
+            },
+        ];
+        let owners = HashMap::from([(1, vec![10]), (2, vec![20])]);
+        let found = unix_found(&conns, &|p| p.contains(".s.PGSQL."), &owners, &|pid| {
+            Some(pid + 1000)
+        });
+        assert_eq!(found.len(), 2);
+        assert_eq!(
+            (found[0].role, found[0].local.as_str(), found[0].uid),
+            (Role::Client, "", 1010)
+        );
+        assert_eq!(
+            (found[1].role, found[1].local.as_str()),
+            (Role::Server, "/run/postgresql/.s.PGSQL.5432")
+        );
+        assert!(
+            found
+                .iter()
+                .all(|f| f.remote == "/run/postgresql/.s.PGSQL.5432"
+                    && f.transport == Transport::Unix)
+        );
+    }
+}
