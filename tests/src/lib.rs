@@ -185,7 +185,8 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Starts `tracer run ARGS --events FILE` and waits for its `ready` event.
+    /// Starts `tracer run ARGS --events FILE` and waits for its `ready` event. Without a
+    /// `--metrics-addr` in ARGS the endpoint is off, so tests never fight over a port.
     pub fn start(args: &[&str]) -> Result<Self> {
         let dir = TempDir::new("tracer")?;
         let events_path = dir.0.join("events.jsonl");
@@ -195,6 +196,7 @@ impl Tracer {
             .args(args)
             .arg("--events")
             .arg(&events_path)
+            .args(if args.contains(&"--metrics-addr") { &[][..] } else { &["--metrics-addr", "off"][..] })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
