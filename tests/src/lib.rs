@@ -196,7 +196,11 @@ impl Tracer {
             .args(args)
             .arg("--events")
             .arg(&events_path)
-            .args(if args.contains(&"--metrics-addr") { &[][..] } else { &["--metrics-addr", "off"][..] })
+            .args(if args.contains(&"--metrics-addr") {
+                &[][..]
+            } else {
+                &["--metrics-addr", "off"][..]
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

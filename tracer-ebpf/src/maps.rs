@@ -51,10 +51,19 @@ pub static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
 pub static WATCHED_UNIX: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
 
 /// Unix sockets already found not to be Postgres connections, keyed by `struct sock`
-/// address, valued with the `UNIX_GENERATION` of that verdict: most Unix I/O on a host is
-/// not Postgres and must cost one lookup, not a path read and hash.
+/// address: most Unix I/O on a host is not Postgres and must cost one lookup, not a path
+/// read and hash. The verdict holds only for the same socket (cookie: addresses are reused
+/// after a socket is freed) and the same `UNIX_GENERATION` of watched paths.
 #[map]
-pub static UNIX_CHECKED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+pub static UNIX_CHECKED: LruHashMap<u64, UnixVerdict> = LruHashMap::with_max_entries(16384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UnixVerdict {
+    pub cookie: u64,
+    pub generation: u32,
+    pub _pad: u32,
+}
 
 #[inline(always)]
 pub fn setting_value(index: u32) -> u32 {

@@ -25,7 +25,8 @@ use tracer_common::{
 use crate::{
     kernel::{current_proc, current_tgid, read_at},
     maps::{
-        OFFSETS, SOCKS, UNIX_CHECKED, WATCHED_UNIX, count_loss, emit, scratch_state, setting_value,
+        OFFSETS, SOCKS, UNIX_CHECKED, UnixVerdict, WATCHED_UNIX, count_loss, emit, scratch_state,
+        setting_value,
     },
     sock_state::{emit_open, emit_peer_closed, header, tcp_role},
     unix::unix_path_hash,
@@ -169,9 +170,11 @@ fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
         return None;
     }
     let generation = setting_value(setting::UNIX_GENERATION);
+    // SAFETY: `sk` is the tracepoint's socket argument.
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     // SAFETY: read-only use of the map value.
-    if let Some(&checked) = unsafe { UNIX_CHECKED.get(&key) } {
-        if checked == generation {
+    if let Some(verdict) = unsafe { UNIX_CHECKED.get(&key) } {
+        if verdict.generation == generation && verdict.cookie == cookie {
             return None;
         }
     }
@@ -180,12 +183,16 @@ fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
         unsafe { WATCHED_UNIX.get(&hash) }.map(|_| (hash, is_server))
     });
     let Some((hash, is_server)) = watched else {
-        let _ = UNIX_CHECKED.insert(&key, &generation, 0);
+        let verdict = UnixVerdict {
+            cookie,
+            generation,
+            _pad: 0,
+        };
+        let _ = UNIX_CHECKED.insert(&key, &verdict, 0);
         return None;
     };
     let state = scratch_state()?;
-    // SAFETY: `sk` is the tracepoint's socket argument.
-    state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    state.cookie = cookie;
     // SAFETY: helper without arguments.
     state.start_ns = unsafe { bpf_ktime_get_ns() };
     state.family = AF_UNIX;
