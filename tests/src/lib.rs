@@ -14,6 +14,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 pub use serde_json::Value;
 
+pub mod clients;
+pub mod pgbouncer;
 pub mod schema;
 
 /// True when the test can run. Without root it skips, unless the run requires root tests

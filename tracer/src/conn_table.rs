@@ -189,7 +189,10 @@ pub struct ConnTable {
 
 fn ip_from_wire(family: u16, raw: &[u8; 16]) -> IpAddr {
     if family == AF_INET6 {
-        IpAddr::V6(Ipv6Addr::from(*raw))
+        // An IPv6 socket talking IPv4 (Java does this) shows as the IPv4 address, as the
+        // other end of the same connection does.
+        let v6 = Ipv6Addr::from(*raw);
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
     } else {
         IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
     }

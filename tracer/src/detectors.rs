@@ -201,7 +201,9 @@ impl Episodes {
         let mut findings = Vec::new();
 
         match self.stall_since {
-            Some(since) if !view.outstanding() => {
+            // Answer bytes arrived after the stalled request: over, even if the client has
+            // already sent its next request (a busy connection is rarely idle at a tick).
+            Some(since) if !view.outstanding() || view.from_server_ns > since => {
                 self.stall_since = None;
                 let answered = view.from_server_ns.max(since);
                 findings.push(Finding::StallEnd {
@@ -460,6 +462,24 @@ mod tests {
                 ..
             }]
         ));
+    }
+
+    #[test]
+    fn stall_ends_when_an_answer_arrives_even_if_the_next_request_is_in_flight() {
+        let mut e = Episodes::default();
+        let mut v = idle_view();
+        v.to_server_ns = 200 * S;
+        v.from_server_ns = 199 * S;
+        assert!(matches!(
+            e.evaluate(&v, 205 * S, &limits())[..],
+            [Finding::Stall { .. }]
+        ));
+        v.from_server_ns = 210 * S;
+        v.to_server_ns = 210 * S + 100_000;
+        assert_eq!(
+            e.evaluate(&v, 211 * S, &limits()),
+            vec![Finding::StallEnd { waited_s: 10.0 }]
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod demo;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -33,6 +35,9 @@ enum Task {
     },
     /// Set up, then run the whole suite: fmt, clippy, unit tests, and the root tests against
     /// the real kernel, Postgres and peers (root required: a skipped root test fails).
+    /// Replay the PgBouncer incident live (a leaky worker starves a backend) with the
+    /// tracer's events on stdout, then clean up (needs root).
+    Demo,
     Test {
         /// Only the checks and tests that need no root.
         #[arg(long)]
@@ -97,6 +102,17 @@ fn main() -> Result<()> {
             let mut cmd = Command::new(root_dir().join("target/release/tracer"));
             cmd.arg("run").args(args);
             run(&mut cmd)
+        }
+        Task::Demo => {
+            if !is_root() {
+                bail!("`cargo xtask demo` loads eBPF programs and runs Postgres: it needs root");
+            }
+            setup()?;
+            run(cargo().args(["build", "--release", "--package", "tracer"]))?;
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root_dir().join("target"));
+            demo::demo(&target.join("release/tracer"))
         }
         Task::Test { no_root, filter } => {
             if !no_root && !is_root() {

@@ -1,0 +1,345 @@
+//! `cargo xtask demo`: the incident the tracer exists for, live, in about a minute.
+//!
+//! Starts a throwaway Postgres and PgBouncer (transaction pooling, pool of 3) in a temporary
+//! directory, the tracer with thresholds of a few seconds, then a leaky "worker" (in a
+//! Docker-named cgroup, three pooled connections left idle in a transaction) and a backend
+//! whose queries starve behind it (pgbench through PgBouncer). The events scroll by as one
+//! line each; then the worker is killed and the stalls and leaks end. Everything started is
+//! stopped and removed at the end, also on error.
+
+use std::{
+    fs,
+    hash::{Hash as _, Hasher as _},
+    net::TcpListener,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const POOL_SIZE: u32 = 3;
+const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+
+/// One line per event, only for the demo's own ports (the tracer also sees other Postgres
+/// Unix sockets on the host).
+const PRETTY: &str = r#"
+import sys, json
+ports = set(sys.argv[1].split(","))
+def port(a):
+    return (a or "").rsplit(":", 1)[-1]
+for line in sys.stdin:
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    t = e.get("type")
+    if t == "ready":
+        print("tracer  ready: probes " + ", ".join(e.get("probes", [])), flush=True)
+        continue
+    if t == "lost":
+        print("tracer  LOST %s events (%s)" % (e.get("count"), e.get("where")), flush=True)
+        continue
+    if port(e.get("local")) not in ports and port(e.get("remote")) not in ports:
+        continue
+    if t in ("open", "close") and e.get("role") != "client":
+        continue
+    who = "%-6s %s[%s]" % (e.get("role"), e.get("comm"), e.get("pid"))
+    if e.get("container_id"):
+        who += " %s:%s" % (e.get("container_runtime"), e["container_id"][:12])
+    conn = "%s -> %s" % (e.get("local"), e.get("remote"))
+    extra = {
+        "open": lambda: "",
+        "close": lambda: "after %.1fs, closed by %s" % (e["duration_s"], e["closed_by"]),
+        "stall": lambda: "waiting %.1fs for an answer" % e["waiting_s"],
+        "stall_end": lambda: "answered after %.1fs" % e["waited_s"],
+        "leak": lambda: "%s, idle %.1fs, age %.1fs" % (e["reason"], e["idle_s"], e["age_s"]),
+        "leak_end": lambda: "%s over after %.1fs" % (e["reason"], e["lasted_s"]),
+    }.get(t, lambda: "")()
+    mark = {"leak": "LEAK     ", "leak_end": "leak_end ", "stall": "STALL    ",
+            "stall_end": "stall_end"}.get(t, "%-9s" % t)
+    print("%s %s  %-44s %-48s %s" % (e["ts"][11:23], mark, who, conn, extra), flush=True)
+"#;
+
+/// Three pooled connections, each left inside a transaction, from inside a "container".
+const WORKER: &str = r#"
+import sys, time, psycopg2
+procs, dsn = sys.argv[1], sys.argv[2]
+with open(procs, "w") as f:
+    f.write("0")
+conns = []
+for _ in range(3):
+    c = psycopg2.connect(dsn)
+    c.autocommit = True
+    c.cursor().execute("BEGIN; SELECT 1")
+    conns.append(c)
+print("demo    worker: 3 connections idle in a transaction, never committed", flush=True)
+time.sleep(3600)
+"#;
+
+const SELECT_ONLY: &str =
+    "\\set aid random(1, 100000)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n";
+
+fn say(text: &str) {
+    println!("demo    {text}");
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn postgres_id(flag: &str) -> Result<u32> {
+    let out = Command::new("id").args([flag, "postgres"]).output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("the postgres user is missing (run `cargo xtask setup`)")
+}
+
+fn as_postgres(program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    let mut cmd = Command::new(program);
+    cmd.uid(postgres_id("-u")?).gid(postgres_id("-g")?);
+    Ok(cmd)
+}
+
+fn postgres_bin() -> Result<PathBuf> {
+    let mut dirs: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .context("Postgres is not installed (run `cargo xtask setup`)")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop().context("no Postgres binaries")
+}
+
+/// What the demo started, stopped in reverse order on drop.
+struct Demo {
+    dir: PathBuf,
+    pg_bin: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
+    children: Vec<(&'static str, Child)>,
+}
+
+impl Demo {
+    fn stop(&mut self, name: &str) {
+        while let Some(i) = self.children.iter().position(|(n, _)| *n == name) {
+            let (_, mut child) = self.children.remove(i);
+            // SIGINT first: the tracer and pgbench exit cleanly on it.
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let names: Vec<&'static str> = self.children.iter().rev().map(|(n, _)| *n).collect();
+        for name in names {
+            self.stop(name);
+        }
+        if let Some(bin) = &self.pg_bin {
+            let _ = Command::new(bin.join("pg_ctl"))
+                .args(["-m", "immediate", "-D"])
+                .arg(self.dir.join("data"))
+                .arg("stop")
+                .uid(postgres_id("-u").unwrap_or(0))
+                .gid(postgres_id("-g").unwrap_or(0))
+                .output();
+        }
+        if let Some(cgroup) = &self.cgroup {
+            for _ in 0..100 {
+                if fs::remove_dir(cgroup).is_ok() || !cgroup.exists() {
+                    break;
+                }
+                sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        say("cleaned up");
+    }
+}
+
+fn wait_port(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} is not listening on {port}");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+pub fn demo(tracer: &Path) -> Result<()> {
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+    let mut demo = Demo {
+        dir: std::env::temp_dir().join(format!("tracer-demo-{}", std::process::id())),
+        pg_bin: None,
+        cgroup: None,
+        children: Vec::new(),
+    };
+    let dir = demo.dir.clone();
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("sock"))?;
+
+    // Postgres.
+    let bin = postgres_bin()?;
+    run_quiet(
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir),
+    )?;
+    run_quiet(
+        as_postgres(bin.join("initdb"))?
+            .args(["-A", "trust", "-U", "postgres", "-N", "-D"])
+            .arg(dir.join("data")),
+    )?;
+    let pg_port = free_port()?;
+    demo.pg_bin = Some(bin.clone());
+    run_quiet(
+        as_postgres(bin.join("pg_ctl"))?
+            .args(["-w", "-D"])
+            .arg(dir.join("data"))
+            .arg("-l")
+            .arg(dir.join("postgres.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {pg_port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                dir.join("sock").display()
+            ))
+            .arg("start"),
+    )?;
+    say(&format!("Postgres on 127.0.0.1:{pg_port}"));
+
+    // PgBouncer.
+    let bouncer_port = free_port()?;
+    fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n")?;
+    fs::write(
+        dir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\n* = host=127.0.0.1 port={pg_port}\n[pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = {bouncer_port}\n\
+             unix_socket_dir = {d}/sock\nauth_type = trust\nauth_file = {d}/userlist.txt\n\
+             pool_mode = transaction\ndefault_pool_size = {POOL_SIZE}\nreserve_pool_size = 0\n\
+             max_client_conn = 200\nlogfile = {d}/pgbouncer.log\n",
+            d = dir.display()
+        ),
+    )?;
+    run_quiet(
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir),
+    )?;
+    let bouncer = as_postgres("/usr/sbin/pgbouncer")?
+        .arg(dir.join("pgbouncer.ini"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting pgbouncer (run `cargo xtask setup`)")?;
+    demo.children.push(("pgbouncer", bouncer));
+    wait_port(bouncer_port, "PgBouncer")?;
+    say(&format!(
+        "PgBouncer on 127.0.0.1:{bouncer_port}, transaction pooling, pool of {POOL_SIZE}"
+    ));
+    let pgbench = |port: u16| {
+        let mut cmd = Command::new("pgbench");
+        cmd.args(["-U", "postgres", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .env("PGSSLMODE", "disable");
+        cmd
+    };
+    run_quiet(pgbench(pg_port).args(["-i", "-q", "-s", "1", "postgres"]))?;
+
+    // The tracer, its JSON events made readable by a small formatter.
+    fs::write(dir.join("pretty.py"), PRETTY)?;
+    let mut tracer_child = Command::new(tracer)
+        .args(["run", "--port", &format!("{pg_port},{bouncer_port}")])
+        .args(["--idle-in-transaction-after", "5s", "--stall-after", "3s"])
+        .args(["--close-wait-after", "5s", "--metrics-addr", "off"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", tracer.display()))?;
+    let events = tracer_child.stdout.take().context("tracer stdout")?;
+    demo.children.push(("tracer", tracer_child));
+    let pretty = Command::new("/usr/bin/python3")
+        .arg(dir.join("pretty.py"))
+        .arg(format!("{pg_port},{bouncer_port}"))
+        .stdin(Stdio::from(events))
+        .spawn()?;
+    demo.children.push(("formatter", pretty));
+    say("tracer started: idle-in-transaction after 5s, stall after 3s");
+    sleep(Duration::from_secs(3));
+
+    // The leaky worker, in a Docker-named cgroup.
+    let id: String = (0..4u64)
+        .map(|i| {
+            let mut h = std::hash::DefaultHasher::new();
+            (stamp, std::process::id(), i).hash(&mut h);
+            format!("{:016x}", h.finish())
+        })
+        .collect();
+    let cgroup = Path::new(CGROUP2_ROOT)
+        .join("system.slice")
+        .join(format!("docker-{id}.scope"));
+    fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    demo.cgroup = Some(cgroup.clone());
+    fs::write(dir.join("worker.py"), WORKER)?;
+    let dsn =
+        format!("host=127.0.0.1 port={bouncer_port} user=postgres dbname=postgres sslmode=disable");
+    let worker = Command::new("/usr/bin/python3")
+        .arg(dir.join("worker.py"))
+        .arg(cgroup.join("cgroup.procs"))
+        .arg(&dsn)
+        .spawn()
+        .context("starting the worker (python3-psycopg2)")?;
+    demo.children.push(("worker", worker));
+    say(&format!("worker started in container docker:{}", &id[..12]));
+    sleep(Duration::from_secs(2));
+
+    // The backend: its queries now wait for a server connection that never frees up.
+    fs::write(dir.join("select.sql"), SELECT_ONLY)?;
+    let backend = pgbench(bouncer_port)
+        .args(["-n", "-c", "2", "-T", "120", "-R", "20", "-f"])
+        .arg(dir.join("select.sql"))
+        .arg("postgres")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    demo.children.push(("backend", backend));
+    say("backend started: pgbench through PgBouncer, 2 clients (its queries queue up)");
+    sleep(Duration::from_secs(12));
+
+    say("killing the worker: the pool frees up");
+    if let Some(i) = demo.children.iter().position(|(n, _)| *n == "worker") {
+        let (_, mut worker) = demo.children.remove(i);
+        worker.kill()?;
+        worker.wait()?;
+    }
+    sleep(Duration::from_secs(6));
+    say("stopping everything");
+    demo.stop("backend");
+    demo.stop("tracer");
+    demo.stop("formatter");
+    Ok(())
+}
