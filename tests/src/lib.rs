@@ -16,6 +16,7 @@ pub use serde_json::Value;
 
 pub mod clients;
 pub mod pgbouncer;
+pub mod prom;
 pub mod schema;
 
 /// True when the test can run. Without root it skips, unless the run requires root tests

@@ -528,14 +528,25 @@ impl Tracker {
 #[derive(Default)]
 struct Reported {
     kernel: KernelLosses,
+    /// Queue drops carried by `lost` events so far.
     queue: u64,
+    /// Queue drops added to the metric so far.
+    queue_metric: u64,
     decode: u64,
 }
 
-fn drain(ring: &mut RingBuf<MapData>, tracker: &mut Tracker) {
-    while let Some(item) = ring.next() {
-        tracker.handle_record(&item);
+/// Records handled per wake-up before other work (ticks, signals) gets a turn.
+const DRAIN_BATCH: usize = 4096;
+
+/// Handles queued kernel records, at most `limit`; true when the ring is empty.
+fn drain(ring: &mut RingBuf<MapData>, tracker: &mut Tracker, limit: usize) -> bool {
+    for _ in 0..limit {
+        match ring.next() {
+            Some(item) => tracker.handle_record(&item),
+            None => return true,
+        }
     }
+    false
 }
 
 fn report_losses(probes: &Probes, tracker: &Tracker, reported: &mut Reported) {
@@ -547,19 +558,27 @@ fn report_losses(probes: &Probes, tracker: &Tracker, reported: &mut Reported) {
         }
         Err(err) => log::warn!("reading kernel loss counters: {err:#}"),
     }
-    // Events the queue dropped are reported once it takes events again.
-    let queue = tracker.sink.dropped();
-    if queue > reported.queue {
-        let count = queue - reported.queue;
-        tracker.metrics.events_lost("user_queue", count);
-        reported.queue = queue;
-        tracker.sink.send(&Event::at(
+    // The metric follows drops live; the `lost` event waits until the queue takes events
+    // again and then carries every drop since the last one it reported (refused `lost`
+    // events included: they are events lost too).
+    let dropped = tracker.sink.dropped();
+    if dropped > reported.queue_metric {
+        tracker
+            .metrics
+            .events_lost("user_queue", dropped - reported.queue_metric);
+        reported.queue_metric = dropped;
+    }
+    if dropped > reported.queue {
+        let lost = Event::at(
             SystemTime::now(),
             EventBody::Lost {
-                count,
+                count: dropped - reported.queue,
                 location: "user_queue",
             },
-        ));
+        );
+        if tracker.sink.send(&lost) {
+            reported.queue = dropped;
+        }
     }
     tracker.report_lost(tracker.decode_errors - reported.decode, "decode");
     reported.decode = tracker.decode_errors;
@@ -629,7 +648,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     probes.set_watched_unix(&paths, tracker.unix_generation)?;
     probes.set_adopt_tcp(true)?;
     tracker.adopting = true;
-    drain(ring.get_mut(), &mut tracker);
+    drain(ring.get_mut(), &mut tracker, usize::MAX);
     let found = find_connections(
         &tracker.ports,
         &|p| unix_glob.matches(p),
@@ -662,8 +681,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => break,
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut tracker);
-                guard.clear_ready();
+                // Leave readiness set when records remain, so the loop comes straight back.
+                if drain(guard.get_inner_mut(), &mut tracker, DRAIN_BATCH) {
+                    guard.clear_ready();
+                }
             }
             _ = tick.tick() => {
                 tracker.tick(&mut probes);
@@ -684,7 +705,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     });
     ready.store(false, Ordering::SeqCst);
     // Whatever the kernel already queued is still reported.
-    drain(ring.get_mut(), &mut tracker);
+    drain(ring.get_mut(), &mut tracker, usize::MAX);
     report_losses(&probes, &tracker, &mut reported);
     drop(ring);
     drop(probes);

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(1);
             }
-            let runtime = match tokio::runtime::Builder::new_current_thread()
+            // The main loop runs on this thread; one worker serves /metrics, so a burst of
+            // kernel records never delays a scrape.
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .build()
             {
