@@ -15,6 +15,7 @@ use anyhow::{Context as _, Result, bail};
 pub use serde_json::Value;
 
 pub mod clients;
+pub mod hosts;
 pub mod pgbouncer;
 pub mod prom;
 pub mod schema;

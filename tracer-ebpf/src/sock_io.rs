@@ -28,7 +28,7 @@ use crate::{
         OFFSETS, SOCKS, UNIX_CHECKED, UnixVerdict, WATCHED_UNIX, count_loss, emit, scratch_state,
         setting_value,
     },
-    sock_state::{emit_open, emit_peer_closed, header, tcp_role},
+    sock_state::{emit_close, emit_open, emit_peer_closed, header, tcp_role},
     unix::unix_path_hash,
     user_buf::{current_syscall_buffer, head, tail8},
 };
@@ -62,10 +62,7 @@ fn on_io(sk: *const c_void, ret: i32, sending: bool) {
     let key = sk as u64;
     let state = match SOCKS.get_ptr_mut(&key) {
         Some(state) => state,
-        None => match discover(sk, key) {
-            Some(state) => state,
-            None => return,
-        },
+        None => return on_new_io(sk, key, ret, sending),
     };
     // SAFETY: the map value stays valid while this program runs.
     let state = unsafe { &mut *state };
@@ -74,8 +71,11 @@ fn on_io(sk: *const c_void, ret: i32, sending: bool) {
         // entry, so an entry may outlive its socket and the address be reused meanwhile.
         // SAFETY: `sk` is the tracepoint's socket argument.
         if unsafe { bpf_get_socket_cookie(sk as *mut c_void) } != state.cookie {
+            // The entry's socket is gone (its address now holds another socket): report
+            // its end with its final counts, then look at this socket afresh.
+            emit_close(state, 0);
             let _ = SOCKS.remove(&key);
-            return;
+            return on_new_io(sk, key, ret, sending);
         }
         if ret == 0 && !sending && state.flags & SOCK_FLAG_PEER_CLOSED == 0 {
             // End of file: the peer closed its end.
@@ -86,6 +86,20 @@ fn on_io(sk: *const c_void, ret: i32, sending: bool) {
             emit_peer_closed(state);
         }
     }
+    on_tracked_io(sk, state, ret, sending);
+}
+
+/// I/O on a socket without an entry: track it if it is a Postgres connection after all.
+#[inline(never)]
+fn on_new_io(sk: *const c_void, key: u64, ret: i32, sending: bool) {
+    if let Some(state) = discover(sk, key) {
+        // SAFETY: the map value stays valid while this program runs.
+        on_tracked_io(sk, unsafe { &mut *state }, ret, sending);
+    }
+}
+
+#[inline(always)]
+fn on_tracked_io(sk: *const c_void, state: &mut SockState, ret: i32, sending: bool) {
     if ret > 0 {
         let len = ret as u64;
         // SAFETY: helper without arguments.
@@ -116,16 +130,20 @@ fn read_protocol(state: &mut SockState, len: u64, sending: bool) {
         return;
     }
     let to_server = sending == (state.role == role::CLIENT);
+    if to_server
+        && (state.proto & proto::FIRST_CLIENT_PACKET != 0
+            || state.flags & SOCK_FLAG_PREEXISTING != 0)
+    {
+        // Requests need no reading once the first packet is classified: the cheap path.
+        return;
+    }
     let Some(buffer) = current_syscall_buffer(sending) else {
         state.proto |= proto::UNREADABLE;
         return;
     };
     if to_server {
-        if state.proto & proto::FIRST_CLIENT_PACKET == 0 && state.flags & SOCK_FLAG_PREEXISTING == 0
-        {
-            if let Some(head) = head::<8>(buffer, len) {
-                state.proto |= protocol::classify_client_packet(&head);
-            }
+        if let Some(head) = head::<8>(buffer, len) {
+            state.proto |= protocol::classify_client_packet(&head);
         }
         return;
     }

@@ -215,6 +215,13 @@ fn on_close(sk: *const c_void, key: u64, state: &mut SockState, old_state: i32) 
             closed_by::RESET
         };
     }
+    emit_close(state, old_state as u8);
+    let _ = SOCKS.remove(&key);
+}
+
+/// Emits `CONN_CLOSE` with the connection's final counts.
+#[inline(always)]
+pub fn emit_close(state: &SockState, old_state: u8) {
     emit::<ConnClose>(|record| {
         // SAFETY: `record` points at a reserved, writable ring-buffer slot of this type;
         // every field is written.
@@ -224,11 +231,10 @@ fn on_close(sk: *const c_void, key: u64, state: &mut SockState, old_state: i32) 
             (*record).bytes_sent = state.bytes_sent;
             (*record).bytes_received = state.bytes_received;
             (*record).closed_by = state.closed_by;
-            (*record).old_state = old_state as u8;
+            (*record).old_state = old_state;
             (*record)._pad = [0; 6];
         }
     });
-    let _ = SOCKS.remove(&key);
 }
 
 #[inline(always)]

@@ -194,7 +194,7 @@ impl Tracker {
             }
         };
         let ts = event.header().ts_ns;
-        let paths = self.unix_paths.clone();
+        let paths = &self.unix_paths;
         match self.table.apply(&event, &|hash| paths.get(&hash).cloned()) {
             Change::Opened(cookie) => self.opened(cookie, ts),
             Change::Refreshed(cookie) => {
@@ -500,13 +500,15 @@ impl Tracker {
                 let _ = probes.forget_sock(conn.sock_key, cookie);
             }
             let owner_alive = Path::new("/proc").join(conn.owner.pid.to_string()).exists();
+            // No Unix close hook says who closed: the peer when we saw its end of file; the
+            // owner when it still runs; otherwise it closed or exited, we cannot tell which.
             let closed_by =
                 if conn.live.flags & SOCK_FLAG_PEER_CLOSED != 0 || conn.peer_closed_ns.is_some() {
                     ClosedBy::Peer
-                } else if conn.owner.pid != 0 && !owner_alive {
-                    ClosedBy::Exit
-                } else {
+                } else if conn.owner.pid != 0 && owner_alive {
                     ClosedBy::Local
+                } else {
+                    ClosedBy::Unknown
                 };
             let (sent, received) = (conn.live.bytes_sent, conn.live.bytes_received);
             self.closed(&mut conn, now, sent, received, closed_by);

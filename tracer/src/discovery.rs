@@ -180,8 +180,7 @@ pub fn find_connections(
     unix_watched: &dyn Fn(&str) -> bool,
     proc_root: &Path,
 ) -> Result<Vec<FoundConn>, DiagError> {
-    let tcp = sockdiag::tcp_sockets()?;
-    let unix = sockdiag::unix_sockets()?;
+    let (tcp, unix) = sockets_in_every_netns(proc_root)?;
     let owners = socket_owners(proc_root);
     let mut found = tcp_connections(&tcp, ports, &owners, &|pid| process_age_s(proc_root, pid));
     let pairs = sockdiag::unix_connections(&unix);
@@ -189,6 +188,71 @@ pub fn find_connections(
         process_uid(proc_root, pid)
     }));
     Ok(found)
+}
+
+/// One process per network namespace other than ours (sock_diag answers for the
+/// namespace of the asking socket; containers and pods have their own).
+fn other_netns_pids(proc_root: &Path) -> Vec<u32> {
+    let ns_of = |pid: &str| std::fs::read_link(proc_root.join(pid).join("ns/net")).ok();
+    let own = ns_of("self");
+    let mut seen = std::collections::HashSet::new();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir(proc_root).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some(ns) = ns_of(&pid.to_string()) else {
+            continue;
+        };
+        if Some(&ns) != own.as_ref() && seen.insert(ns) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Runs the TCP and Unix dumps inside `pid`'s network namespace, on a thread of its own
+/// (setns changes only the calling thread).
+fn sockets_in_netns_of(
+    proc_root: &Path,
+    pid: u32,
+) -> Option<(Vec<TcpSocket>, Vec<sockdiag::UnixSocket>)> {
+    let ns = std::fs::File::open(proc_root.join(pid.to_string()).join("ns/net")).ok()?;
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid namespace fd; only this short-lived thread changes namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        Some((
+            sockdiag::tcp_sockets().ok()?,
+            sockdiag::unix_sockets().ok()?,
+        ))
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// TCP and Unix sockets of this host's namespace and of every other network namespace in
+/// use (a namespace that vanishes meanwhile is skipped).
+pub fn sockets_in_every_netns(
+    proc_root: &Path,
+) -> Result<(Vec<TcpSocket>, Vec<sockdiag::UnixSocket>), DiagError> {
+    let mut tcp = sockdiag::tcp_sockets()?;
+    let mut unix = sockdiag::unix_sockets()?;
+    for pid in other_netns_pids(proc_root) {
+        if let Some((more_tcp, more_unix)) = sockets_in_netns_of(proc_root, pid) {
+            tcp.extend(more_tcp);
+            unix.extend(more_unix);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    tcp.retain(|s| seen.insert(s.cookie));
+    seen.clear();
+    unix.retain(|s| seen.insert(s.cookie));
+    Ok((tcp, unix))
 }
 
 /// Paths of listening Unix sockets that match `watched`: the sockets Postgres and PgBouncer

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|run|test>`.
+//! Project tasks: `cargo xtask <setup|build|run|test|bench>`.
 //!
 //! Each task does its own set-up first (`setup` is idempotent and fast once done), so the two
 //! commands in the README work on a fresh machine.
@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -45,6 +46,12 @@ enum Task {
         /// Only root tests whose name contains this.
         #[arg(long)]
         filter: Option<String>,
+    },
+    /// Set up, build (release) and run the benchmark as root: the seven figures of
+    /// docs/performance.md. Arguments after `--` go to the bench binary (`--help`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -114,6 +121,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|| root_dir().join("target"));
             demo::demo(&target.join("release/tracer"))
         }
+        Task::Bench { args } => bench::bench(args),
         Task::Test { no_root, filter } => {
             if !no_root && !is_root() {
                 bail!("the root tests need root: run as root, or pass --no-root for the rest");

@@ -1,0 +1,1411 @@
+//! Who holds each connection: process, container, pod and unit, for clients in containers,
+//! over the Unix socket, in another network namespace, and for connections that existed
+//! before the daemon started; and `tracer list` against `ss`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::json;
+use tests::{
+    Postgres, Tracer, Value, conn_events,
+    hosts::{
+        FakeContainer, HeldConn, NetNs, PYTHON, PostgresOn, PyClient, cgroup2_of, cmdline_of,
+        conn_spec, dsn, postgres_bin_dir, random_hex, random_pod_uid, ts_secs, wall_now,
+    },
+    lines, require_root, run_ok, tracer_bin,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// The owner fields an event must carry.
+#[derive(Clone, Debug)]
+struct Owner {
+    pid: u32,
+    comm: &'static str,
+    exe: String,
+    cmdline: String,
+    uid: u32,
+    cgroup: String,
+    container_id: Option<String>,
+    container_runtime: Option<&'static str>,
+    pod_uid: Option<String>,
+    systemd_unit: Option<String>,
+}
+
+impl Owner {
+    /// A live process, as `/proc` shows it now, with the container fields to expect.
+    fn of(pid: u32, comm: &'static str, container: Container) -> Self {
+        Self {
+            pid,
+            comm,
+            exe: std::fs::read_link(format!("/proc/{pid}/exe"))
+                .expect("exe of a live process")
+                .to_string_lossy()
+                .into_owned(),
+            cmdline: cmdline_of(pid).expect("cmdline of a live process"),
+            uid: 0,
+            cgroup: container.cgroup,
+            container_id: container.id,
+            container_runtime: container.runtime,
+            pod_uid: container.pod_uid,
+            systemd_unit: container.unit,
+        }
+    }
+
+    /// Every field that differs from the event's, as `field: got X, want Y`.
+    fn mismatches(&self, event: &Value) -> Vec<String> {
+        let want = [
+            ("pid", json!(self.pid)),
+            ("comm", json!(self.comm)),
+            ("exe", json!(self.exe)),
+            ("cmdline", json!(self.cmdline)),
+            ("uid", json!(self.uid)),
+            ("cgroup", json!(self.cgroup)),
+            ("container_id", json!(self.container_id)),
+            ("container_runtime", json!(self.container_runtime)),
+            ("pod_uid", json!(self.pod_uid)),
+            ("systemd_unit", json!(self.systemd_unit)),
+        ];
+        want.into_iter()
+            .filter(|(k, v)| &event[*k] != v)
+            .map(|(k, v)| format!("{k}: got {}, want {v}", event[k]))
+            .collect()
+    }
+}
+
+/// Where a client runs and what the daemon must say about it.
+#[derive(Clone, Debug)]
+struct Container {
+    cgroup: String,
+    id: Option<String>,
+    runtime: Option<&'static str>,
+    pod_uid: Option<String>,
+    unit: Option<String>,
+}
+
+fn container(
+    cgroup: String,
+    id: Option<&str>,
+    runtime: Option<&'static str>,
+    pod_uid: Option<&str>,
+    unit: Option<String>,
+) -> Container {
+    Container {
+        cgroup,
+        id: id.map(str::to_owned),
+        runtime,
+        pod_uid: pod_uid.map(str::to_owned),
+        unit,
+    }
+}
+
+fn find<'a>(events: &'a [Value], kind: &str, pred: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["type"] == kind && pred(e))
+        .collect()
+}
+
+/// psycopg2 clients, one per layout, each inside its fake container holding one TCP
+/// connection: the client's open and close name its process and container exactly, the
+/// server side names the backend and no container.
+fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
+    let pg = Postgres::start().expect("postgres");
+    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let target = dsn("127.0.0.1", pg.port);
+
+    let mut running = Vec::new();
+    for layout in &layouts {
+        let cg = FakeContainer::create(&layout.cgroup).expect("cgroup");
+        let client = PyClient::start(&[conn_spec(&target, false)], Some(&cg)).expect("client");
+        assert_eq!(
+            cgroup2_of(client.pid()).as_deref(),
+            Some(layout.cgroup.as_str()),
+            "the client runs in its container"
+        );
+        let owner = Owner::of(client.pid(), "python3", layout.clone());
+        assert_eq!(owner.exe, canonical(PYTHON), "{owner:?}");
+        running.push((cg, client, owner));
+    }
+    let held: Vec<(u32, HeldConn)> = running
+        .iter()
+        .map(|(_, c, _)| (c.pid(), c.conns[0].clone()))
+        .collect();
+    let events = tracer
+        .wait_for(WAIT, |evs| {
+            held.iter().all(|(pid, conn)| {
+                let client = !find(evs, "open", |e| e["pid"] == *pid).is_empty();
+                let server = !find(evs, "open", |e| e["pid"] == conn.backend_pid).is_empty();
+                client && server
+            })
+        })
+        .expect("an open for every client and its backend");
+    let events = conn_events(&events, pg.port);
+    let dump = lines(&events);
+    let mut failures = Vec::new();
+    for (_, client, owner) in &running {
+        let conn = &client.conns[0];
+        let opens = find(&events, "open", |e| e["pid"] == owner.pid);
+        assert_eq!(opens.len(), 1, "one open for pid {}: {dump}", owner.pid);
+        let open = opens[0];
+        eprintln!(
+            "{} -> container_id {} runtime {} pod {} unit {}",
+            owner.cgroup,
+            open["container_id"],
+            open["container_runtime"],
+            open["pod_uid"],
+            open["systemd_unit"]
+        );
+        for m in owner.mismatches(open) {
+            failures.push(format!("{} client open {m}", owner.cgroup));
+        }
+        assert_eq!(open["role"], "client", "{open}");
+        assert_eq!(open["transport"], "tcp", "{open}");
+        assert_eq!(open["local"], conn.local, "{open}");
+        assert_eq!(open["remote"], format!("127.0.0.1:{}", pg.port), "{open}");
+        assert_eq!(open["preexisting"], false, "{open}");
+
+        let servers = find(&events, "open", |e| e["pid"] == conn.backend_pid);
+        assert_eq!(servers.len(), 1, "one server open: {dump}");
+        let server = servers[0];
+        assert_eq!(server["role"], "server", "{server}");
+        assert_eq!(server["comm"], "postgres", "{server}");
+        assert_eq!(server["remote"], conn.local, "{server}");
+        for k in ["container_id", "container_runtime", "pod_uid"] {
+            assert_eq!(
+                server[k],
+                Value::Null,
+                "Postgres is in no container: {server}"
+            );
+        }
+    }
+
+    let pids: Vec<u32> = running.iter().map(|(_, c, _)| c.pid()).collect();
+    let owners: Vec<Owner> = running.iter().map(|(_, _, o)| o.clone()).collect();
+    let mut containers = Vec::new();
+    for (cg, client, _) in running {
+        client.close().expect("client closes");
+        containers.push(cg);
+    }
+    let events = tracer
+        .wait_for(WAIT, |evs| {
+            pids.iter()
+                .all(|pid| !find(evs, "close", |e| e["pid"] == *pid).is_empty())
+        })
+        .expect("a close for every client");
+    for owner in &owners {
+        let close = find(&events, "close", |e| e["pid"] == owner.pid)[0];
+        for m in owner.mismatches(close) {
+            failures.push(format!("{} client close {m}", owner.cgroup));
+        }
+    }
+    // Inner directories first: layouts can share parents (kubepods.slice).
+    while let Some(cg) = containers.pop() {
+        drop(cg);
+    }
+    assert!(
+        failures.is_empty(),
+        "wrong attribution:\n{}\nevents:\n{dump}",
+        failures.join("\n")
+    );
+}
+
+/// `/usr/bin/psql` is Debian's `pg_wrapper` script, which execs the real binary in place.
+fn psql_exe() -> String {
+    postgres_bin_dir()
+        .expect("postgres")
+        .join("psql")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn canonical(path: &str) -> String {
+    std::fs::canonicalize(path)
+        .expect("canonicalize")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn clients_in_a_docker_container_and_a_kubernetes_pod_are_attributed() {
+    if !require_root() {
+        return;
+    }
+    let (docker, cri) = (random_hex(64), random_hex(64));
+    let pod = random_pod_uid();
+    let pod_ = pod.replace('-', "_");
+    clients_in_containers_are_attributed(vec![
+        container(
+            format!("/system.slice/docker-{docker}.scope"),
+            Some(&docker),
+            Some("docker"),
+            None,
+            Some(format!("docker-{docker}.scope")),
+        ),
+        container(
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cri}.scope"
+            ),
+            Some(&cri),
+            Some("containerd"),
+            Some(&pod),
+            Some(format!("cri-containerd-{cri}.scope")),
+        ),
+    ]);
+}
+
+#[test]
+fn every_runtime_cgroup_layout_is_recognised() {
+    if !require_root() {
+        return;
+    }
+    let id = || random_hex(64);
+    let (a, b, c, d, e, f) = (id(), id(), id(), id(), id(), id());
+    let (p1, p2, p3) = (random_pod_uid(), random_pod_uid(), random_pod_uid());
+    let u = |p: &str| p.replace('-', "_");
+    let service = format!("tracer-attr-{}.service", random_hex(8));
+    clients_in_containers_are_attributed(vec![
+        // Docker, cgroupfs driver.
+        container(format!("/docker/{a}"), Some(&a), Some("docker"), None, None),
+        // Kubernetes (systemd driver), Guaranteed QoS: the pod slice sits right under
+        // kubepods.slice.
+        container(
+            format!(
+                "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{b}.scope",
+                u(&p1)
+            ),
+            Some(&b),
+            Some("containerd"),
+            Some(&p1),
+            Some(format!("cri-containerd-{b}.scope")),
+        ),
+        // Kubernetes with CRI-O, BestEffort QoS.
+        container(
+            format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{c}.scope",
+                u(&p2)
+            ),
+            Some(&c),
+            Some("cri-o"),
+            Some(&p2),
+            Some(format!("crio-{c}.scope")),
+        ),
+        // Kubernetes, cgroupfs driver: the path does not name the runtime.
+        container(
+            format!("/kubepods/burstable/pod{p3}/{d}"),
+            Some(&d),
+            None,
+            Some(&p3),
+            None,
+        ),
+        // Podman, systemd driver and cgroupfs driver.
+        container(
+            format!("/machine.slice/libpod-{e}.scope"),
+            Some(&e),
+            Some("podman"),
+            None,
+            Some(format!("libpod-{e}.scope")),
+        ),
+        container(
+            format!("/libpod_parent/libpod-{f}"),
+            Some(&f),
+            Some("podman"),
+            None,
+            None,
+        ),
+        // A systemd service, no container.
+        container(
+            format!("/system.slice/{service}"),
+            None,
+            None,
+            None,
+            Some(service.clone()),
+        ),
+    ]);
+}
+
+/// Runs `cmd` (psql) and returns (its pid, the backend pid it printed first).
+fn psql_backend(mut cmd: Command) -> (u32, u32) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn psql");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("psql");
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let backend = text
+        .trim()
+        .split('|')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no backend pid in {text:?}"));
+    (pid, backend)
+}
+
+fn socket_path(pg: &Postgres) -> String {
+    format!("{}/.s.PGSQL.{}", pg.socket_dir.display(), pg.port)
+}
+
+fn path_events(events: &[Value], path: &str) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| e["remote"] == path || e["local"] == path)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn psql_over_the_unix_socket_is_seen_on_both_roles() {
+    if !require_root() {
+        return;
+    }
+    let pg = Postgres::start().expect("postgres");
+    let path = socket_path(&pg);
+    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let host = pg.socket_dir.to_string_lossy().into_owned();
+    let (psql, backend) = psql_backend(pg.psql(&host, "select pg_backend_pid(), pg_sleep(0.3)"));
+    tracer
+        .wait_for(WAIT, |evs| {
+            find(evs, "close", |e| e["remote"] == path.as_str()).len() >= 2
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "both ends close: {e:#}\ntracer stderr:\n{}",
+                tracer.stderr()
+            )
+        });
+    std::thread::sleep(Duration::from_millis(1500));
+    let events = path_events(&tracer.events(), &path);
+    let dump = lines(&events);
+    eprintln!("unix socket {path}: psql {psql}, backend {backend}\n{dump}");
+    assert_eq!(events.len(), 4, "one open and one close per role: {dump}");
+    for kind in ["open", "close"] {
+        let client = find(&events, kind, |e| e["role"] == "client");
+        let server = find(&events, kind, |e| e["role"] == "server");
+        assert_eq!((client.len(), server.len()), (1, 1), "{kind}: {dump}");
+        let (c, s) = (client[0], server[0]);
+        for e in [c, s] {
+            assert_eq!(e["transport"], "unix", "{e}");
+            assert_eq!(e["remote"], path, "{e}");
+        }
+        assert_eq!(c["pid"], psql, "{c}");
+        assert_eq!(c["comm"], "psql", "{c}");
+        assert_eq!(c["exe"], psql_exe(), "{c}");
+        let sql = "select pg_backend_pid(), pg_sleep(0.3)";
+        assert_eq!(c["cmdline"], psql_cmdline(&host, pg.port, sql), "{c}");
+        assert_host_process(c, 0);
+        assert_host_process(s, postgres_uid());
+        // An unnamed client socket has no address of its own.
+        assert_eq!(c["local"], "", "{c}");
+        assert_eq!(s["pid"], backend, "the backend, not the postmaster: {s}");
+        assert_eq!(s["comm"], "postgres", "{s}");
+        assert_eq!(s["local"], path, "{s}");
+    }
+    let opens = find(&events, "open", |_| true);
+    assert!(opens.iter().all(|e| e["preexisting"] == false), "{dump}");
+    let closes = find(&events, "close", |_| true);
+    assert_ne!(closes[0]["conn_id"], closes[1]["conn_id"], "{dump}");
+    for close in closes {
+        let open = find(&events, "open", |e| e["role"] == close["role"])[0];
+        assert_eq!(open["conn_id"], close["conn_id"], "{dump}");
+        assert!(
+            close["duration_s"].as_f64().unwrap_or(0.0) >= 0.3,
+            "{close}"
+        );
+    }
+}
+
+#[test]
+fn unix_connections_in_quick_succession_keep_their_own_byte_counts() {
+    if !require_root() {
+        return;
+    }
+    let pg = Postgres::start().expect("postgres");
+    let path = socket_path(&pg);
+    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let host = pg.socket_dir.to_string_lossy().into_owned();
+    // The same query each time: every connection moves the same bytes.
+    let runs: Vec<(u32, u32)> = (0..10)
+        .map(|_| psql_backend(pg.psql(&host, "select pg_backend_pid(), 1")))
+        .collect();
+    tracer
+        .wait_for(WAIT, |evs| {
+            find(evs, "close", |e| e["remote"] == path.as_str()).len() >= 2 * runs.len()
+        })
+        .expect("every end closes");
+    let events = path_events(&tracer.events(), &path);
+    let dump = lines(&events);
+    let mut failures = Vec::new();
+    let mut counts = Vec::new();
+    for (psql, backend) in &runs {
+        let client = find(&events, "close", |e| e["pid"] == *psql);
+        let server = find(&events, "close", |e| e["pid"] == *backend);
+        assert_eq!(
+            (client.len(), server.len()),
+            (1, 1),
+            "{psql}/{backend}: {dump}"
+        );
+        let (c, s) = (client[0], server[0]);
+        let sent = c["bytes_sent"].as_u64().unwrap_or(0);
+        let received = c["bytes_received"].as_u64().unwrap_or(0);
+        counts.push((
+            sent,
+            received,
+            s["bytes_sent"].clone(),
+            s["bytes_received"].clone(),
+        ));
+        if sent == 0 || received == 0 {
+            failures.push(format!("psql {psql}: sent {sent}, received {received}"));
+        }
+        if c["bytes_sent"] != s["bytes_received"] || c["bytes_received"] != s["bytes_sent"] {
+            failures.push(format!(
+                "psql {psql} sent {sent} / received {received}, backend {backend} received {} / sent {}",
+                s["bytes_received"], s["bytes_sent"]
+            ));
+        }
+    }
+    eprintln!("(client sent, client received, server sent, server received): {counts:?}");
+    let first = counts[0].clone();
+    assert!(
+        failures.is_empty() && counts.iter().all(|c| *c == first),
+        "{}\n{dump}",
+        failures.join("\n")
+    );
+}
+
+/// Each round, a Unix stream socket that is not Postgres does I/O and closes, then a
+/// psycopg2 connection over the Postgres socket opens right away in the same process (so
+/// the kernel likely reuses the freed socket's memory), runs one query and closes. Prints
+/// the client's pid.
+const UNIX_CHURN_PY: &str = r#"
+import os, socket, sys, time
+import psycopg2
+print(os.getpid(), flush=True)
+for i in range(int(sys.argv[2])):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.send(b"x"); b.recv(1); b.send(b"y"); a.recv(1)
+    a.close(); b.close()
+    c = psycopg2.connect(sys.argv[1])
+    c.cursor().execute("select 1")
+    c.close()
+    time.sleep(0.02)
+"#;
+
+#[test]
+fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
+    if !require_root() {
+        return;
+    }
+    let pg = Postgres::start().expect("postgres");
+    let path = socket_path(&pg);
+    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let rounds = 20;
+    let out = run_ok(Command::new(PYTHON).args([
+        "-c",
+        UNIX_CHURN_PY,
+        &dsn(&pg.socket_dir.to_string_lossy(), pg.port),
+        &rounds.to_string(),
+    ]))
+    .expect("client");
+    let pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("pid");
+    let seen = tracer.wait_for(WAIT, |evs| {
+        find(evs, "open", |e| {
+            e["pid"] == pid && e["remote"] == path.as_str()
+        })
+        .len()
+            >= rounds
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let events = path_events(&tracer.events(), &path);
+    let clients = find(&events, "open", |e| e["role"] == "client").len();
+    let servers = find(&events, "open", |e| e["role"] == "server").len();
+    eprintln!("{rounds} connections by pid {pid}: {clients} client opens, {servers} server opens");
+    assert!(
+        seen.is_ok() && clients == rounds && servers == rounds,
+        "{rounds} connections, {clients} client and {servers} server opens:\n{}",
+        lines(&events)
+    );
+}
+
+#[test]
+fn unix_socket_glob_decides_which_sockets_count() {
+    if !require_root() {
+        return;
+    }
+    let pg = Postgres::start().expect("postgres");
+    let path = socket_path(&pg);
+    let port = pg.port.to_string();
+    // The exact path, and a glob that matches no socket of this cluster.
+    let exact = Tracer::start(&["--port", &port, "--unix-socket-glob", &path]).expect("tracer");
+    let elsewhere = Tracer::start(&[
+        "--port",
+        &port,
+        "--unix-socket-glob",
+        "/nonexistent-dir/*/.s.PGSQL.*",
+    ])
+    .expect("tracer");
+    let host = pg.socket_dir.to_string_lossy().into_owned();
+    let (psql, _) = psql_backend(pg.psql(&host, "select pg_backend_pid()"));
+    // TCP, which both watch: shows the second daemon is tracing at all.
+    let (tcp_psql, _) = psql_backend(pg.psql("127.0.0.1", "select pg_backend_pid()"));
+    for tracer in [&exact, &elsewhere] {
+        tracer
+            .wait_for(WAIT, |evs| {
+                find(evs, "close", |e| e["pid"] == tcp_psql).len() == 1
+            })
+            .expect("the TCP connection is traced");
+    }
+    exact
+        .wait_for(WAIT, |evs| {
+            find(evs, "close", |e| e["remote"] == path.as_str()).len() >= 2
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "the exact glob matches the socket: {e:#}\ntracer stderr:\n{}",
+                exact.stderr()
+            )
+        });
+    // Unix closes are noticed on the daemon's 1 s tick: give the other one time to err.
+    std::thread::sleep(Duration::from_millis(2500));
+    let seen = path_events(&exact.events(), &path);
+    let unseen: Vec<Value> = elsewhere
+        .events()
+        .into_iter()
+        .filter(|e| e["transport"] == "unix" || e["pid"] == psql)
+        .collect();
+    eprintln!(
+        "glob {path}: {} events; glob /nonexistent-dir/*: {} Unix events",
+        seen.len(),
+        unseen.len()
+    );
+    assert_eq!(seen.len(), 4, "{}", lines(&seen));
+    assert!(
+        find(&seen, "open", |e| e["role"] == "client" && e["pid"] == psql).len() == 1,
+        "{}",
+        lines(&seen)
+    );
+    assert!(unseen.is_empty(), "not watched: {}", lines(&unseen));
+}
+
+#[test]
+fn a_client_in_another_network_namespace_is_seen_and_attributed() {
+    if !require_root() {
+        return;
+    }
+    let ns = NetNs::create().expect("network namespace");
+    let pg = PostgresOn::start(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
+    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    // The shell prints its pid and execs psql under it.
+    let mut cmd = ns.command("sh");
+    cmd.args([
+        "-c",
+        "echo $$; exec psql -X -A -t -U postgres -d postgres -h \"$0\" -p \"$1\" \
+         -c 'select pg_backend_pid(), inet_client_addr(), pg_sleep(0.3)'",
+        &ns.host_ip,
+        &pg.port.to_string(),
+    ])
+    .env("PGCONNECT_TIMEOUT", "10")
+    .env("PGSSLMODE", "disable");
+    let out = run_ok(&mut cmd).expect("psql in the namespace");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines_out = text.lines();
+    let psql: u32 = lines_out.next().and_then(|l| l.parse().ok()).expect("pid");
+    let row: Vec<&str> = lines_out.next().expect("row").split('|').collect();
+    let backend: u32 = row[0].parse().expect("backend pid");
+    assert_eq!(row[1], ns.ns_ip, "the client came from the namespace");
+
+    tracer
+        .wait_for(WAIT, |evs| {
+            find(evs, "close", |e| e["pid"] == psql || e["pid"] == backend).len() >= 2
+        })
+        .expect("both ends close");
+    std::thread::sleep(Duration::from_millis(500));
+    let events = conn_events(&tracer.events(), pg.port);
+    let dump = lines(&events);
+    eprintln!(
+        "netns {}: psql {psql} at {} -> backend {backend} at {}\n{dump}",
+        ns.name, ns.ns_ip, ns.host_ip
+    );
+    let remote = format!("{}:{}", ns.host_ip, pg.port);
+    for kind in ["open", "close"] {
+        let client = find(&events, kind, |e| e["role"] == "client");
+        let server = find(&events, kind, |e| e["role"] == "server");
+        assert_eq!((client.len(), server.len()), (1, 1), "{kind}: {dump}");
+        let (c, s) = (client[0], server[0]);
+        assert_eq!(c["pid"], psql, "{c}");
+        assert_eq!(c["comm"], "psql", "{c}");
+        assert_eq!(c["exe"], psql_exe(), "{c}");
+        let sql = "select pg_backend_pid(), inet_client_addr(), pg_sleep(0.3)";
+        assert_eq!(c["cmdline"], psql_cmdline(&ns.host_ip, pg.port, sql), "{c}");
+        assert_host_process(c, 0);
+        assert_host_process(s, postgres_uid());
+        assert_eq!(c["remote"], remote, "{c}");
+        let local = c["local"].as_str().unwrap_or_default();
+        assert!(
+            local.starts_with(&format!("{}:", ns.ns_ip)),
+            "the namespace's address: {c}"
+        );
+        assert_eq!(s["pid"], backend, "{s}");
+        assert_eq!(s["comm"], "postgres", "{s}");
+        assert_eq!(s["local"], remote, "{s}");
+        assert_eq!(s["remote"], c["local"], "{s}");
+    }
+    let close = find(&events, "close", |e| e["role"] == "client")[0];
+    assert!(close["bytes_sent"].as_u64().unwrap_or(0) > 0, "{close}");
+    assert_eq!(
+        close["bytes_sent"],
+        find(&events, "close", |e| e["role"] == "server")[0]["bytes_received"],
+        "{dump}"
+    );
+}
+
+#[test]
+fn a_client_in_another_network_namespace_connected_before_start_is_found() {
+    if !require_root() {
+        return;
+    }
+    let ns = NetNs::create().expect("network namespace");
+    let pg = PostgresOn::start(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
+    let target = dsn(&ns.host_ip, pg.port);
+    let holder = PyClient::start_with(
+        &[conn_spec(&target, true), conn_spec(&target, false)],
+        &mut ns.command(PYTHON),
+    )
+    .expect("psycopg2 in the namespace");
+    let owner = Owner::of(holder.pid(), "python3", host_cgroup_of(holder.pid()));
+    std::thread::sleep(Duration::from_secs(1));
+    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let remote = format!("{}:{}", ns.host_ip, pg.port);
+    let found = tracer.wait_for(Duration::from_secs(5), |evs| {
+        find(evs, "open", |e| e["role"] == "client").len() >= 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let events = conn_events(&tracer.events(), pg.port);
+    let dump = lines(&events);
+    eprintln!(
+        "netns {}: {} connections held by {} before start; opens seen: {} client, {} server",
+        ns.name,
+        holder.conns.len(),
+        holder.pid(),
+        find(&events, "open", |e| e["role"] == "client").len(),
+        find(&events, "open", |e| e["role"] == "server").len()
+    );
+    let mut failures = Vec::new();
+    for conn in &holder.conns {
+        let client = find(&events, "open", |e| {
+            e["role"] == "client" && e["local"] == conn.local.as_str()
+        });
+        let server = find(&events, "open", |e| {
+            e["role"] == "server" && e["pid"] == conn.backend_pid
+        });
+        if client.len() != 1 {
+            failures.push(format!("{} client opens of {}", client.len(), conn.local));
+        }
+        if server.len() != 1 {
+            failures.push(format!("{} server opens of {}", server.len(), conn.local));
+        }
+        for e in client.iter().chain(&server) {
+            if e["preexisting"] != true {
+                failures.push(format!("not preexisting: {e}"));
+            }
+        }
+        for e in &client {
+            if e["remote"] != remote.as_str() {
+                failures.push(format!("remote: {e}"));
+            }
+            failures.extend(owner.mismatches(e).into_iter().map(|m| format!("{m}: {e}")));
+        }
+        for e in &server {
+            if e["remote"] != conn.local.as_str() || e["comm"] != "postgres" {
+                failures.push(format!("server end: {e}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty() && found.is_ok(),
+        "{}\nevents:\n{dump}",
+        failures.join("\n")
+    );
+    holder.close().expect("holder closes");
+}
+
+/// The opens, and how many there are, of each conn_id.
+fn opens_by_conn_id(events: &[Value]) -> HashMap<String, Vec<&Value>> {
+    let mut by_id: HashMap<String, Vec<&Value>> = HashMap::new();
+    for e in find(events, "open", |_| true) {
+        by_id
+            .entry(e["conn_id"].as_str().unwrap_or_default().to_owned())
+            .or_default()
+            .push(e);
+    }
+    by_id
+}
+
+/// The client-side and server-side opens of one held connection.
+fn opens_of<'a>(
+    events: &'a [&'a Value],
+    conn: &HeldConn,
+    client_pid: u32,
+) -> (Vec<&'a Value>, Vec<&'a Value>) {
+    let client = events
+        .iter()
+        .filter(|e| {
+            e["role"] == "client"
+                && e["pid"] == client_pid
+                && if conn.local.is_empty() {
+                    e["transport"] == "unix"
+                } else {
+                    e["local"] == conn.local
+                }
+        })
+        .copied()
+        .collect();
+    let server = events
+        .iter()
+        .filter(|e| e["role"] == "server" && e["pid"] == conn.backend_pid)
+        .copied()
+        .collect();
+    (client, server)
+}
+
+#[test]
+fn connections_open_before_start_are_found_once_with_their_owners() {
+    if !require_root() {
+        return;
+    }
+    let pg = Postgres::start().expect("postgres");
+    let path = socket_path(&pg);
+    let sock = pg.socket_dir.to_string_lossy().into_owned();
+    let (v4, v6, unix) = (
+        dsn("127.0.0.1", pg.port),
+        dsn("::1", pg.port),
+        dsn(&sock, pg.port),
+    );
+    // 20 connections: 8 over IPv4, 6 over IPv6, 6 over the Unix socket; every other one
+    // left inside a transaction.
+    let specs: Vec<Value> = (0..20)
+        .map(|i| {
+            let target = match i {
+                0..8 => &v4,
+                8..14 => &v6,
+                _ => &unix,
+            };
+            conn_spec(target, i % 2 == 0)
+        })
+        .collect();
+    let holder = PyClient::start(&specs, None).expect("holder");
+    let holder_owner = Owner::of(holder.pid(), "python3", host_cgroup_of(holder.pid()));
+    // Let them sit, so their ages are well above zero.
+    std::thread::sleep(Duration::from_secs(3));
+
+    // A second client keeps opening connections while the daemon starts.
+    let mut racer = PyClient::start_racing(
+        &[],
+        &[v4.clone(), unix.clone()],
+        Duration::from_millis(10),
+        250,
+    )
+    .expect("racer");
+    racer.wait_for_conns(3).expect("racing");
+    let spawned_at = wall_now();
+    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    // And goes on a little after it is ready.
+    std::thread::sleep(Duration::from_millis(600));
+    racer.stop_racing().expect("racer stops");
+    let racer_pid = racer.pid();
+
+    let total = holder.conns.len() + racer.conns.len();
+    let all = tracer
+        .wait_for(WAIT, |evs| {
+            let ours = path_events(evs, &path).len() + conn_events(evs, pg.port).len();
+            ours >= 2 * total
+        })
+        .expect("an open per end of every connection");
+    // Anything late (a duplicate) has time to arrive.
+    std::thread::sleep(Duration::from_millis(2500));
+    let all = {
+        let later = tracer.events();
+        assert!(later.len() >= all.len());
+        later
+    };
+    let ready_ts = all
+        .iter()
+        .find(|e| e["type"] == "ready")
+        .and_then(ts_secs)
+        .expect("ready ts");
+    let mut ours = conn_events(&all, pg.port);
+    ours.extend(path_events(&all, &path));
+    let dump = lines(&ours);
+    let opens = find(&ours, "open", |_| true);
+
+    // No connection is reported twice, whichever way it was found.
+    let dups: Vec<_> = opens_by_conn_id(&ours)
+        .into_iter()
+        .filter(|(_, v)| v.len() > 1)
+        .collect();
+    assert!(dups.is_empty(), "duplicate opens: {dups:?}");
+    assert_eq!(
+        opens.len(),
+        2 * total,
+        "one open per end of each of {total} connections: {dump}"
+    );
+
+    let mut failures = Vec::new();
+    let mut ages = Vec::new();
+    for conn in &holder.conns {
+        let (client, server) = opens_of(&opens, conn, holder.pid());
+        let expect_clients = if conn.local.is_empty() { 6 } else { 1 };
+        assert_eq!(
+            client.len(),
+            expect_clients,
+            "client open of {conn:?}: {dump}"
+        );
+        assert_eq!(server.len(), 1, "server open of {conn:?}: {dump}");
+        for e in client.iter().take(1).chain(&server) {
+            let true_age = ts_secs(e).expect("ts") - conn.t_start;
+            let age = e["age_s"].as_f64().unwrap_or(-1.0);
+            ages.push(age);
+            if e["preexisting"] != true {
+                failures.push(format!("not preexisting: {e}"));
+            }
+            if !(0.0..=true_age + 0.01).contains(&age) {
+                failures.push(format!("age_s {age} not in [0, {true_age:.3}]: {e}"));
+            }
+            // TCP knows when data last moved: at least the quiet time before the start.
+            let quiet = spawned_at - conn.t_end - 0.5;
+            if e["transport"] == "tcp" && age < quiet {
+                failures.push(format!(
+                    "age_s {age} below the {quiet:.1} s it sat idle: {e}"
+                ));
+            }
+        }
+        for m in holder_owner.mismatches(client[0]) {
+            failures.push(format!("holder's connection {}: {m}", conn.local));
+        }
+        if server[0]["comm"] != "postgres" {
+            failures.push(format!("server comm: {}", server[0]));
+        }
+    }
+    let (mut before, mut during, mut after) = (0, 0, 0);
+    for conn in &racer.conns {
+        let (client, server) = opens_of(&opens, conn, racer_pid);
+        let client: Vec<_> = if conn.local.is_empty() {
+            // Unix client sockets are unnamed: pair through the server side's timing is not
+            // possible, so count them below.
+            Vec::new()
+        } else {
+            client
+        };
+        assert_eq!(server.len(), 1, "server open of racing {conn:?}: {dump}");
+        let mut ends = client.clone();
+        ends.extend(&server);
+        for e in ends {
+            let pre = e["preexisting"] == true;
+            if conn.t_end < spawned_at {
+                before += 1;
+                if !pre {
+                    failures.push(format!("opened before the daemon, not preexisting: {e}"));
+                }
+            } else if conn.t_start > ready_ts {
+                after += 1;
+                if pre {
+                    failures.push(format!("opened after ready, preexisting: {e}"));
+                }
+            } else {
+                during += 1;
+            }
+        }
+    }
+    let racer_unix = racer.conns.iter().filter(|c| c.local.is_empty()).count();
+    let racer_unix_clients = find(&ours, "open", |e| {
+        e["pid"] == racer_pid && e["transport"] == "unix"
+    })
+    .len();
+    assert_eq!(racer_unix_clients, racer_unix, "{dump}");
+    let racer_clients = find(&ours, "open", |e| e["pid"] == racer_pid).len();
+    assert_eq!(racer_clients, racer.conns.len(), "{dump}");
+    eprintln!(
+        "preexisting: {} held by {}, ages {:.2}..{:.2} s; racing: {} ({} ends before start, {} \
+         during, {} after ready)",
+        holder.conns.len(),
+        holder.pid(),
+        ages.iter().copied().fold(f64::INFINITY, f64::min),
+        ages.iter().copied().fold(0.0, f64::max),
+        racer.conns.len(),
+        before,
+        during,
+        after
+    );
+    assert!(
+        failures.is_empty(),
+        "{}\nevents:\n{dump}",
+        failures.join("\n")
+    );
+    holder.close().expect("holder closes");
+    racer.close().expect("racer closes");
+    // Every connection closes exactly once, under the conn_id it opened with.
+    tracer
+        .wait_for(WAIT, |evs| {
+            let mut o = conn_events(evs, pg.port);
+            o.extend(path_events(evs, &path));
+            find(&o, "close", |_| true).len() >= 2 * total
+        })
+        .expect("every connection closes");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut ours = conn_events(&tracer.events(), pg.port);
+    ours.extend(path_events(&tracer.events(), &path));
+    let opened: BTreeSet<&str> = find(&ours, "open", |_| true)
+        .iter()
+        .filter_map(|e| e["conn_id"].as_str())
+        .collect();
+    let closed: Vec<&str> = find(&ours, "close", |_| true)
+        .iter()
+        .filter_map(|e| e["conn_id"].as_str())
+        .collect();
+    assert_eq!(closed.len(), opened.len(), "{}", lines(&ours));
+    assert_eq!(
+        closed.iter().copied().collect::<BTreeSet<_>>(),
+        opened,
+        "{}",
+        lines(&ours)
+    );
+}
+
+/// What the daemon must say of a process of this host that is in no container (the test,
+/// and what it starts outside a fake container): its cgroup v2 path, or when that is the
+/// root, the v1 systemd hierarchy's path; the unit when that path ends in a service.
+fn host_cgroup_of(pid: u32) -> Container {
+    let v2 = cgroup2_of(pid).expect("cgroup");
+    let path = if v2 == "/" {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .expect("cgroup")
+            .lines()
+            .find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p.to_owned()))
+            .unwrap_or(v2)
+    } else {
+        v2
+    };
+    let unit = path
+        .rsplit('/')
+        .next()
+        .filter(|u| u.ends_with(".service"))
+        .map(str::to_owned);
+    container(path, None, None, None, unit)
+}
+
+/// The command line psql runs under (`pg_wrapper` execs the real binary with its arguments).
+fn psql_cmdline(host: &str, port: u16, sql: &str) -> String {
+    format!(
+        "{} -X -A -t -U postgres -d postgres -h {host} -p {port} -c {sql}",
+        psql_exe()
+    )
+}
+
+fn postgres_uid() -> u32 {
+    let out = run_ok(Command::new("id").args(["-u", "postgres"])).expect("id");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("uid")
+}
+
+/// A process of this host, started from the test (in its cgroups, in no container).
+fn assert_host_process(e: &Value, uid: u32) {
+    let here = host_cgroup_of(std::process::id());
+    assert_eq!(e["uid"], uid, "{e}");
+    assert_eq!(e["cgroup"], here.cgroup, "{e}");
+    assert_eq!(e["systemd_unit"], json!(here.unit), "{e}");
+    for k in ["container_id", "container_runtime", "pod_uid"] {
+        assert_eq!(e[k], Value::Null, "{k}: {e}");
+    }
+}
+
+/// `(role, local, remote, pid, cookie)` of one connection end.
+type End = (&'static str, String, String, u32, Option<u64>);
+
+/// The lowest pid in an `ss -p` users column.
+fn ss_pid(line: &str) -> Option<u32> {
+    line.split("pid=")
+        .skip(1)
+        .filter_map(|s| {
+            s.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .min()
+}
+
+fn ss_tcp(port: u16) -> BTreeSet<End> {
+    let out = run_ok(Command::new("ss").args(["-tnpeH", "state", "established"])).expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let port_of = |a: &str| a.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // With a state filter ss leaves the state column out.
+            let (local, remote) = (f.get(2)?.to_string(), f.get(3)?.to_string());
+            let role = if port_of(&remote) == Some(port) {
+                "client"
+            } else if port_of(&local) == Some(port) {
+                "server"
+            } else {
+                return None;
+            };
+            let cookie = l
+                .split(" sk:")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            Some((role, local, remote, ss_pid(l)?, cookie))
+        })
+        .collect()
+}
+
+/// Unix ends on `path`: `ss -x` names the path on the server end only; a client end is the
+/// one whose peer is a server end.
+fn ss_unix(path: &str) -> BTreeMap<(&'static str, u32), usize> {
+    let out = run_ok(Command::new("ss").args(["-xpH"])).expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<(Vec<&str>, &str)> = text
+        .lines()
+        .map(|l| (l.split_whitespace().collect::<Vec<_>>(), l))
+        .filter(|(f, _)| f.len() >= 8 && f[0] == "u_str" && f[1] == "ESTAB")
+        .collect();
+    let servers: BTreeSet<&str> = rows
+        .iter()
+        .filter(|(f, _)| f[4] == path)
+        .map(|(f, _)| f[5])
+        .collect();
+    let mut ends = BTreeMap::new();
+    for (f, l) in &rows {
+        let role = if f[4] == path {
+            "server"
+        } else if servers.contains(f[7]) {
+            "client"
+        } else {
+            continue;
+        };
+        if let Some(pid) = ss_pid(l) {
+            *ends.entry((role, pid)).or_insert(0) += 1;
+        }
+    }
+    ends
+}
+
+fn tracer_list(args: &[&str]) -> String {
+    let out = run_ok(Command::new(tracer_bin()).arg("list").args(args)).expect("tracer list");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn list_json_agrees_with_ss_on_the_same_connections() {
+    if !require_root() {
+        return;
+    }
+    let pg = Postgres::start().expect("postgres");
+    let path = socket_path(&pg);
+    let sock = pg.socket_dir.to_string_lossy().into_owned();
+    let id = random_hex(64);
+    let cg = FakeContainer::create(&format!("/system.slice/docker-{id}.scope")).expect("cgroup");
+    let mut specs = Vec::new();
+    for i in 0..4 {
+        specs.push(conn_spec(&dsn("127.0.0.1", pg.port), i % 2 == 0));
+    }
+    for i in 0..2 {
+        specs.push(conn_spec(&dsn("::1", pg.port), i % 2 == 0));
+    }
+    for i in 0..3 {
+        specs.push(conn_spec(&dsn(&sock, pg.port), i % 2 == 0));
+    }
+    let holder = PyClient::start(&specs, Some(&cg)).expect("holder");
+    let port = pg.port.to_string();
+
+    // The connections are held steady: the three views are of the same moment.
+    let json_before = tracer_list(&["--json", "--port", &port]);
+    let tcp = ss_tcp(pg.port);
+    let unix = ss_unix(&path);
+    let json_after = tracer_list(&["--json", "--port", &port]);
+    let table = tracer_list(&["--port", &port]);
+    let listed: Vec<Value> = json_before
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
+        .collect();
+    let is_ours = |c: &Value| {
+        c["remote"] == path.as_str()
+            || [&c["local"], &c["remote"]]
+                .iter()
+                .any(|a| tests::port_of(a) == Some(pg.port))
+    };
+    let ours: Vec<&Value> = listed.iter().filter(|c| is_ours(c)).collect();
+    eprintln!(
+        "tracer list: {} connections ({} ours); ss: {} TCP ends, {} Unix ends",
+        listed.len(),
+        ours.len(),
+        tcp.len(),
+        unix.values().sum::<usize>()
+    );
+    for c in &ours {
+        eprintln!(
+            "  {} {} {} {:>22} -> {:<22} pid {} {} {}",
+            c["conn_id"],
+            c["role"],
+            c["transport"],
+            c["local"],
+            c["remote"],
+            c["pid"],
+            c["comm"],
+            c["container_id"]
+        );
+    }
+    let identity = |text: &str| -> BTreeSet<String> {
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+            .filter(is_ours)
+            .map(|c| {
+                format!(
+                    "{} {} {} {} {}",
+                    c["conn_id"], c["role"], c["local"], c["remote"], c["pid"]
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        identity(&json_before),
+        identity(&json_after),
+        "the connections were steady"
+    );
+
+    let role = |c: &Value| -> &'static str {
+        if c["role"] == "client" {
+            "client"
+        } else {
+            "server"
+        }
+    };
+    let list_tcp: BTreeSet<End> = ours
+        .iter()
+        .filter(|c| c["transport"] == "tcp")
+        .map(|c| {
+            (
+                role(c),
+                c["local"].as_str().unwrap_or_default().to_owned(),
+                c["remote"].as_str().unwrap_or_default().to_owned(),
+                c["pid"].as_u64().unwrap_or(0) as u32,
+                c["conn_id"].as_str().and_then(|s| s.parse().ok()),
+            )
+        })
+        .collect();
+    let mut list_unix: BTreeMap<(&'static str, u32), usize> = BTreeMap::new();
+    for c in ours.iter().filter(|c| c["transport"] == "unix") {
+        assert_eq!(c["remote"], path, "{c}");
+        *list_unix
+            .entry((role(c), c["pid"].as_u64().unwrap_or(0) as u32))
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        tcp.len(),
+        12,
+        "ss sees both ends of 6 TCP connections: {tcp:?}"
+    );
+    assert_eq!(list_tcp, tcp, "tracer list vs ss -tnp");
+    assert_eq!(unix.values().sum::<usize>(), 6, "ss -xp: {unix:?}");
+    assert_eq!(list_unix, unix, "tracer list vs ss -xp");
+
+    // The holder's ends name its process and container.
+    let owner = Owner::of(
+        holder.pid(),
+        "python3",
+        container(
+            cg.path.clone(),
+            Some(&id),
+            Some("docker"),
+            None,
+            Some(format!("docker-{id}.scope")),
+        ),
+    );
+    let mut failures = Vec::new();
+    for c in ours.iter().filter(|c| c["role"] == "client") {
+        failures.extend(owner.mismatches(c).into_iter().map(|m| format!("{c}: {m}")));
+    }
+    for c in ours.iter().filter(|c| c["role"] == "server") {
+        if c["comm"] != "postgres" || c["container_id"] != Value::Null {
+            failures.push(format!("server end: {c}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // The table: a header and one line per connection, each naming its pid.
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains(&path) || l.contains(&format!(":{}", pg.port)))
+        .collect();
+    assert!(table.starts_with("PID"), "{table}");
+    assert_eq!(rows.len(), ours.len(), "{table}");
+    for c in &ours {
+        let pid = c["pid"].to_string();
+        assert!(
+            rows.iter()
+                .any(|r| r.split_whitespace().next() == Some(&pid)),
+            "pid {pid} in the table:\n{table}"
+        );
+    }
+    holder.close().expect("holder closes");
+}
+
+/// Connects with psycopg2 under the command name `argv[2]` and exits at once, before
+/// anything could read its `/proc` entry at leisure.
+const CONNECT_AND_EXIT_PY: &str = r#"
+import ctypes, os, sys
+import psycopg2
+ctypes.CDLL(None).prctl(15, sys.argv[2].encode(), 0, 0, 0)  # PR_SET_NAME
+psycopg2.connect(sys.argv[1])
+os._exit(0)
+"#;
+
+#[test]
+fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
+    if !require_root() {
+        return;
+    }
+    let pg = Postgres::start().expect("postgres");
+    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let target = dsn("127.0.0.1", pg.port);
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let comm = format!("qexit{i}-{}", random_hex(6));
+        let child = Command::new(PYTHON)
+            .args(["-c", CONNECT_AND_EXIT_PY, &target, &comm])
+            .spawn()
+            .expect("python");
+        let pid = child.id();
+        let out = child.wait_with_output().expect("python");
+        assert!(out.status.success(), "{out:?}");
+        clients.push((pid, comm));
+    }
+    // Matched by their unique names: other tests on this host may force pid reuse.
+    let events = tracer
+        .wait_for(WAIT, |evs| {
+            clients
+                .iter()
+                .all(|(_, comm)| !find(evs, "close", |e| e["comm"] == comm.as_str()).is_empty())
+        })
+        .expect("an open and a close per client");
+    let events = conn_events(&events, pg.port);
+    let dump = lines(&events);
+    for (pid, comm) in &clients {
+        let mine: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["role"] == "client" && (e["pid"] == *pid || e["comm"] == comm.as_str()))
+            .collect();
+        eprintln!(
+            "pid {pid} {comm}: {:?}",
+            mine.iter()
+                .map(|e| format!("{} comm={}", e["type"], e["comm"]))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(mine.len(), 2, "one open and one close of pid {pid}: {dump}");
+        for e in &mine {
+            assert_eq!(e["comm"], comm.as_str(), "{e}");
+            assert_eq!(e["pid"], *pid, "{e}");
+        }
+        assert_eq!(mine[0]["type"], "open", "{dump}");
+        assert_eq!(mine[0]["conn_id"], mine[1]["conn_id"], "{dump}");
+    }
+}
+
+#[test]
+fn a_reused_pid_names_each_connection_s_own_process() {
+    if !require_root() {
+        return;
+    }
+    let pg = Postgres::start().expect("postgres");
+    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let target = dsn("127.0.0.1", pg.port);
+    let (a_id, b_id) = (random_hex(64), random_hex(64));
+    let a_cg = FakeContainer::create(&format!("/system.slice/docker-{a_id}.scope")).expect("cg");
+    let b_cg = FakeContainer::create(&format!("/system.slice/docker-{b_id}.scope")).expect("cg");
+    // A pid well ahead of the allocator, so that both clients can be given it in turn.
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .expect("ns_last_pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max");
+    let pid = 1000 + (last + 2000) % (max - 2000);
+
+    let mut owners = Vec::new();
+    for (comm, cg, id) in [("reuse-a", &a_cg, &a_id), ("reuse-b", &b_cg, &b_id)] {
+        let client = PyClient::start_as(&[conn_spec(&target, false)], cg, comm, pid)
+            .expect("client under the pid");
+        let owner = Owner::of(
+            pid,
+            comm,
+            container(
+                cg.path.clone(),
+                Some(id),
+                Some("docker"),
+                None,
+                Some(format!("docker-{id}.scope")),
+            ),
+        );
+        tracer
+            .wait_for(WAIT, |evs| {
+                !find(evs, "open", |e| e["pid"] == pid && e["comm"] == comm).is_empty()
+            })
+            .expect("open");
+        client.close().expect("close");
+        tracer
+            .wait_for(WAIT, |evs| {
+                !find(evs, "close", |e| e["pid"] == pid && e["comm"] == comm).is_empty()
+            })
+            .expect("close");
+        owners.push(owner);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let events = conn_events(&tracer.events(), pg.port);
+    let dump = lines(&events);
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["role"] == "client" && e["pid"] == pid)
+        .collect();
+    eprintln!(
+        "pid {pid} reused: {:?}",
+        mine.iter()
+            .map(|e| format!(
+                "{} conn {} comm {} container {}",
+                e["type"], e["conn_id"], e["comm"], e["container_id"]
+            ))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(mine.len(), 4, "open and close of each: {dump}");
+    let kinds: Vec<&Value> = mine.iter().map(|e| &e["type"]).collect();
+    assert_eq!(kinds, ["open", "close", "open", "close"], "{dump}");
+    assert_eq!(mine[0]["conn_id"], mine[1]["conn_id"], "{dump}");
+    assert_eq!(mine[2]["conn_id"], mine[3]["conn_id"], "{dump}");
+    assert_ne!(mine[0]["conn_id"], mine[2]["conn_id"], "{dump}");
+    let mut failures = Vec::new();
+    for (i, e) in mine.iter().enumerate() {
+        let owner = &owners[i / 2];
+        for m in owner.mismatches(e) {
+            failures.push(format!("{} {}: {m}", owner.comm, e["type"]));
+        }
+    }
+    assert!(failures.is_empty(), "{}\n{dump}", failures.join("\n"));
+}
