@@ -18,6 +18,7 @@ pub mod clients;
 pub mod hosts;
 pub mod pgbouncer;
 pub mod prom;
+pub mod load;
 pub mod schema;
 
 /// True when the test can run. Without root it skips, unless the run requires root tests

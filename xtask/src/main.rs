@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|run|test|bench>`.
+//! Project tasks: `cargo xtask <setup|build|run|test|demo|bench|fuzz|soak>`.
 //!
 //! Each task does its own set-up first (`setup` is idempotent and fast once done), so the two
 //! commands in the README work on a fresh machine.
@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod fuzz;
+mod soak;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -52,6 +54,17 @@ enum Task {
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run every fuzz target (`fuzz/`) for N seconds each; installs cargo-fuzz if missing.
+    Fuzz {
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// Run the daemon under churn, idle pools and leaks for N minutes; check its memory and
+    /// that its tracked connections match the kernel's (needs root).
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
     },
 }
 
@@ -96,6 +109,8 @@ fn setup() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
+        Task::Fuzz { seconds } => fuzz::fuzz(seconds),
+        Task::Soak { minutes } => soak::soak(minutes),
         Task::Build => {
             setup()?;
             run(cargo().args(["build", "--release", "--package", "tracer"]))
