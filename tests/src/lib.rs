@@ -16,9 +16,9 @@ pub use serde_json::Value;
 
 pub mod clients;
 pub mod hosts;
+pub mod load;
 pub mod pgbouncer;
 pub mod prom;
-pub mod load;
 pub mod schema;
 
 /// True when the test can run. Without root it skips, unless the run requires root tests

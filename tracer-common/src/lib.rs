@@ -157,6 +157,13 @@ pub struct SockState {
     pub _pad: u8,
     /// The last bytes of the server-to-client stream (see [`protocol`]).
     pub window: [u8; 8],
+    /// Ports and addresses taken when the connection was established (TCP): a socket closed
+    /// before any I/O has lost them by the time its records are made.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad2: [u8; 4],
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
 }
 
 /// The `CONN_OPEN` record was sent.
@@ -254,7 +261,7 @@ const _: () = {
     assert!(core::mem::size_of::<ConnClose>() == 24 + 32);
     assert!(core::mem::size_of::<ConnOwner>() == 72);
     assert!(core::mem::size_of::<ConnPeerClosed>() == 24);
-    assert!(core::mem::size_of::<SockState>() == 112);
+    assert!(core::mem::size_of::<SockState>() == 152);
     assert!(core::mem::size_of::<KernelOffsets>() == 80);
 };
 

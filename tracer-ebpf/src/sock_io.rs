@@ -29,7 +29,7 @@ use crate::{
         setting_value,
     },
     sock_state::{emit_close, emit_open, emit_peer_closed, header, tcp_role},
-    unix::unix_path_hash,
+    unix::{address_path_hash, unix_address},
     user_buf::{current_syscall_buffer, head, tail8},
 };
 
@@ -187,6 +187,8 @@ fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
     if sock_type != SOCK_STREAM {
         return None;
     }
+    // Socket pairs and unconnected sockets: no path, nothing to remember.
+    let (address, is_server) = unix_address(sk)?;
     let generation = setting_value(setting::UNIX_GENERATION);
     // SAFETY: `sk` is the tracepoint's socket argument.
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
@@ -196,16 +198,16 @@ fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
             return None;
         }
     }
-    let watched = unix_path_hash(sk).and_then(|(hash, is_server)| {
+    let verdict = UnixVerdict {
+        cookie,
+        generation,
+        _pad: 0,
+    };
+    let hash = address_path_hash(address).filter(|hash| {
         // SAFETY: read-only use of the map value.
-        unsafe { WATCHED_UNIX.get(&hash) }.map(|_| (hash, is_server))
+        unsafe { WATCHED_UNIX.get(hash) }.is_some()
     });
-    let Some((hash, is_server)) = watched else {
-        let verdict = UnixVerdict {
-            cookie,
-            generation,
-            _pad: 0,
-        };
+    let Some(hash) = hash else {
         let _ = UNIX_CHECKED.insert(&key, &verdict, 0);
         return None;
     };
@@ -219,7 +221,13 @@ fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
     } else {
         role::CLIENT
     };
-    track(sk, key, state, hash, 0)
+    let tracked = track(sk, key, state, hash, 0);
+    if tracked.is_none() {
+        // The table is full (counted once in `track`): remember the socket as untracked so
+        // its every I/O does not count the same loss again.
+        let _ = UNIX_CHECKED.insert(&key, &verdict, 0);
+    }
+    tracked
 }
 
 /// A TCP connection on a watched port that existed before the probes were attached.

@@ -161,6 +161,7 @@ fn on_tracked_change(
 ) {
     match new_state {
         TCP_ESTABLISHED => {
+            snapshot_addresses(sk, state);
             if state.role == role::CLIENT && state.flags & SOCK_FLAG_OPEN_SENT == 0 {
                 emit_open(sk, state, 0, 0);
             }
@@ -248,19 +249,16 @@ pub fn header(record_kind: u32, size: usize, cookie: u64) -> EventHeader {
     }
 }
 
-/// Emits `CONN_OPEN` with the socket's addresses (for Unix, the path hash) and the owner
-/// recorded in `state`.
+/// (local port, remote port, local address, remote address) as the socket holds them now;
+/// ports in host order.
 #[inline(always)]
-pub fn emit_open(sk: *const c_void, state: &mut SockState, unix_hash: u64, flags: u8) {
+fn read_addresses(sk: *const c_void, family: u16) -> (u16, u16, [u8; 16], [u8; 16]) {
     let offsets = OFFSETS.load();
-    let family = state.family;
-    let dport: u16 = read_at(sk, offsets.sock_common_dport).unwrap_or(0);
     let num: u16 = read_at(sk, offsets.sock_common_num).unwrap_or(0);
+    let dport: u16 = read_at(sk, offsets.sock_common_dport).unwrap_or(0);
     let mut local_addr = [0u8; 16];
     let mut remote_addr = [0u8; 16];
-    if family == AF_UNIX {
-        local_addr[..8].copy_from_slice(&unix_hash.to_ne_bytes());
-    } else if family == AF_INET6 {
+    if family == AF_INET6 {
         local_addr = read_at(sk, offsets.sock_common_v6_rcv_saddr).unwrap_or([0; 16]);
         remote_addr = read_at(sk, offsets.sock_common_v6_daddr).unwrap_or([0; 16]);
     } else if family == AF_INET {
@@ -268,6 +266,39 @@ pub fn emit_open(sk: *const c_void, state: &mut SockState, unix_hash: u64, flags
         let remote: [u8; 4] = read_at(sk, offsets.sock_common_daddr).unwrap_or([0; 4]);
         local_addr[..4].copy_from_slice(&local);
         remote_addr[..4].copy_from_slice(&remote);
+    }
+    (num, u16::from_be(dport), local_addr, remote_addr)
+}
+
+#[inline(always)]
+fn snapshot_addresses(sk: *const c_void, state: &mut SockState) {
+    let (num, dport, local_addr, remote_addr) = read_addresses(sk, state.family);
+    state.local_port = num;
+    state.remote_port = dport;
+    state.local_addr = local_addr;
+    state.remote_addr = remote_addr;
+}
+
+/// Emits `CONN_OPEN` with the socket's addresses (for Unix, the path hash) and the owner
+/// recorded in `state`.
+#[inline(always)]
+pub fn emit_open(sk: *const c_void, state: &mut SockState, unix_hash: u64, flags: u8) {
+    let family = state.family;
+    let (mut num, mut dport, mut local_addr, mut remote_addr) = (0, 0, [0u8; 16], [0u8; 16]);
+    if family == AF_UNIX {
+        local_addr[..8].copy_from_slice(&unix_hash.to_ne_bytes());
+    } else {
+        let live = read_addresses(sk, family);
+        (num, dport, local_addr, remote_addr) = live;
+        if num == 0 && state.local_port != 0 {
+            // Closed before any I/O: the socket has already released its port.
+            (num, dport, local_addr, remote_addr) = (
+                state.local_port,
+                state.remote_port,
+                state.local_addr,
+                state.remote_addr,
+            );
+        }
     }
     emit::<ConnOpen>(|record| {
         // SAFETY: `record` points at a reserved, writable ring-buffer slot of this type;
@@ -286,7 +317,7 @@ pub fn emit_open(sk: *const c_void, state: &mut SockState, unix_hash: u64, flags
             (*record).remote_addr = remote_addr;
             if family != AF_UNIX {
                 (*record).local_port = num;
-                (*record).remote_port = u16::from_be(dport);
+                (*record).remote_port = dport;
             }
         }
     });

@@ -14,24 +14,28 @@ use crate::{
     maps::{OFFSETS, SCRATCH_PATH},
 };
 
-/// (path hash, true when the socket itself is bound to the path, i.e. the server side)
+/// The address a connected Unix socket belongs to: (its `struct unix_address`, true when
+/// the socket itself is bound to it, i.e. the server side). Socket pairs and unconnected
+/// sockets have none: they are rejected after two or three reads.
 #[inline(always)]
-pub fn unix_path_hash(sk: *const c_void) -> Option<(u64, bool)> {
+pub fn unix_address(sk: *const c_void) -> Option<(u64, bool)> {
     let offsets = OFFSETS.load();
     let own: u64 = read_at(sk, offsets.unix_sock_addr)?;
-    let (address, is_server) = if own != 0 {
-        (own, true)
-    } else {
-        let peer: u64 = read_at(sk, offsets.unix_sock_peer)?;
-        if peer == 0 {
-            return None;
-        }
-        let peer_address: u64 = read_at(peer as *const c_void, offsets.unix_sock_addr)?;
-        if peer_address == 0 {
-            return None;
-        }
-        (peer_address, false)
-    };
+    if own != 0 {
+        return Some((own, true));
+    }
+    let peer: u64 = read_at(sk, offsets.unix_sock_peer)?;
+    if peer == 0 {
+        return None;
+    }
+    let peer_address: u64 = read_at(peer as *const c_void, offsets.unix_sock_addr)?;
+    (peer_address != 0).then_some((peer_address, false))
+}
+
+/// Hash of the filesystem path of a `struct unix_address`; `None` for abstract names.
+#[inline(always)]
+pub fn address_path_hash(address: u64) -> Option<u64> {
+    let offsets = OFFSETS.load();
     let address = address as *const c_void;
     // `len` counts sun_family (2 bytes) plus the path.
     let len: i32 = read_at(address, offsets.unix_address_len)?;
@@ -45,5 +49,5 @@ pub fn unix_path_hash(sk: *const c_void) -> Option<(u64, bool)> {
         // Unnamed or abstract: libpq's sockets are filesystem paths.
         return None;
     }
-    Some((path_hash(&path[..], (len - 2) as usize), is_server))
+    Some(path_hash(&path[..], (len - 2) as usize))
 }

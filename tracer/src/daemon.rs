@@ -32,7 +32,7 @@ use crate::{
     conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
     decode::decode,
     detectors::{Finding, Thresholds},
-    discovery::{FoundConn, find_connections, watched_unix_listeners},
+    discovery::{FoundConn, find_connections, sockets_in_every_netns, watched_unix_listeners},
     events::{ConnFields, Event, EventBody, EventSink},
     metrics::{self, ConnLabels, ConnSnapshot, Metrics, short_container_id},
     owners::start_ticks,
@@ -47,6 +47,8 @@ const EVENT_QUEUE_CAPACITY: usize = 65_536;
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Detector and gauge pace.
 const TICK: Duration = Duration::from_secs(1);
+/// How often TCP connections are checked against the socket tables even without losses.
+const RECONCILE_TICKS: u64 = 10;
 /// How often the listening Unix sockets are looked for again (Postgres may restart).
 const UNIX_LISTENER_REFRESH_TICKS: u64 = 5;
 
@@ -177,6 +179,13 @@ struct Tracker {
     decode_errors: u64,
     untracked: u64,
     ticks: u64,
+    /// Kernel records were lost: some closes may be missing, check against the socket
+    /// tables at the next tick.
+    reconcile_needed: bool,
+    /// Kernel records are still queued (the last drain stopped at its batch limit).
+    backlog: bool,
+    /// When the last tick ran (monotonic ns): a long gap means the daemon was stopped.
+    last_tick_ns: u64,
 }
 
 impl Tracker {
@@ -391,8 +400,20 @@ impl Tracker {
     }
 
     fn tick(&mut self, probes: &mut Probes) {
+        if self.reconcile_needed && self.backlog {
+            // Records were lost and others are still queued: judge nothing until the queued
+            // closes are in, or connections whose close is queued would look gone or idle.
+            return;
+        }
         self.ticks += 1;
         let now = monotonic_ns();
+        if self.last_tick_ns != 0
+            && now.saturating_sub(self.last_tick_ns) > 3 * TICK.as_nanos() as u64
+        {
+            // The daemon did not run for a while (stopped, starved): check for missed closes.
+            self.reconcile_needed = true;
+        }
+        self.last_tick_ns = now;
 
         if self.ticks.is_multiple_of(UNIX_LISTENER_REFRESH_TICKS)
             && self.refresh_unix_listeners().is_some()
@@ -410,6 +431,10 @@ impl Tracker {
             }
         }
         self.close_gone_unix(probes, now);
+        if self.reconcile_needed || self.ticks.is_multiple_of(RECONCILE_TICKS) {
+            self.reconcile_needed = false;
+            self.close_gone_tcp(probes, now);
+        }
 
         // Live state, detectors, gauges.
         let mut findings = Vec::new();
@@ -515,6 +540,42 @@ impl Tracker {
         }
     }
 
+    /// TCP connections whose close record was lost (ring full) would stay open forever and
+    /// turn into false leaks: any that the socket tables no longer list are closed here.
+    fn close_gone_tcp(&mut self, probes: &mut Probes, now: u64) {
+        let tcp: Vec<(u64, u64)> = self
+            .table
+            .iter()
+            .filter(|c| c.transport == Transport::Tcp)
+            .map(|c| (c.cookie, c.sock_key))
+            .collect();
+        if tcp.is_empty() {
+            return;
+        }
+        let alive: HashSet<u64> = match sockets_in_every_netns(Path::new("/proc")) {
+            Ok((sockets, _)) => sockets.into_iter().map(|s| s.cookie).collect(),
+            Err(err) => {
+                log::warn!("listing TCP sockets: {err}");
+                return;
+            }
+        };
+        for (cookie, key) in tcp {
+            if alive.contains(&cookie) {
+                continue;
+            }
+            // Still in the kernel table: its close record is on its way, not lost.
+            if key != 0 && probes.sock_state(key).is_some_and(|s| s.cookie == cookie) {
+                continue;
+            }
+            let Some(mut conn) = self.table.remove(cookie) else {
+                continue;
+            };
+            log::debug!("connection {cookie} is gone without a close record");
+            let (sent, received) = (conn.live.bytes_sent, conn.live.bytes_received);
+            self.closed(&mut conn, now, sent, received, ClosedBy::Unknown);
+        }
+    }
+
     fn report_lost(&self, count: u64, location: &'static str) {
         if count > 0 {
             self.metrics.events_lost(location, count);
@@ -551,9 +612,12 @@ fn drain(ring: &mut RingBuf<MapData>, tracker: &mut Tracker, limit: usize) -> bo
     false
 }
 
-fn report_losses(probes: &Probes, tracker: &Tracker, reported: &mut Reported) {
+fn report_losses(probes: &Probes, tracker: &mut Tracker, reported: &mut Reported) {
     match probes.losses() {
         Ok(now) => {
+            if now != reported.kernel {
+                tracker.reconcile_needed = true;
+            }
             tracker.report_lost(now.ring_full - reported.kernel.ring_full, "kernel_ring");
             tracker.report_lost(now.table_full - reported.kernel.table_full, "kernel_table");
             reported.kernel = now;
@@ -640,6 +704,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         decode_errors: 0,
         untracked: 0,
         ticks: 0,
+        reconcile_needed: false,
+        backlog: false,
+        last_tick_ns: 0,
     };
 
     // Watch the Unix sockets Postgres listens on, then seed the connections that already
@@ -684,13 +751,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 // Leave readiness set when records remain, so the loop comes straight back.
-                if drain(guard.get_inner_mut(), &mut tracker, DRAIN_BATCH) {
+                let empty = drain(guard.get_inner_mut(), &mut tracker, DRAIN_BATCH);
+                tracker.backlog = !empty;
+                if empty {
                     guard.clear_ready();
                 }
             }
             _ = tick.tick() => {
+                // Losses first: they trigger the check for missed closes, which must run
+                // before the detectors see the missed ones as idle.
+                report_losses(&probes, &mut tracker, &mut reported);
                 tracker.tick(&mut probes);
-                report_losses(&probes, &tracker, &mut reported);
             }
         }
     }
@@ -708,7 +779,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     ready.store(false, Ordering::SeqCst);
     // Whatever the kernel already queued is still reported.
     drain(ring.get_mut(), &mut tracker, usize::MAX);
-    report_losses(&probes, &tracker, &mut reported);
+    report_losses(&probes, &mut tracker, &mut reported);
     drop(ring);
     drop(probes);
     let _ = stop_metrics.send(());
