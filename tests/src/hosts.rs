@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{TempDir, free_port, run_ok};
+use crate::{TempDir, run_ok};
 
 /// Root of the cgroup2 hierarchy on these hybrid hosts.
 pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
@@ -124,91 +124,7 @@ impl Drop for FakeContainer {
     }
 }
 
-/// The newest installed Postgres's `bin` directory (the one `pg_wrapper` runs).
-pub fn postgres_bin_dir() -> Result<PathBuf> {
-    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
-        .context("Postgres is not installed (run `cargo xtask setup`)")?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("postgres").exists())
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .context("no Postgres server binaries under /usr/lib/postgresql")
-}
-
-fn as_postgres(program: &Path) -> Command {
-    let mut cmd = Command::new("runuser");
-    cmd.args(["-u", "postgres", "--"]).arg(program);
-    cmd
-}
-
-/// A temporary Postgres cluster like [`crate::Postgres`], listening on the addresses given
-/// (for example a veth address another network namespace reaches it on).
-pub struct PostgresOn {
-    pub port: u16,
-    pub socket_dir: PathBuf,
-    data_dir: PathBuf,
-    bin: PathBuf,
-    _dir: TempDir,
-}
-
-impl PostgresOn {
-    /// `listen_addresses` is Postgres's setting: a comma-separated list of addresses.
-    pub fn start(listen_addresses: &str) -> Result<Self> {
-        let bin = postgres_bin_dir()?;
-        let dir = TempDir::new("pg-on")?;
-        run_ok(Command::new("chown").arg("postgres:postgres").arg(&dir.0))?;
-        let data_dir = dir.0.join("data");
-        let socket_dir = dir.0.join("sock");
-        fs::create_dir_all(&socket_dir)?;
-        run_ok(
-            Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(&socket_dir),
-        )?;
-        run_ok(
-            as_postgres(&bin.join("initdb"))
-                .args(["-A", "trust", "-U", "postgres", "-N", "-D"])
-                .arg(&data_dir),
-        )?;
-        // Trust from anywhere: the cluster only listens where the test says.
-        let mut hba = fs::OpenOptions::new()
-            .append(true)
-            .open(data_dir.join("pg_hba.conf"))?;
-        writeln!(hba, "host all all 0.0.0.0/0 trust")?;
-        let port = free_port()?;
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses='{listen_addresses}' -c fsync=off",
-            socket_dir.display()
-        );
-        run_ok(
-            as_postgres(&bin.join("pg_ctl"))
-                .args(["-w", "-t", "60", "-D"])
-                .arg(&data_dir)
-                .arg("-l")
-                .arg(dir.0.join("log"))
-                .args(["-o", &options, "start"]),
-        )?;
-        Ok(Self {
-            port,
-            socket_dir,
-            data_dir,
-            bin,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for PostgresOn {
-    fn drop(&mut self) {
-        let _ = as_postgres(&self.bin.join("pg_ctl"))
-            .args(["-m", "immediate", "-D"])
-            .arg(&self.data_dir)
-            .arg("stop")
-            .output();
-    }
-}
+pub use crate::postgres_bin_dir;
 
 /// Another network namespace joined to this host by a veth pair: `host_ip` on this side,
 /// `ns_ip` inside. Deleted on drop (which deletes the pair too).

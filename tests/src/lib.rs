@@ -81,7 +81,7 @@ pub fn run_ok(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-fn postgres_bin_dir() -> Result<PathBuf> {
+pub fn postgres_bin_dir() -> Result<PathBuf> {
     let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
         .context("Postgres is not installed (run `cargo xtask setup`)")?
         .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -111,6 +111,12 @@ fn as_postgres(program: &Path) -> Command {
 
 impl Postgres {
     pub fn start() -> Result<Self> {
+        Self::start_listening("127.0.0.1,::1")
+    }
+
+    /// A cluster listening on `listen_addresses` (Postgres's comma list; for example a veth
+    /// address another network namespace reaches it on), trusting every client.
+    pub fn start_listening(listen_addresses: &str) -> Result<Self> {
         let bin = postgres_bin_dir()?;
         let dir = TempDir::new("pg")?;
         run_ok(
@@ -131,9 +137,14 @@ impl Postgres {
                 .args(["-A", "trust", "-U", "postgres", "-N", "-D"])
                 .arg(&data_dir),
         )?;
+        // Trust from anywhere: the cluster only listens where the test says.
+        let mut hba = fs::OpenOptions::new()
+            .append(true)
+            .open(data_dir.join("pg_hba.conf"))?;
+        std::io::Write::write_all(&mut hba, b"host all all 0.0.0.0/0 trust\n")?;
         let port = free_port()?;
         let options = format!(
-            "-p {port} -k {} -c listen_addresses='127.0.0.1,::1' -c fsync=off -c max_connections=300",
+            "-p {port} -k {} -c listen_addresses='{listen_addresses}' -c fsync=off -c max_connections=300",
             socket_dir.display()
         );
         run_ok(

@@ -12,8 +12,8 @@ use serde_json::json;
 use tests::{
     Postgres, Tracer, Value, conn_events,
     hosts::{
-        FakeContainer, HeldConn, NetNs, PYTHON, PostgresOn, PyClient, cgroup2_of, cmdline_of,
-        conn_spec, dsn, postgres_bin_dir, random_hex, random_pod_uid, ts_secs, wall_now,
+        FakeContainer, HeldConn, NetNs, PYTHON, PyClient, cgroup2_of, cmdline_of, conn_spec, dsn,
+        postgres_bin_dir, random_hex, random_pod_uid, ts_secs, wall_now,
     },
     lines, require_root, run_ok, tracer_bin,
 };
@@ -605,7 +605,7 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
         return;
     }
     let ns = NetNs::create().expect("network namespace");
-    let pg = PostgresOn::start(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
+    let pg = Postgres::start_listening(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     // The shell prints its pid and execs psql under it.
     let mut cmd = ns.command("sh");
@@ -677,7 +677,7 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
         return;
     }
     let ns = NetNs::create().expect("network namespace");
-    let pg = PostgresOn::start(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
+    let pg = Postgres::start_listening(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
     let target = dsn(&ns.host_ip, pg.port);
     let holder = PyClient::start_with(
         &[conn_spec(&target, true), conn_spec(&target, false)],
