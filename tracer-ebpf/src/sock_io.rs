@@ -28,7 +28,7 @@ use crate::{
         OFFSETS, SOCKS, UNIX_CHECKED, UnixVerdict, WATCHED_UNIX, count_loss, emit, scratch_state,
         setting_value,
     },
-    sock_state::{emit_close, emit_open, emit_peer_closed, header, tcp_role},
+    sock_state::{emit_close, emit_open, emit_peer_closed, header, preexisting_state},
     unix::{address_path_hash, unix_address},
     user_buf::{current_syscall_buffer, head, tail8},
 };
@@ -233,15 +233,7 @@ fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
 /// A TCP connection on a watched port that existed before the probes were attached.
 #[inline(never)]
 fn adopt_tcp(sk: *const c_void, key: u64, family: u16) -> Option<*mut SockState> {
-    let sock_role = tcp_role(sk)?;
-    let state = scratch_state()?;
-    // SAFETY: `sk` is the tracepoint's socket argument.
-    state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
-    // SAFETY: helper without arguments.
-    state.start_ns = unsafe { bpf_ktime_get_ns() };
-    state.family = family;
-    state.role = sock_role;
-    state.flags = SOCK_FLAG_PREEXISTING;
+    let state = preexisting_state(sk, family)?;
     track(sk, key, state, 0, OPEN_FLAG_PREEXISTING)
 }
 

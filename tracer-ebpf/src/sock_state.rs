@@ -86,16 +86,8 @@ pub fn tcp_role(sk: *const c_void) -> Option<u8> {
 
 #[inline(never)]
 fn adopt_preexisting(sk: *const c_void, key: u64) -> Option<*mut SockState> {
-    let sock_role = tcp_role(sk)?;
     let family: u16 = read_at(sk, OFFSETS.load().sock_common_family)?;
-    let state = scratch_state()?;
-    // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
-    state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
-    // SAFETY: helper without arguments.
-    state.start_ns = unsafe { bpf_ktime_get_ns() };
-    state.family = family;
-    state.role = sock_role;
-    state.flags = SOCK_FLAG_PREEXISTING;
+    let state = preexisting_state(sk, family)?;
     if SOCKS.insert(&key, state, 0).is_err() {
         count_loss(loss::TABLE_FULL);
         return None;
@@ -105,6 +97,22 @@ fn adopt_preexisting(sk: *const c_void, key: u64) -> Option<*mut SockState> {
     // SAFETY: the map value stays valid while this program runs.
     emit_open(sk, unsafe { &mut *entry }, 0, OPEN_FLAG_PREEXISTING);
     Some(entry)
+}
+
+/// A new entry (in per-CPU scratch) for a TCP connection on a watched port that existed
+/// before the probes were attached; `None` for other sockets.
+#[inline(always)]
+pub fn preexisting_state(sk: *const c_void, family: u16) -> Option<&'static mut SockState> {
+    let sock_role = tcp_role(sk)?;
+    let state = scratch_state()?;
+    // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
+    state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    // SAFETY: helper without arguments.
+    state.start_ns = unsafe { bpf_ktime_get_ns() };
+    state.family = family;
+    state.role = sock_role;
+    state.flags = SOCK_FLAG_PREEXISTING;
+    Some(state)
 }
 
 /// Starts tracking a socket whose connection begins on a watched port; true when the
