@@ -1005,10 +1005,12 @@ fn host_cgroup_of(pid: u32) -> Container {
     container(path, None, None, None, unit)
 }
 
-/// The command line psql runs under (`pg_wrapper` execs the real binary with its arguments).
+/// The command line psql runs under (`pg_wrapper` execs the real binary with its arguments),
+/// as events show it: the SQL after `-c` is hidden (events never carry query text).
 fn psql_cmdline(host: &str, port: u16, sql: &str) -> String {
+    assert!(!sql.is_empty());
     format!(
-        "{} -X -A -t -U postgres -d postgres -h {host} -p {port} -c {sql}",
+        "{} -X -A -t -U postgres -d postgres -h {host} -p {port} -c <sql>",
         psql_exe()
     )
 }
