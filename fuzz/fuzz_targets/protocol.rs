@@ -6,7 +6,8 @@ use libfuzzer_sys::fuzz_target;
 use tracer_common::{
     proto,
     protocol::{
-        CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, TX_FAILED, TX_IDLE,
+        CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, MAX_CANCEL_KEY_LEN, SSL_REQUEST_CODE,
+        TLS_HANDSHAKE_RECORD, TX_FAILED, TX_IDLE,
         TX_IN_TRANSACTION, after_first_server_byte, classify_client_packet, ready_for_query_status,
         roll_chunk,
     },
@@ -41,16 +42,22 @@ fuzz_target!(|data: &[u8]| {
     let len = u32::from_be_bytes(packet[..4].try_into().expect("4"));
     let code = u32::from_be_bytes(packet[4..].try_into().expect("4"));
     assert_ne!(bits & proto::FIRST_CLIENT_PACKET, 0);
+    let tls_record = packet[0] == TLS_HANDSHAKE_RECORD && packet[1] == 3;
+    assert_eq!(bits & proto::ENCRYPTED != 0, tls_record, "direct TLS (a ClientHello first)");
     assert_eq!(
         bits & proto::ENCRYPTION_REQUESTED != 0,
-        len == 8 && (code == SSL_REQUEST_CODE || code == GSSENC_REQUEST_CODE)
+        !tls_record && len == 8 && (code == SSL_REQUEST_CODE || code == GSSENC_REQUEST_CODE)
     );
+    // CancelRequest: 12 bytes plus a key of up to MAX_CANCEL_KEY_LEN (protocol 3.2).
     assert_eq!(
         bits & proto::CANCEL != 0,
-        len == 16 && code == CANCEL_REQUEST_CODE
+        !tls_record && code == CANCEL_REQUEST_CODE && len > 12 && len <= 12 + MAX_CANCEL_KEY_LEN
     );
     assert_eq!(
-        bits & !(proto::FIRST_CLIENT_PACKET | proto::ENCRYPTION_REQUESTED | proto::CANCEL),
+        bits & !(proto::FIRST_CLIENT_PACKET
+            | proto::ENCRYPTION_REQUESTED
+            | proto::CANCEL
+            | proto::ENCRYPTED),
         0
     );
     let server_byte = head[8];
