@@ -346,6 +346,30 @@ pub fn loaded_program_names() -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
+/// (id, name) of the BPF programs loaded right now.
+pub fn loaded_programs() -> Result<Vec<(u64, String)>> {
+    let out = run_ok(Command::new("bpftool").args(["-j", "prog", "show"]))?;
+    let progs: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(progs
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Program ids the BPF links attached right now point at (`bpftool link show`).
+pub fn linked_program_ids() -> Result<Vec<u64>> {
+    let out = run_ok(Command::new("bpftool").args(["-j", "link", "show"]))?;
+    let links: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(links
+        .as_array()
+        .map(|a| a.iter().filter_map(|l| l["prog_id"].as_u64()).collect())
+        .unwrap_or_default())
+}
+
 /// tracefs is not mounted at boot on these machines; classic-tracepoint tools (tcplife)
 /// need it.
 pub fn ensure_tracefs() -> Result<()> {

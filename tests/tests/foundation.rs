@@ -9,8 +9,8 @@ use std::{
 };
 
 use tests::{
-    Postgres, Tracer, Value, conn_events, ensure_tracefs, lines, loaded_program_names, port_of,
-    require_root, run_ok,
+    Postgres, Tracer, Value, conn_events, ensure_tracefs, lines, linked_program_ids,
+    loaded_program_names, loaded_programs, port_of, require_root, run_ok,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -311,10 +311,18 @@ fn sigterm_under_load_exits_zero_quickly_and_detaches_everything() {
     let pg = Postgres::start().expect("postgres");
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     let ours = |names: &[String]| names.iter().filter(|n| n.starts_with("pgc_")).count();
-    assert_eq!(
-        ours(&loaded_program_names().expect("bpftool")),
-        3,
-        "our three programs load"
+    // This daemon's programs (other tracers may run on the machine) and their links.
+    let before: Vec<u64> = loaded_programs()
+        .expect("bpftool")
+        .into_iter()
+        .filter(|(_, name)| name.starts_with("pgc_"))
+        .map(|(id, _)| id)
+        .collect();
+    assert!(before.len() >= 3, "our three programs load");
+    let linked = linked_program_ids().expect("bpftool link");
+    assert!(
+        before.iter().filter(|id| linked.contains(id)).count() >= 3,
+        "our three programs are attached through links"
     );
 
     // Keep connections churning while the daemon stops.
@@ -341,10 +349,22 @@ fn sigterm_under_load_exits_zero_quickly_and_detaches_everything() {
     let runs = load.join().expect("load");
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
+    let after: Vec<u64> = loaded_programs()
+        .expect("bpftool")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let left: Vec<&u64> = before.iter().filter(|id| after.contains(id)).collect();
+    assert!(left.is_empty(), "programs left behind: {left:?}");
+    let linked = linked_program_ids().expect("bpftool link");
+    assert!(
+        !before.iter().any(|id| linked.contains(id)),
+        "links left behind"
+    );
     assert_eq!(
         ours(&loaded_program_names().expect("bpftool")),
         0,
-        "programs left behind"
+        "no pgc_ program at all"
     );
     eprintln!("stopped in {took:?} under load ({runs} psql runs)");
 }

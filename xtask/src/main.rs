@@ -166,10 +166,17 @@ fn main() -> Result<()> {
             }
             run(cargo().args(["build", "--package", "tracer"]))?;
             let mut cmd = cargo();
-            cmd.args(["test", "--package", "tests", "--", "--test-threads=1"])
-                .env("TRACER_BIN", root_dir().join("target/debug/tracer"))
-                // A root test that cannot run fails instead of skipping.
-                .env("TRACER_REQUIRE_ROOT_TESTS", "1");
+            cmd.args([
+                "test",
+                "--package",
+                "tests",
+                "--",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("TRACER_BIN", root_dir().join("target/debug/tracer"))
+            // A root test that cannot run fails instead of skipping.
+            .env("TRACER_REQUIRE_ROOT_TESTS", "1");
             if let Some(filter) = filter {
                 cmd.arg(filter);
             }
