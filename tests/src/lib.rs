@@ -187,6 +187,30 @@ impl Drop for Postgres {
     }
 }
 
+/// Runs `cmd` (psql) and returns (its pid, the backend pid it printed first).
+pub fn psql_backend(mut cmd: Command) -> (u32, u32) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn psql");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("psql");
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let backend = text
+        .trim()
+        .split('|')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no backend pid in {text:?}"));
+    (pid, backend)
+}
+
 pub fn tracer_bin() -> PathBuf {
     std::env::var_os("TRACER_BIN")
         .map(PathBuf::from)

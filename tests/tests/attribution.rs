@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -15,7 +15,7 @@ use tests::{
         FakeContainer, HeldConn, NetNs, PYTHON, PyClient, cgroup2_of, cmdline_of, conn_spec, dsn,
         postgres_bin_dir, random_hex, random_pod_uid, ts_secs, wall_now,
     },
-    lines, require_root, run_ok, tracer_bin,
+    lines, psql_backend, require_root, run_ok, tracer_bin,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -325,30 +325,6 @@ fn every_runtime_cgroup_layout_is_recognised() {
             Some(service.clone()),
         ),
     ]);
-}
-
-/// Runs `cmd` (psql) and returns (its pid, the backend pid it printed first).
-fn psql_backend(mut cmd: Command) -> (u32, u32) {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn psql");
-    let pid = child.id();
-    let out = child.wait_with_output().expect("psql");
-    assert!(
-        out.status.success(),
-        "psql: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let backend = text
-        .trim()
-        .split('|')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no backend pid in {text:?}"));
-    (pid, backend)
 }
 
 fn socket_path(pg: &Postgres) -> String {

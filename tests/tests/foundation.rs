@@ -10,7 +10,7 @@ use std::{
 
 use tests::{
     Postgres, Tracer, Value, conn_events, ensure_tracefs, lines, linked_program_ids,
-    loaded_program_names, loaded_programs, port_of, require_root, run_ok,
+    loaded_program_names, loaded_programs, port_of, psql_backend, require_root, run_ok,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -24,27 +24,7 @@ fn of_type<'a>(events: &'a [Value], kind: &str, role: &str) -> Vec<&'a Value> {
 
 /// Runs psql and returns (psql's pid, the backend pid it printed).
 fn psql_with_backend_pid(pg: &Postgres, host: &str, sql_tail: &str) -> (u32, u32) {
-    let child = pg
-        .psql(host, &format!("select pg_backend_pid(){sql_tail}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn psql");
-    let psql_pid = child.id();
-    let out = child.wait_with_output().expect("psql");
-    assert!(
-        out.status.success(),
-        "psql: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let backend = text
-        .trim()
-        .split('|')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no backend pid in {text:?}"));
-    (psql_pid, backend)
+    psql_backend(pg.psql(host, &format!("select pg_backend_pid(){sql_tail}")))
 }
 
 #[test]
