@@ -333,36 +333,8 @@ impl Tracker {
 
     /// Seeds the table with the connections that existed before the probes.
     fn seed(&mut self, found: Vec<FoundConn>, now: u64) {
-        let proc_root = Path::new("/proc");
         for f in found {
-            let pid = f.pid().unwrap_or(0);
-            let comm = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
-                .map(|c| c.trim_end().to_owned())
-                .unwrap_or_default();
-            let owner = Owner {
-                pid,
-                uid: f.uid,
-                cgroup_id: 0,
-                comm,
-                start_boottime_ns: 0,
-            };
-            let ago = |s: Option<f64>| s.map_or(0, |s| now.saturating_sub((s * 1e9) as u64));
-            let mut conn = Conn::new(
-                f.cookie,
-                f.role,
-                f.transport,
-                f.local.clone(),
-                f.remote.clone(),
-                owner,
-                now,
-            );
-            conn.preexisting = true;
-            conn.born_ns = now.saturating_sub((f.age_s * 1e9) as u64);
-            conn.found_to_server_ns = ago(f.to_server_ago_s);
-            conn.found_from_server_ns = ago(f.from_server_ago_s);
-            if f.peer_closed {
-                conn.peer_closed_ns = Some(now);
-            }
+            let conn = f.to_conn(now, Path::new("/proc"));
             if f.transport == Transport::Unix {
                 self.unix_paths.insert(
                     path_hash(f.remote.as_bytes(), f.remote.len()),

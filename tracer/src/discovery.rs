@@ -6,8 +6,9 @@
 use std::{collections::HashMap, net::SocketAddr, path::Path};
 
 use crate::{
-    conn_table::{Role, Transport},
+    conn_table::{Conn, Owner, Role, Transport},
     owners::{process_age_s, socket_owners},
+    process::read_details,
     sockdiag::{self, DiagError, TCP_CLOSE_WAIT, TCP_LISTEN, TcpSocket, UnixConnection, UnixRole},
 };
 
@@ -36,6 +37,43 @@ impl FoundConn {
     /// The owner: the lowest pid holding the socket (the parent, after a fork).
     pub fn pid(&self) -> Option<u32> {
         self.pids.first().copied()
+    }
+
+    /// The connection as the daemon tracks it, at monotonic time `now` (ns): owner from
+    /// `/proc`, timings and age turned into timestamps.
+    pub fn to_conn(&self, now: u64, proc_root: &Path) -> Conn {
+        let pid = self.pid().unwrap_or(0);
+        let comm = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
+            .map(|c| c.trim_end().to_owned())
+            .unwrap_or_default();
+        let owner = Owner {
+            pid,
+            uid: self.uid,
+            cgroup_id: 0,
+            comm,
+            start_boottime_ns: 0,
+        };
+        let ago = |s: Option<f64>| s.map_or(0, |s| now.saturating_sub((s * 1e9) as u64));
+        let mut conn = Conn::new(
+            self.cookie,
+            self.role,
+            self.transport,
+            self.local.clone(),
+            self.remote.clone(),
+            owner,
+            now,
+        );
+        conn.preexisting = true;
+        conn.born_ns = now.saturating_sub((self.age_s * 1e9) as u64);
+        conn.found_to_server_ns = ago(self.to_server_ago_s);
+        conn.found_from_server_ns = ago(self.from_server_ago_s);
+        if self.peer_closed {
+            conn.peer_closed_ns = Some(now);
+        }
+        if pid != 0 {
+            conn.details = read_details(proc_root, pid);
+        }
+        conn
     }
 
     /// Seconds since any bytes moved, when known.

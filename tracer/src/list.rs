@@ -12,64 +12,21 @@ use crate::{
     config::Glob,
     conn_table::{Role, Transport},
     discovery::{FoundConn, find_connections},
-    process::{Container, read_details},
+    events::ConnFields,
 };
 
 /// One line of `tracer list --json`: the event field names.
 #[derive(Debug, Serialize)]
 pub struct ListedConn {
-    pub conn_id: String,
-    pub role: Role,
-    pub transport: Transport,
-    pub local: String,
-    pub remote: String,
-    pub pid: u32,
-    pub comm: String,
-    pub exe: Option<String>,
-    pub cmdline: Option<String>,
-    pub uid: u32,
-    pub cgroup: Option<String>,
     #[serde(flatten)]
-    pub container: Container,
-    pub state: &'static str,
+    pub conn: ConnFields,
     pub age_s: f64,
     pub idle_s: Option<f64>,
 }
 
-pub fn state_of(found: &FoundConn) -> &'static str {
-    if found.peer_closed {
-        return "close_wait";
-    }
-    match (found.to_server_ago_s, found.from_server_ago_s) {
-        (Some(to), Some(from)) if to < from => "active",
-        _ => "unknown",
-    }
-}
-
-pub fn describe(found: &FoundConn, proc_root: &Path) -> ListedConn {
-    let pid = found.pid().unwrap_or(0);
-    let details = if pid == 0 {
-        Default::default()
-    } else {
-        read_details(proc_root, pid)
-    };
-    let comm = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
-        .map(|c| c.trim_end().to_owned())
-        .unwrap_or_default();
+pub fn describe(found: &FoundConn, now: u64, proc_root: &Path) -> ListedConn {
     ListedConn {
-        conn_id: found.cookie.to_string(),
-        role: found.role,
-        transport: found.transport,
-        local: found.local.clone(),
-        remote: found.remote.clone(),
-        pid,
-        comm,
-        exe: details.exe,
-        cmdline: details.cmdline,
-        uid: found.uid,
-        cgroup: details.cgroup,
-        container: details.container,
-        state: state_of(found),
+        conn: ConnFields::new(&found.to_conn(now, proc_root)),
         age_s: found.age_s,
         idle_s: found.idle_s(),
     }
@@ -82,7 +39,8 @@ pub fn run(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     found.sort_by(|a, b| {
         (a.transport as u8, &a.remote, &a.local).cmp(&(b.transport as u8, &b.remote, &b.local))
     });
-    let listed: Vec<ListedConn> = found.iter().map(|f| describe(f, proc_root)).collect();
+    let now = crate::daemon::monotonic_ns();
+    let listed: Vec<ListedConn> = found.iter().map(|f| describe(f, now, proc_root)).collect();
     if args.json {
         for conn in &listed {
             writeln!(out, "{}", serde_json::to_string(conn)?)?;
@@ -91,29 +49,19 @@ pub fn run(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "{:<8} {:<6} {:<18} {:<8} {:<16} {:<12} {:<32} {:<32} {:<11} {:>9} {:>9}",
-        "PID",
-        "ROLE",
-        "COMM",
-        "TRANS",
-        "CONTAINER",
-        "",
-        "LOCAL",
-        "REMOTE",
-        "STATE",
-        "AGE_S",
-        "IDLE_S"
+        "{:<8} {:<6} {:<16} {:<5} {:<12} {:<40} {:<40} {:<28} {:>9} {:>9}",
+        "PID", "ROLE", "COMM", "TRANS", "CONTAINER", "LOCAL", "REMOTE", "STATE", "AGE_S", "IDLE_S"
     )?;
-    for c in &listed {
+    for listed in &listed {
+        let c = &listed.conn;
         let container = c
-            .container
             .container_id
             .as_deref()
             .map(|id| &id[..12.min(id.len())])
             .unwrap_or("-");
         writeln!(
             out,
-            "{:<8} {:<6} {:<18} {:<8} {:<16} {:<12} {:<32} {:<32} {:<11} {:>9.1} {:>9}",
+            "{:<8} {:<6} {:<16} {:<5} {:<12} {:<40} {:<40} {:<28} {:>9.1} {:>9}",
             c.pid,
             match c.role {
                 Role::Client => "client",
@@ -125,16 +73,11 @@ pub fn run(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
                 Transport::Unix => "unix",
             },
             container,
-            c.container
-                .pod_uid
-                .as_deref()
-                .map(|p| &p[..8.min(p.len())])
-                .unwrap_or(""),
             if c.local.is_empty() { "-" } else { &c.local },
             c.remote,
-            c.state,
-            c.age_s,
-            c.idle_s.map_or("-".to_owned(), |s| format!("{s:.1}")),
+            c.state.as_str(),
+            listed.age_s,
+            listed.idle_s.map_or("-".to_owned(), |s| format!("{s:.1}")),
         )?;
     }
     Ok(())
