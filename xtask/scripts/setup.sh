@@ -20,7 +20,7 @@ for p in "${PKGS[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     need_root
-    echo "setup: apt-get install ${missing[*]}"
+    echo "setup: apt-get install ${missing[*]}" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # The postgresql package starts a cluster on 5432; the tests run their own.
@@ -28,14 +28,14 @@ fi
 
 # rust-src: the eBPF crate is built with -Z build-std=core.
 if ! rustup component list --installed --toolchain stable 2>/dev/null | grep -q '^rust-src'; then
-    echo "setup: rustup component add rust-src"
+    echo "setup: rustup component add rust-src" >&2
     rustup component add rust-src --toolchain stable
 fi
 
 # bpf-linker 0.13 against Debian's LLVM 22 (matches the LLVM inside rustc 1.95).
 if ! command -v bpf-linker >/dev/null 2>&1; then
-    echo "setup: cargo install bpf-linker (about a minute)"
+    echo "setup: cargo install bpf-linker (about a minute)" >&2
     LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --version 0.13.0 \
         --no-default-features --features llvm-22
 fi
-echo "setup: ok"
+echo "setup: ok" >&2
