@@ -12,7 +12,7 @@ need_root() {
 
 # Debian packages: real servers and peer tools for the tests, LLVM 22 for bpf-linker.
 PKGS=(postgresql pgbouncer libbpf-tools bpftool prometheus python3-psycopg2
-      llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 libcap2-bin strace
+      llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 libcap2-bin strace openssl
       openjdk-17-jdk-headless libpostgresql-jdbc-java)
 missing=()
 for p in "${PKGS[@]}"; do
