@@ -457,14 +457,9 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
         missing_opens <= lost_total && missing_closes <= lost_total,
         "{missing_opens} opens and {missing_closes} closes missing but only {lost_total} records counted lost"
     );
-    // Known limit: when hundreds of thousands of records are lost, a close lost in the
-    // window between two checks against the socket tables can still yield a rare stale
-    // verdict; allow at most one per 100,000 lost records, none without losses.
-    let allowed = (lost_total / 100_000) as usize;
     assert!(
-        false_leaks.len() <= allowed,
-        "leaks for connections that are gone ({} allowed): {}",
-        allowed,
+        false_leaks.is_empty(),
+        "leaks for connections that are gone: {}",
         dump(&false_leaks)
     );
     drop(held);

@@ -372,9 +372,9 @@ impl Tracker {
     }
 
     fn tick(&mut self, probes: &mut Probes) {
-        if self.reconcile_needed && self.backlog {
-            // Records were lost and others are still queued: judge nothing until the queued
-            // closes are in, or connections whose close is queued would look gone or idle.
+        if self.backlog {
+            // Kernel records are still queued: judge nothing until they are in, or a
+            // connection whose close is queued would look idle (or, after losses, gone).
             return;
         }
         self.ticks += 1;
