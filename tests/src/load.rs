@@ -43,8 +43,9 @@ pub fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 
-/// Closes with RST (SO_LINGER 0): no TIME_WAIT, so heavy churn does not run out of ports.
-pub fn close_with_reset(stream: TcpStream) {
+/// Sets SO_LINGER 0: the close sends a reset and leaves no TIME_WAIT behind, so a tight
+/// connect loop cannot run out of ephemeral ports.
+pub fn reset_on_close(stream: &TcpStream) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -55,10 +56,15 @@ pub fn close_with_reset(stream: TcpStream) {
             stream.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as u32,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
         )
     };
+}
+
+/// Closes with RST (SO_LINGER 0).
+pub fn close_with_reset(stream: TcpStream) {
+    reset_on_close(&stream);
     drop(stream);
 }
 

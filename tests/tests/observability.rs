@@ -6,7 +6,6 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream},
-    os::fd::AsRawFd,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{
         Arc, Mutex,
@@ -17,6 +16,7 @@ use std::{
 
 use tests::{
     Postgres, TempDir, Tracer, Value, free_port, lines,
+    load::reset_on_close,
     prom::{Prometheus, http_get, promtool_check_metrics, sample_value},
     require_root, run_ok,
     schema::validate_event,
@@ -450,25 +450,6 @@ fn promtool_finds_no_problem_in_a_real_scrape() {
         "promtool check metrics: {status}\n{output}\nscrape:\n{body}"
     );
     leaky.close();
-}
-
-/// Sets SO_LINGER 0: the close sends a reset and leaves no TIME_WAIT behind, so a tight
-/// connect loop cannot run out of ephemeral ports.
-fn reset_on_close(stream: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid socket fd and a correctly sized option value.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
 }
 
 /// Connections per second of each of the two raw churn workers.

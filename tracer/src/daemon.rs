@@ -410,20 +410,32 @@ impl Tracker {
 
         // Live state, detectors, gauges.
         let mut findings = Vec::new();
+        let mut ended_unseen = false;
         for conn in self.table.iter_mut() {
-            if conn.sock_key != 0
-                && let Some(live) = probes.sock_state(conn.sock_key)
-                && live.cookie == conn.cookie
-            {
-                conn.live = live;
-                if live.flags & SOCK_FLAG_PEER_CLOSED != 0 {
-                    conn.peer_closed_ns.get_or_insert(now);
+            if conn.sock_key != 0 {
+                match probes
+                    .sock_state(conn.sock_key)
+                    .filter(|live| live.cookie == conn.cookie)
+                {
+                    Some(live) => {
+                        conn.live = live;
+                        if live.flags & SOCK_FLAG_PEER_CLOSED != 0 {
+                            conn.peer_closed_ns.get_or_insert(now);
+                        }
+                    }
+                    None => {
+                        // The kernel has let go of it: it ended and its close record is
+                        // queued or was lost. No verdict on it; the next check settles it.
+                        ended_unseen = true;
+                        continue;
+                    }
                 }
             }
             for finding in conn.episodes.evaluate(&conn.view(), now, &self.limits) {
                 findings.push((conn.cookie, finding));
             }
         }
+        self.reconcile_needed |= ended_unseen;
         for (cookie, finding) in findings {
             if let Some(conn) = self.table.get(cookie) {
                 self.report(conn, now, finding);
