@@ -707,8 +707,6 @@ pub struct DockerCgroup {
     pub path: PathBuf,
 }
 
-pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
-
 impl DockerCgroup {
     pub fn create() -> Result<Self> {
         let seed = format!(
@@ -720,7 +718,7 @@ impl DockerCgroup {
         let id: String = (0..4u64)
             .map(|i| format!("{:016x}", source_hash(&format!("{seed}/{i}"))))
             .collect();
-        let path = Path::new(CGROUP2_ROOT)
+        let path = crate::hosts::cgroup2_root()
             .join("system.slice")
             .join(format!("docker-{id}.scope"));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;

@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -17,8 +17,21 @@ use serde_json::{Value, json};
 
 use crate::{TempDir, run_ok};
 
-/// Root of the cgroup2 hierarchy on these hybrid hosts.
-pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+/// Root of the cgroup2 hierarchy: `/sys/fs/cgroup/unified` on these hybrid hosts,
+/// `/sys/fs/cgroup` on unified ones (the VM tier's guests), from the mount table.
+pub fn cgroup2_root() -> PathBuf {
+    fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|table| {
+            table.lines().find_map(|line| {
+                let (mount, fs) = line.split_once(" - ")?;
+                fs.starts_with("cgroup2 ")
+                    .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))
+                    .flatten()
+            })
+        })
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/unified"))
+}
 
 /// Debian's interpreter, the only one that can import psycopg2 here.
 pub const PYTHON: &str = "/usr/bin/python3";
@@ -80,7 +93,7 @@ pub struct FakeContainer {
 impl FakeContainer {
     pub fn create(path: &str) -> Result<Self> {
         let mut created = Vec::new();
-        let mut dir = PathBuf::from(CGROUP2_ROOT);
+        let mut dir = cgroup2_root();
         for part in path.split('/').filter(|p| !p.is_empty()) {
             dir.push(part);
             if !dir.exists() {
@@ -95,7 +108,7 @@ impl FakeContainer {
     }
 
     pub fn procs(&self) -> PathBuf {
-        Path::new(CGROUP2_ROOT)
+        cgroup2_root()
             .join(self.path.trim_start_matches('/'))
             .join("cgroup.procs")
     }

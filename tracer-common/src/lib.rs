@@ -200,6 +200,8 @@ pub struct KernelOffsets {
     pub pt_regs_di: u32,
     pub pt_regs_si: u32,
     pub pt_regs_dx: u32,
+    /// `struct socket.sk`: the trampoline hooks get a `struct socket *`.
+    pub socket_sk: u32,
 }
 
 impl KernelOffsets {
@@ -226,6 +228,7 @@ impl KernelOffsets {
         pt_regs_di: 112,
         pt_regs_si: 104,
         pt_regs_dx: 96,
+        socket_sk: 24,
     };
 }
 
@@ -262,7 +265,7 @@ const _: () = {
     assert!(core::mem::size_of::<ConnOwner>() == 72);
     assert!(core::mem::size_of::<ConnPeerClosed>() == 24);
     assert!(core::mem::size_of::<SockState>() == 152);
-    assert!(core::mem::size_of::<KernelOffsets>() == 80);
+    assert!(core::mem::size_of::<KernelOffsets>() == 84);
 };
 
 /// Indexes of the `SETTINGS` array map (u32 values), which user space may change while the

@@ -1,18 +1,19 @@
 //! Kernel programs of the tracer.
 //!
-//! All hooks are BTF tracepoints (`tp_btf`): they are stable kernel ABI, work where kprobes
-//! and fentry do not, need no tracefs, and, unlike `syscalls:*` tracepoints, fire only on
-//! socket work, so processes that never touch a socket pay nothing.
+//! Hooks fire only on socket work (no `syscalls:*` tracepoint), so processes that never
+//! touch a socket pay nothing. The TCP state hook is a BTF tracepoint everywhere; the I/O
+//! hooks come in two sets, chosen at start-up by what the kernel has (see [`io_hooks`]).
 //!
 //! - [`sock_state`]: `inet_sock_set_state`, the TCP state machine: finds connections on
 //!   watched ports, captures the client's owner at connect time, emits open / peer-closed /
 //!   close records.
-//! - [`sock_io`]: `sock_send_length` / `sock_recv_length`, every `sock_sendmsg` /
-//!   `sock_recvmsg` (all of read, write, send*, recv*, readv, writev): counts payload bytes
-//!   and attributes the connection to the process doing its I/O.
+//! - [`io_hooks`] -> [`sock_io`]: every `sock_sendmsg` / `sock_recvmsg` (all of read, write,
+//!   send*, recv*, readv, writev): counts payload bytes, reads the protocol, and attributes
+//!   the connection to the process doing its I/O.
 #![no_std]
 #![no_main]
 
+mod io_hooks;
 mod kernel;
 mod maps;
 mod sock_io;

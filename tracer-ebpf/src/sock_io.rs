@@ -1,31 +1,30 @@
-//! Hooks: `sock_send_length` / `sock_recv_length` (BTF tracepoints), fired by
-//! `sock_sendmsg` / `sock_recvmsg`, which every send and receive path of a socket goes
-//! through (write, writev, send, sendto, sendmsg, read, readv, recv*, ...).
+//! The per-socket I/O core: every send and receive of a socket, whichever hook saw it
+//! (`io_hooks.rs` has the entry points of each hook set).
 //!
-//! Why these hooks: they run in the context of the process doing the I/O, so they name the
+//! Why I/O hooks: they run in the context of the process doing the I/O, so they name the
 //! real owner of a connection (the Postgres backend forked after the postmaster's accept, the
 //! new holder after fork or fd passing), and they carry the byte count; only socket I/O fires
 //! them. Per tracked connection they keep bytes, I/O times and the protocol reader's state;
 //! user space reads that state when it needs it instead of receiving an event per I/O.
 //! Untracked sockets cost one hash lookup (TCP) or two (Unix, where new Postgres
 //! connections are recognised by their socket path, there being no Unix connect hook).
+//!
+//! Stack: the kernels we support (6.1, 6.12) allow 512 bytes for the deepest chain of
+//! calls, each frame rounded up to 32 bytes. The entry stays small and calls one
+//! non-inlined step at a time (discovery, then the tracked-socket step), never nested.
 
-use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
+use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns};
 use core::ffi::c_void;
 use tracer_common::{
     AF_INET, AF_INET6, AF_UNIX, ConnOwner, OPEN_FLAG_PREEXISTING, SOCK_FLAG_HAS_OWNER,
-    SOCK_FLAG_OPEN_SENT, SOCK_FLAG_PEER_CLOSED, SOCK_FLAG_PREEXISTING, SockState, kind, loss,
-    proto, protocol, role, setting,
+    SOCK_FLAG_OPEN_SENT, SOCK_FLAG_PEER_CLOSED, SOCK_FLAG_PREEXISTING, SockState, closed_by, kind,
+    loss, proto, protocol, role, setting,
 };
 
 use crate::{
-    kernel::{current_proc, current_tgid, read_at},
+    kernel::{current_tgid, fill_current_proc, offset, read_at},
     maps::{
-        OFFSETS, SOCKS, UNIX_CHECKED, UnixVerdict, WATCHED_UNIX, count_loss, emit, scratch_state,
+        SOCKS, UNIX_CHECKED, UnixVerdict, WATCHED_UNIX, count_loss, emit, scratch_state,
         setting_value,
     },
     sock_state::{emit_close, emit_open, emit_peer_closed, header, preexisting_state},
@@ -33,73 +32,48 @@ use crate::{
     user_buf::{current_syscall_buffer, head, tail8},
 };
 
-/// `MSG_PEEK`: the data stays queued and will be received (and counted) again.
-const MSG_PEEK: i32 = 2;
 const SOCK_STREAM: u16 = 1;
 
-#[btf_tracepoint(function = "sock_send_length")]
-pub fn pgc_sock_send(ctx: BtfTracePointContext) -> i32 {
-    let sk: *const c_void = ctx.arg(0);
-    let ret: i32 = ctx.arg(1);
-    on_io(sk, ret, true);
-    0
-}
-
-#[btf_tracepoint(function = "sock_recv_length")]
-pub fn pgc_sock_recv(ctx: BtfTracePointContext) -> i32 {
-    let sk: *const c_void = ctx.arg(0);
-    let ret: i32 = ctx.arg(1);
-    let flags: i32 = ctx.arg(2);
-    if flags & MSG_PEEK != 0 {
-        return 0;
-    }
-    on_io(sk, ret, false);
-    0
-}
-
+/// One send (`sending`) or receive that returned `ret` on socket `sk` (a BTF
+/// `struct sock *`), in the context of the process doing it.
 #[inline(always)]
-fn on_io(sk: *const c_void, ret: i32, sending: bool) {
+pub fn on_io(sk: *const c_void, ret: i32, sending: bool) {
     let key = sk as u64;
-    let state = match SOCKS.get_ptr_mut(&key) {
-        Some(state) => state,
-        None => return on_new_io(sk, key, ret, sending),
+    let found = SOCKS.get_ptr_mut(&key);
+    let state = match found {
+        // SAFETY: the map value stays valid while this program runs.
+        Some(state) if !is_stale_unix_entry(sk, unsafe { &*state }) => state,
+        _ => match discover(sk, key, found) {
+            Some(state) => state,
+            None => return,
+        },
     };
+    on_tracked_io(sk, state, ret, sending);
+}
+
+/// Unix sockets have no close hook: user space notices the close later and removes the
+/// entry, so an entry may outlive its socket and the address be reused meanwhile.
+#[inline(always)]
+fn is_stale_unix_entry(sk: *const c_void, state: &SockState) -> bool {
+    // SAFETY: `sk` is the hook's BTF socket argument.
+    state.family == AF_UNIX && unsafe { bpf_get_socket_cookie(sk as *mut c_void) } != state.cookie
+}
+
+/// I/O on a tracked socket.
+#[inline(never)]
+fn on_tracked_io(sk: *const c_void, state: *mut SockState, ret: i32, sending: bool) {
     // SAFETY: the map value stays valid while this program runs.
     let state = unsafe { &mut *state };
     if state.family == AF_UNIX {
-        // Unix sockets have no close hook: user space notices the close later and removes the
-        // entry, so an entry may outlive its socket and the address be reused meanwhile.
-        // SAFETY: `sk` is the tracepoint's socket argument.
-        if unsafe { bpf_get_socket_cookie(sk as *mut c_void) } != state.cookie {
-            // The entry's socket is gone (its address now holds another socket): report
-            // its end with its final counts, then look at this socket afresh.
-            emit_close(state, 0);
-            let _ = SOCKS.remove(&key);
-            return on_new_io(sk, key, ret, sending);
-        }
         if ret == 0 && !sending && state.flags & SOCK_FLAG_PEER_CLOSED == 0 {
             // End of file: the peer closed its end.
             state.flags |= SOCK_FLAG_PEER_CLOSED;
-            if state.closed_by == tracer_common::closed_by::UNKNOWN {
-                state.closed_by = tracer_common::closed_by::PEER;
+            if state.closed_by == closed_by::UNKNOWN {
+                state.closed_by = closed_by::PEER;
             }
             emit_peer_closed(state);
         }
     }
-    on_tracked_io(sk, state, ret, sending);
-}
-
-/// I/O on a socket without an entry: track it if it is a Postgres connection after all.
-#[inline(never)]
-fn on_new_io(sk: *const c_void, key: u64, ret: i32, sending: bool) {
-    if let Some(state) = discover(sk, key) {
-        // SAFETY: the map value stays valid while this program runs.
-        on_tracked_io(sk, unsafe { &mut *state }, ret, sending);
-    }
-}
-
-#[inline(always)]
-fn on_tracked_io(sk: *const c_void, state: &mut SockState, ret: i32, sending: bool) {
     if ret > 0 {
         let len = ret as u64;
         // SAFETY: helper without arguments.
@@ -169,9 +143,15 @@ fn read_protocol(state: &mut SockState, len: u64, sending: bool) {
 /// A socket without an entry: is it a Postgres connection after all? Not inlined, for the
 /// same stack reason; this path runs once per socket.
 #[inline(never)]
-fn discover(sk: *const c_void, key: u64) -> Option<*mut SockState> {
-    let offsets = OFFSETS.load();
-    let family: u16 = read_at(sk, offsets.sock_common_family)?;
+fn discover(sk: *const c_void, key: u64, stale: Option<*mut SockState>) -> Option<*mut SockState> {
+    if let Some(stale) = stale {
+        // The entry's socket is gone (its address now holds another socket): report its end
+        // with its final counts, then look at this socket afresh.
+        // SAFETY: the map value stays valid while this program runs.
+        emit_close(unsafe { &*stale }, 0);
+        let _ = SOCKS.remove(&key);
+    }
+    let family: u16 = read_at(sk, offset!(sock_common_family))?;
     if family == AF_UNIX {
         discover_unix(sk, key)
     } else if (family == AF_INET || family == AF_INET6) && setting_value(setting::ADOPT_TCP) == 1 {
@@ -181,9 +161,9 @@ fn discover(sk: *const c_void, key: u64) -> Option<*mut SockState> {
     }
 }
 
-#[inline(never)]
+#[inline(always)]
 fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
-    let sock_type: u16 = read_at(sk, OFFSETS.load().sock_type)?;
+    let sock_type: u16 = read_at(sk, offset!(sock_type))?;
     if sock_type != SOCK_STREAM {
         return None;
     }
@@ -231,7 +211,7 @@ fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
 }
 
 /// A TCP connection on a watched port that existed before the probes were attached.
-#[inline(never)]
+#[inline(always)]
 fn adopt_tcp(sk: *const c_void, key: u64, family: u16) -> Option<*mut SockState> {
     let state = preexisting_state(sk, family)?;
     track(sk, key, state, 0, OPEN_FLAG_PREEXISTING)
@@ -254,16 +234,16 @@ fn track(
     // Owner first, then the open record carries it.
     // SAFETY: the map value stays valid while this program runs.
     let entry_ref = unsafe { &mut *entry };
-    entry_ref.owner = current_proc();
+    fill_current_proc(&mut entry_ref.owner);
     entry_ref.flags |= SOCK_FLAG_HAS_OWNER;
     emit_open(sk, entry_ref, unix_hash, open_flags);
     Some(entry)
 }
 
 /// The current process does I/O on a connection it was not known to own.
-#[inline(always)]
+#[inline(never)]
 fn take_ownership(sk: *const c_void, state: &mut SockState) {
-    state.owner = current_proc();
+    fill_current_proc(&mut state.owner);
     state.flags |= SOCK_FLAG_HAS_OWNER;
     if state.flags & SOCK_FLAG_OPEN_SENT == 0 {
         // Server role: the first I/O names the process that serves the connection.

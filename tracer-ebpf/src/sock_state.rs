@@ -19,8 +19,8 @@ use tracer_common::{
 };
 
 use crate::{
-    kernel::{current_is_exiting, current_proc, current_tgid, read_at},
-    maps::{OFFSETS, SOCKS, count_loss, emit, port_watched, scratch_state, setting_value},
+    kernel::{current_is_exiting, current_tgid, fill_current_proc, offset, read_at},
+    maps::{SOCKS, count_loss, emit, port_watched, scratch_state, setting_value},
 };
 
 const TCP_ESTABLISHED: i32 = 1;
@@ -68,16 +68,15 @@ fn on_state_change(sk: *const c_void, old_state: i32, new_state: i32) {
 /// server when the local one is; `None` for other sockets and other protocols.
 #[inline(always)]
 pub fn tcp_role(sk: *const c_void) -> Option<u8> {
-    let offsets = OFFSETS.load();
-    let protocol: u16 = read_at(sk, offsets.sock_protocol)?;
+    let protocol: u16 = read_at(sk, offset!(sock_protocol))?;
     if protocol != IPPROTO_TCP {
         return None;
     }
-    let dport: u16 = read_at(sk, offsets.sock_common_dport)?;
+    let dport: u16 = read_at(sk, offset!(sock_common_dport))?;
     if port_watched(u16::from_be(dport)) {
         return Some(role::CLIENT);
     }
-    let num: u16 = read_at(sk, offsets.sock_common_num)?;
+    let num: u16 = read_at(sk, offset!(sock_common_num))?;
     if port_watched(num) {
         return Some(role::SERVER);
     }
@@ -86,7 +85,7 @@ pub fn tcp_role(sk: *const c_void) -> Option<u8> {
 
 #[inline(never)]
 fn adopt_preexisting(sk: *const c_void, key: u64) -> Option<*mut SockState> {
-    let family: u16 = read_at(sk, OFFSETS.load().sock_common_family)?;
+    let family: u16 = read_at(sk, offset!(sock_common_family))?;
     let state = preexisting_state(sk, family)?;
     if SOCKS.insert(&key, state, 0).is_err() {
         count_loss(loss::TABLE_FULL);
@@ -119,24 +118,23 @@ pub fn preexisting_state(sk: *const c_void, family: u16) -> Option<&'static mut 
 /// transition was a connection start (tracked or not).
 #[inline(always)]
 fn maybe_track(sk: *const c_void, key: u64, new_state: i32) -> bool {
-    let offsets = OFFSETS.load();
     let (sock_role, port) = match new_state {
         // Client: connect() in the caller's context; the remote port is already set.
         TCP_SYN_SENT => {
-            let dport: u16 = read_at(sk, offsets.sock_common_dport).unwrap_or(0);
+            let dport: u16 = read_at(sk, offset!(sock_common_dport)).unwrap_or(0);
             (role::CLIENT, u16::from_be(dport))
         }
         // Server: the child socket cloned from the listener carries the listening port.
         TCP_SYN_RECV => (
             role::SERVER,
-            read_at(sk, offsets.sock_common_num).unwrap_or(0),
+            read_at(sk, offset!(sock_common_num)).unwrap_or(0),
         ),
         _ => return false,
     };
     if !port_watched(port) {
         return true;
     }
-    let protocol: u16 = read_at(sk, offsets.sock_protocol).unwrap_or(0);
+    let protocol: u16 = read_at(sk, offset!(sock_protocol)).unwrap_or(0);
     if protocol != IPPROTO_TCP {
         return true;
     }
@@ -147,10 +145,10 @@ fn maybe_track(sk: *const c_void, key: u64, new_state: i32) -> bool {
     state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     // SAFETY: helper without arguments.
     state.start_ns = unsafe { bpf_ktime_get_ns() };
-    state.family = read_at(sk, offsets.sock_common_family).unwrap_or(0);
+    state.family = read_at(sk, offset!(sock_common_family)).unwrap_or(0);
     state.role = sock_role;
     if sock_role == role::CLIENT {
-        state.owner = current_proc();
+        fill_current_proc(&mut state.owner);
         state.flags |= SOCK_FLAG_HAS_OWNER;
     }
     if SOCKS.insert(&key, state, 0).is_err() {
@@ -261,17 +259,16 @@ pub fn header(record_kind: u32, size: usize, cookie: u64) -> EventHeader {
 /// ports in host order.
 #[inline(always)]
 fn read_addresses(sk: *const c_void, family: u16) -> (u16, u16, [u8; 16], [u8; 16]) {
-    let offsets = OFFSETS.load();
-    let num: u16 = read_at(sk, offsets.sock_common_num).unwrap_or(0);
-    let dport: u16 = read_at(sk, offsets.sock_common_dport).unwrap_or(0);
+    let num: u16 = read_at(sk, offset!(sock_common_num)).unwrap_or(0);
+    let dport: u16 = read_at(sk, offset!(sock_common_dport)).unwrap_or(0);
     let mut local_addr = [0u8; 16];
     let mut remote_addr = [0u8; 16];
     if family == AF_INET6 {
-        local_addr = read_at(sk, offsets.sock_common_v6_rcv_saddr).unwrap_or([0; 16]);
-        remote_addr = read_at(sk, offsets.sock_common_v6_daddr).unwrap_or([0; 16]);
+        local_addr = read_at(sk, offset!(sock_common_v6_rcv_saddr)).unwrap_or([0; 16]);
+        remote_addr = read_at(sk, offset!(sock_common_v6_daddr)).unwrap_or([0; 16]);
     } else if family == AF_INET {
-        let local: [u8; 4] = read_at(sk, offsets.sock_common_rcv_saddr).unwrap_or([0; 4]);
-        let remote: [u8; 4] = read_at(sk, offsets.sock_common_daddr).unwrap_or([0; 4]);
+        let local: [u8; 4] = read_at(sk, offset!(sock_common_rcv_saddr)).unwrap_or([0; 4]);
+        let remote: [u8; 4] = read_at(sk, offset!(sock_common_daddr)).unwrap_or([0; 4]);
         local_addr[..4].copy_from_slice(&local);
         remote_addr[..4].copy_from_slice(&remote);
     }

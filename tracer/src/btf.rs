@@ -5,7 +5,7 @@
 //! offsets the programs need and passes them in at load time. Only what that needs is
 //! parsed: the type section's records, struct/union members, anonymous members followed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use thiserror::Error;
 use tracer_common::KernelOffsets;
 
@@ -30,6 +30,8 @@ const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -51,6 +53,10 @@ pub struct KernelBtf {
     strings: Vec<u8>,
     composites: HashMap<u32, Composite>,
     by_name: HashMap<String, u32>,
+    /// Names of typedefs (a BTF tracepoint `T` has `btf_trace_T`) and functions (what
+    /// fentry / fexit attach to).
+    typedefs: HashSet<String>,
+    functions: HashSet<String>,
 }
 
 fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
@@ -78,6 +84,8 @@ impl KernelBtf {
             strings,
             composites: HashMap::new(),
             by_name: HashMap::new(),
+            typedefs: HashSet::new(),
+            functions: HashSet::new(),
         };
         let mut at = 0;
         let mut type_id = 1u32;
@@ -118,6 +126,12 @@ impl KernelBtf {
                 }
                 btf.composites.insert(type_id, Composite { members });
             }
+            if kind == KIND_TYPEDEF && name_off != 0 {
+                btf.typedefs.insert(btf.string(name_off).to_owned());
+            }
+            if kind == KIND_FUNC && name_off != 0 {
+                btf.functions.insert(btf.string(name_off).to_owned());
+            }
             if at + extra > types.len() {
                 return Err(BtfError::Truncated(at + extra));
             }
@@ -137,6 +151,16 @@ impl KernelBtf {
         let tail = self.strings.get(offset as usize..).unwrap_or_default();
         let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
         std::str::from_utf8(&tail[..end]).unwrap_or("")
+    }
+
+    /// Whether the kernel has the BTF tracepoint `name` (its `btf_trace_<name>` typedef).
+    pub fn has_btf_tracepoint(&self, name: &str) -> bool {
+        self.typedefs.contains(&format!("btf_trace_{name}"))
+    }
+
+    /// Whether the kernel's BTF describes function `name` (it can take fentry / fexit).
+    pub fn has_function(&self, name: &str) -> bool {
+        self.functions.contains(name)
     }
 
     /// Byte offset of `member` in `strukt`, looking inside anonymous unions and structs.
@@ -191,6 +215,7 @@ impl KernelBtf {
             pt_regs_di: self.member_offset("pt_regs", "di")?,
             pt_regs_si: self.member_offset("pt_regs", "si")?,
             pt_regs_dx: self.member_offset("pt_regs", "dx")?,
+            socket_sk: self.member_offset("socket", "sk")?,
         })
     }
 }

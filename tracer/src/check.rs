@@ -59,9 +59,9 @@ pub fn run_checks() -> Vec<Check> {
         name: "tracefs",
         ok: true,
         detail: if tracefs {
-            "mounted (not required: the probes are BTF tracepoints)".into()
+            "mounted (not required: the probes attach through BTF)".into()
         } else {
-            "not mounted; not required: the probes are BTF tracepoints".into()
+            "not mounted; not required: the probes attach through BTF".into()
         },
     });
 
@@ -79,18 +79,33 @@ pub fn run_checks() -> Vec<Check> {
         },
     });
 
-    checks.extend(
-        Probes::check_each()
-            .into_iter()
-            .map(|(hook, result)| Check {
-                name: "probe",
-                ok: result.is_ok(),
-                detail: match result {
-                    Ok(()) => format!("tp_btf/{hook} loads and attaches"),
-                    Err(e) => format!("tp_btf/{hook}: {}", one_line(&format!("{e:#}"))),
-                },
-            }),
-    );
+    match Probes::hook_set() {
+        Ok((set, why)) => checks.push(Check {
+            name: "hooks",
+            ok: true,
+            detail: format!("{}: {why}", set.name()),
+        }),
+        Err(e) => checks.push(Check {
+            name: "hooks",
+            ok: false,
+            detail: one_line(&format!("{e:#}")),
+        }),
+    }
+    match Probes::check_each() {
+        Ok(results) => checks.extend(results.into_iter().map(|(hook, result)| Check {
+            name: "probe",
+            ok: result.is_ok(),
+            detail: match result {
+                Ok(()) => format!("{hook} loads and attaches"),
+                Err(e) => format!("{hook}: {}", one_line(&format!("{e:#}"))),
+            },
+        })),
+        Err(e) => checks.push(Check {
+            name: "probe",
+            ok: false,
+            detail: one_line(&format!("{e:#}")),
+        }),
+    }
 
     let diag = sockdiag::tcp_sockets().and_then(|_| sockdiag::unix_sockets());
     checks.push(Check {
@@ -98,6 +113,14 @@ pub fn run_checks() -> Vec<Check> {
         ok: diag.is_ok(),
         detail: match diag {
             Ok(_) => "existing TCP and Unix sockets can be listed".into(),
+            Err(sockdiag::DiagError::Kernel {
+                errno: libc::ENOENT,
+            }) => format!(
+                "the kernel has no sock_diag handler for TCP or Unix sockets and could not load \
+                 one: load the inet_diag, tcp_diag and unix_diag modules (modprobe; the kernel \
+                 loads them itself when /lib/modules/{release} and modprobe are present); \
+                 needed to find connections opened before start-up"
+            ),
             Err(e) => format!("{e}: needed to find connections opened before start-up"),
         },
     });

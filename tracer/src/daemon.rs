@@ -714,7 +714,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         EventBody::Ready {
             version: env!("CARGO_PKG_VERSION"),
             ports: ports.clone(),
-            probes: Probes::hook_names(),
+            probes: probes.hook_names(),
             unix_socket_glob: args.unix_socket_glob.clone(),
         },
     );

@@ -2,29 +2,180 @@
 //!
 //! The object built from `tracer-ebpf` is embedded in the binary. Structure offsets come from
 //! the kernel's BTF (see `btf.rs`) and watched ports go into the `PORTS` map, so one object
-//! serves every configuration. Dropping [`Probes`] detaches and unloads everything.
+//! serves every configuration and kernel; the I/O hooks are chosen by what the kernel has
+//! ([`HookSet`]). Dropping [`Probes`] detaches and unloads everything.
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, FExit},
 };
 use tracer_common::{KernelOffsets, SockState, loss, path_hash, setting};
 
 use crate::btf::KernelBtf;
 
-/// (program name in the object, BTF tracepoint it attaches to)
-pub const PROGRAMS: &[(&str, &str)] = &[
-    ("pgc_sock_send", "sock_send_length"),
-    ("pgc_sock_recv", "sock_recv_length"),
-    ("pgc_sock_state", "inet_sock_set_state"),
+/// How a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attach {
+    BtfTracepoint,
+    FExit,
+}
+
+/// One kernel program and where it attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hook {
+    /// Program name in the object.
+    pub program: &'static str,
+    attach: Attach,
+    /// Tracepoint or kernel function.
+    pub target: &'static str,
+}
+
+impl Hook {
+    /// `tp_btf/<tracepoint>` or `fexit/<function>`, as `check` and the `ready` event say it.
+    pub fn name(&self) -> String {
+        let kind = match self.attach {
+            Attach::BtfTracepoint => "tp_btf",
+            Attach::FExit => "fexit",
+        };
+        format!("{kind}/{}", self.target)
+    }
+
+    fn load_and_attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+        let program = ebpf
+            .program_mut(self.program)
+            .ok_or_else(|| anyhow!("program {} missing from the object", self.program))?;
+        match self.attach {
+            Attach::BtfTracepoint => {
+                let program: &mut BtfTracePoint = program.try_into()?;
+                program.load(self.target, btf).context("load")?;
+                program.attach().context("attach")?;
+            }
+            Attach::FExit => {
+                let program: &mut FExit = program.try_into()?;
+                program.load(self.target, btf).context("load")?;
+                program.attach().context("attach")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The TCP state machine hook, the same on every kernel.
+const STATE_HOOK: Hook = Hook {
+    program: "pgc_sock_state",
+    attach: Attach::BtfTracepoint,
+    target: "inet_sock_set_state",
+};
+
+const TRACEPOINT_HOOKS: [Hook; 3] = [
+    Hook {
+        program: "pgc_sock_send",
+        attach: Attach::BtfTracepoint,
+        target: "sock_send_length",
+    },
+    Hook {
+        program: "pgc_sock_recv",
+        attach: Attach::BtfTracepoint,
+        target: "sock_recv_length",
+    },
+    STATE_HOOK,
 ];
+
+/// Sends are hooked below `sock_sendmsg`, which 6.1's compiler inlines into the syscalls.
+const TRAMPOLINE_HOOKS: [Hook; 4] = [
+    Hook {
+        program: "pgc_tcp_sendmsg_exit",
+        attach: Attach::FExit,
+        target: "tcp_sendmsg",
+    },
+    Hook {
+        program: "pgc_unix_sendmsg_exit",
+        attach: Attach::FExit,
+        target: "unix_stream_sendmsg",
+    },
+    Hook {
+        program: "pgc_recvmsg_exit",
+        attach: Attach::FExit,
+        target: "sock_recvmsg",
+    },
+    STATE_HOOK,
+];
+
+/// The sets of I/O hooks (see `tracer-ebpf/src/io_hooks.rs`), best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookSet {
+    /// BTF tracepoints `sock_send_length` / `sock_recv_length` (kernels after 6.1): cost nothing
+    /// until a socket does I/O, and need no BPF trampolines.
+    Tracepoints,
+    /// fexit on `tcp_sendmsg`, `unix_stream_sendmsg` and `sock_recvmsg`, for kernels without
+    /// those tracepoints (6.1, 5.15, ...): the same calls, through BPF trampolines.
+    Trampolines,
+}
+
+/// Overrides the detection (`tracepoints` or `trampolines`): for tests and for working
+/// around a kernel whose preferred hooks misbehave.
+pub const HOOKS_ENV: &str = "TRACER_HOOKS";
+
+impl HookSet {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tracepoints => "tracepoints",
+            Self::Trampolines => "trampolines",
+        }
+    }
+
+    /// The programs of this set, I/O hooks first (so that a connection never gets an open
+    /// record before its I/O can be seen).
+    pub fn hooks(self) -> &'static [Hook] {
+        match self {
+            Self::Tracepoints => &TRACEPOINT_HOOKS,
+            Self::Trampolines => &TRAMPOLINE_HOOKS,
+        }
+    }
+
+    /// The set this kernel gets, with the reason in words.
+    pub fn choose(btf: &KernelBtf) -> Result<(Self, String)> {
+        if let Some(forced) = std::env::var_os(HOOKS_ENV) {
+            let set = match forced.to_str() {
+                Some("tracepoints") => Self::Tracepoints,
+                Some("trampolines") => Self::Trampolines,
+                _ => bail!("{HOOKS_ENV} must be `tracepoints` or `trampolines`, not {forced:?}"),
+            };
+            return Ok((set, format!("forced by {HOOKS_ENV}")));
+        }
+        let tracepoints = ["sock_send_length", "sock_recv_length"];
+        if tracepoints.iter().all(|t| btf.has_btf_tracepoint(t)) {
+            return Ok((
+                Self::Tracepoints,
+                "the kernel has the sock_send_length / sock_recv_length tracepoints".into(),
+            ));
+        }
+        if TRAMPOLINE_HOOKS
+            .iter()
+            .filter(|h| h.attach == Attach::FExit)
+            .all(|h| btf.has_function(h.target))
+        {
+            return Ok((
+                Self::Trampolines,
+                "no sock_send_length / sock_recv_length tracepoints: \
+                 fexit on tcp_sendmsg, unix_stream_sendmsg, sock_recvmsg"
+                    .into(),
+            ));
+        }
+        bail!(
+            "this kernel has neither the sock_send_length / sock_recv_length tracepoints \
+             nor BTF for tcp_sendmsg, unix_stream_sendmsg and sock_recvmsg (fexit)"
+        )
+    }
+}
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
 pub struct Probes {
     ebpf: Ebpf,
+    hooks: HookSet,
 }
 
 /// Kernel-side loss counters, summed over CPUs.
@@ -32,6 +183,45 @@ pub struct Probes {
 pub struct KernelLosses {
     pub ring_full: u64,
     pub table_full: u64,
+}
+
+/// What loading needs from the running kernel: its structure offsets, its BTF for aya, and
+/// the hook set it gets.
+struct KernelFacts {
+    offsets: KernelOffsets,
+    btf: Btf,
+    hooks: HookSet,
+    why: String,
+}
+
+impl KernelFacts {
+    fn read() -> Result<Self> {
+        let ours = KernelBtf::from_sys_fs()?;
+        let offsets = ours
+            .kernel_offsets()
+            .context("kernel BTF lacks a structure member the probes read")?;
+        let (hooks, why) = HookSet::choose(&ours)?;
+        let btf = Btf::from_sys_fs().context("loading kernel BTF (/sys/kernel/btf/vmlinux)")?;
+        Ok(Self {
+            offsets,
+            btf,
+            hooks,
+            why,
+        })
+    }
+
+    fn loader(&self) -> EbpfLoader<'_> {
+        let mut loader = EbpfLoader::new();
+        if std::env::var_os("TRACER_VERIFIER_LOG").is_some() {
+            // For developing the kernel programs: the verifier's full reasoning on failure.
+            loader
+                .verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
+        }
+        loader
+            .btf(Some(&self.btf))
+            .override_global("OFFSETS", &self.offsets, true);
+        loader
+    }
 }
 
 impl Probes {
@@ -42,21 +232,18 @@ impl Probes {
             .context("kernel BTF lacks a structure member the probes read")
     }
 
-    /// Loads the programs, fills the port map and attaches every hook. `max_connections`
-    /// sizes the kernel's connection table.
+    /// The hook set this kernel gets and why (`tracer check`).
+    pub fn hook_set() -> Result<(HookSet, String)> {
+        HookSet::choose(&KernelBtf::from_sys_fs()?)
+    }
+
+    /// Loads the programs, fills the port map and attaches every hook of the set this
+    /// kernel gets. `max_connections` sizes the kernel's connection table.
     pub fn attach(ports: &[u16], max_connections: u32) -> Result<Self> {
-        let offsets = Self::kernel_offsets()?;
-        let btf = Btf::from_sys_fs().context("loading kernel BTF (/sys/kernel/btf/vmlinux)")?;
-        let mut loader = EbpfLoader::new();
-        if std::env::var_os("TRACER_VERIFIER_LOG").is_some() {
-            // For developing the kernel programs: the verifier's full reasoning on failure.
-            loader
-                .verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
-        }
-        let mut ebpf = loader
+        let facts = KernelFacts::read()?;
+        let mut ebpf = facts
+            .loader()
             .map_max_entries("SOCKS", max_connections)
-            .btf(Some(&btf))
-            .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)
             .context("loading the eBPF object")?;
 
@@ -70,58 +257,39 @@ impl Probes {
                 .context("setting a watched port")?;
         }
 
-        for (name, tracepoint) in PROGRAMS {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
-            program
-                .load(tracepoint, &btf)
-                .with_context(|| format!("loading {name} (tp_btf/{tracepoint})"))?;
-            program
-                .attach()
-                .with_context(|| format!("attaching {name} to tp_btf/{tracepoint}"))?;
+        for hook in facts.hooks.hooks() {
+            hook.load_and_attach(&mut ebpf, &facts.btf)
+                .with_context(|| format!("{} ({})", hook.name(), hook.program))?;
         }
-        Ok(Self { ebpf })
+        log::info!("hooks: {} ({})", facts.hooks.name(), facts.why);
+        Ok(Self {
+            ebpf,
+            hooks: facts.hooks,
+        })
     }
 
-    /// Loads and attaches each program on its own, then removes it: `tracer check`.
-    pub fn check_each() -> Vec<(&'static str, Result<()>)> {
-        let prepared = Self::kernel_offsets().and_then(|offsets| {
-            let btf = Btf::from_sys_fs().context("loading kernel BTF")?;
-            Ok((offsets, btf))
-        });
-        PROGRAMS
+    /// Loads and attaches each program of this kernel's set on its own, then removes it:
+    /// `tracer check`.
+    pub fn check_each() -> Result<Vec<(String, Result<()>)>> {
+        let facts = KernelFacts::read()?;
+        Ok(facts
+            .hooks
+            .hooks()
             .iter()
-            .map(|(name, tracepoint)| {
-                let result = match &prepared {
-                    Err(e) => Err(anyhow!("{e:#}")),
-                    Ok((offsets, btf)) => (|| {
-                        let mut ebpf = EbpfLoader::new()
-                            .btf(Some(btf))
-                            .override_global("OFFSETS", offsets, true)
-                            .load(OBJECT)
-                            .context("loading the eBPF object")?;
-                        let program: &mut BtfTracePoint = ebpf
-                            .program_mut(name)
-                            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                            .try_into()?;
-                        program.load(tracepoint, btf).context("load")?;
-                        program.attach().context("attach")?;
-                        Ok(())
-                    })(),
-                };
-                (*tracepoint, result)
+            .map(|hook| {
+                let result = facts
+                    .loader()
+                    .load(OBJECT)
+                    .context("loading the eBPF object")
+                    .and_then(|mut ebpf| hook.load_and_attach(&mut ebpf, &facts.btf));
+                (hook.name(), result)
             })
-            .collect()
+            .collect())
     }
 
-    /// The hooks, as reported in the `ready` event.
-    pub fn hook_names() -> Vec<String> {
-        PROGRAMS
-            .iter()
-            .map(|(_, tp)| format!("tp_btf/{tp}"))
-            .collect()
+    /// The attached hooks, as reported in the `ready` event.
+    pub fn hook_names(&self) -> Vec<String> {
+        self.hooks.hooks().iter().map(Hook::name).collect()
     }
 
     /// Takes the event ring buffer (once).

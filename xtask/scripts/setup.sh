@@ -13,7 +13,9 @@ need_root() {
 # Debian packages: real servers and peer tools for the tests, LLVM 22 for bpf-linker.
 PKGS=(postgresql pgbouncer libbpf-tools bpftool prometheus python3-psycopg2
       llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 libcap2-bin strace openssl
-      openjdk-17-jdk-headless libpostgresql-jdbc-java)
+      openjdk-17-jdk-headless libpostgresql-jdbc-java
+      # The VM tier (cargo xtask vm-test): qemu, and what virtme-ng needs in the guest.
+      qemu-system-x86 kmod busybox-static)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

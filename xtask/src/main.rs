@@ -15,6 +15,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod soak;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -36,18 +37,31 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then run the whole suite: fmt, clippy, unit tests, and the root tests against
-    /// the real kernel, Postgres and peers (root required: a skipped root test fails).
     /// Replay the PgBouncer incident live (a leaky worker starves a backend) with the
     /// tracer's events on stdout, then clean up (needs root).
     Demo,
+    /// Set up, then run the whole suite: fmt, clippy, unit tests, the root tests against
+    /// the real kernel, Postgres and peers (root required: a skipped root test fails), and
+    /// the VM tier on Debian's 6.1 and 6.12 kernels (`vm-test`).
     Test {
         /// Only the checks and tests that need no root.
         #[arg(long)]
         no_root: bool,
-        /// Only root tests whose name contains this.
+        /// Only root tests whose name contains this (the VM tier is skipped).
         #[arg(long)]
         filter: Option<String>,
+        /// Skip the VM tier.
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Boot Debian kernels in qemu over this machine's root filesystem and run the root
+    /// tests that prove each one (needs root): the foundation, Unix sockets, connections
+    /// open before start-up, the incident replay, every probe loading.
+    VmTest {
+        /// Debian kernel package (or part of its name), repeatable; default: every kernel
+        /// of the tier (6.1 and 6.12).
+        #[arg(long)]
+        kernel: Vec<String>,
     },
     /// Set up, build (release) and run the benchmark as root: the seven figures of
     /// docs/performance.md. Arguments after `--` go to the bench binary (`--help`).
@@ -137,7 +151,18 @@ fn main() -> Result<()> {
             demo::demo(&target.join("release/tracer"))
         }
         Task::Bench { args } => bench::bench(args),
-        Task::Test { no_root, filter } => {
+        Task::VmTest { kernel } => {
+            if !is_root() {
+                bail!("`cargo xtask vm-test` boots kernels and loads eBPF programs: it needs root");
+            }
+            setup()?;
+            vm::vm_test(&kernel)
+        }
+        Task::Test {
+            no_root,
+            filter,
+            no_vm,
+        } => {
             if !no_root && !is_root() {
                 bail!("the root tests need root: run as root, or pass --no-root for the rest");
             }
@@ -177,10 +202,15 @@ fn main() -> Result<()> {
             .env("TRACER_BIN", root_dir().join("target/debug/tracer"))
             // A root test that cannot run fails instead of skipping.
             .env("TRACER_REQUIRE_ROOT_TESTS", "1");
+            let whole_suite = filter.is_none();
             if let Some(filter) = filter {
                 cmd.arg(filter);
             }
-            run(&mut cmd)
+            run(&mut cmd)?;
+            if whole_suite && !no_vm {
+                vm::vm_test(&[])?;
+            }
+            Ok(())
         }
     }
 }
