@@ -11,6 +11,7 @@ mod memory;
 mod pg;
 mod pipeline;
 mod syscall;
+mod untracked;
 mod util;
 
 use std::{path::PathBuf, time::Instant};
@@ -47,7 +48,10 @@ struct Args {
     /// Synthetic connections for the pipeline figure (about 3 records each).
     #[arg(long, default_value_t = 1_000_000)]
     pipeline_connections: u64,
-    /// Only these figures (comma list of 1-7); default all.
+    /// Repetitions of figure 8 (each: every socket kind once).
+    #[arg(long, default_value_t = 9)]
+    untracked_reps: usize,
+    /// Only these figures (comma list of 1-8); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u32>,
 }
@@ -190,6 +194,41 @@ fn main() -> Result<()> {
             verdict(added <= 5.0 && pipe <= 5.0)
         ));
         tax = Some(t);
+        println!("   ({:.0} s so far)", started.elapsed().as_secs_f64());
+    }
+
+    // 8. BPF run time on sockets that are not Postgres.
+    if want(8) {
+        let rounds = 20_000;
+        println!(
+            "\n== 8. BPF run time per socket syscall on sockets that are not Postgres (bpf_stats of the daemon's programs, host background over an idle interval of the same length subtracted)"
+        );
+        println!(
+            "   command: bench --only 8 (64-byte ping-pong, {rounds} rounds = {} syscalls per kind per repetition, {} repetitions, after a warm-up that lets each socket be judged once)",
+            rounds * untracked::SYSCALLS_PER_ROUND,
+            args.untracked_reps
+        );
+        let mut worst = 0.0;
+        for mode in [Mode::Tracer, Mode::Tcplife] {
+            let Some(daemon) = util::start_mode(mode, &tracer, &no_args)? else {
+                continue;
+            };
+            let figure = untracked::measure(&daemon, args.untracked_reps, rounds)?;
+            daemon.stop()?;
+            println!("   {}:", mode.name());
+            figure.print();
+            if mode == Mode::Tracer {
+                worst = figure.worst();
+            }
+        }
+        println!(
+            "   target <= 25 ns (aim < 10) for each kind: {}",
+            verdict(worst <= 25.0)
+        );
+        summary.push(format!(
+            "8. untracked socket I/O: worst kind {worst:.1} ns of BPF per syscall [target <= 25 ns: {}]",
+            verdict(worst <= 25.0)
+        ));
         println!("   ({:.0} s so far)", started.elapsed().as_secs_f64());
     }
 

@@ -35,6 +35,17 @@ pub fn require_root() -> bool {
     false
 }
 
+/// How long to wait for something that takes `timeout` on this machine: four times as long
+/// in the VM tier (`cargo xtask vm-test` sets `TRACER_VM`), whose guests run on an emulated
+/// CPU (TCG) several times slower. Only waits stretch; what a test measures does not.
+pub fn patience(timeout: Duration) -> Duration {
+    if std::env::var_os("TRACER_VM").is_some() {
+        timeout * 4
+    } else {
+        timeout
+    }
+}
+
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh directory under /tmp, removed on drop.
@@ -260,7 +271,8 @@ impl Tracer {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
             bail!(
-                "tracer not ready within 30 s (exit: {status:?}); stderr:\n{}",
+                "tracer not ready within {:?} (exit: {status:?}); stderr:\n{}",
+                patience(Duration::from_secs(30)),
                 tracer.stderr()
             );
         }
@@ -294,6 +306,7 @@ impl Tracer {
         timeout: Duration,
         done: impl Fn(&[Value]) -> bool,
     ) -> Result<Vec<Value>> {
+        let timeout = patience(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             let events = self.events();

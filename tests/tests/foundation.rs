@@ -243,6 +243,13 @@ fn lifetimes_bytes_and_pids_agree_with_tcplife() {
         .collect();
     assert_eq!(closes.len(), expected, "{}", lines(&closes));
     assert_eq!(rows.len(), expected, "tcplife rows: {rows:?}");
+    // Both tools time the same state changes; under the VM tier's emulated CPU (TCG, about
+    // ten times slower) the gap between their two clock readings grows with it.
+    let tolerance_ms = if std::env::var_os("TRACER_VM").is_some() {
+        25.0
+    } else {
+        5.0
+    };
     let mut max_ms_diff = 0f64;
     for close in &closes {
         let key = (
@@ -265,7 +272,10 @@ fn lifetimes_bytes_and_pids_agree_with_tcplife() {
         let ours_ms = close["duration_s"].as_f64().unwrap() * 1000.0;
         let diff = (ours_ms - row.ms).abs();
         max_ms_diff = max_ms_diff.max(diff);
-        assert!(diff <= 5.0, "duration {ours_ms:.2} ms vs tcplife {row:?}");
+        assert!(
+            diff <= tolerance_ms,
+            "duration {ours_ms:.2} ms vs tcplife {row:?}"
+        );
     }
     // Every client row names psql; tcplife knows it from the connect.
     assert!(

@@ -2,9 +2,13 @@
 
 use aya_ebpf::{
     Global,
-    macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    btf_maps::SkStorage,
+    helpers::generated::bpf_sk_storage_get,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
+use core::ffi::c_void;
 use tracer_common::{KernelOffsets, SockState, loss, setting};
 
 /// Watched TCP ports: index = port, value 1 = watched. Filled by user space.
@@ -50,19 +54,69 @@ pub static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
 #[map]
 pub static WATCHED_UNIX: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
 
-/// Unix sockets already found not to be Postgres connections, keyed by `struct sock`
-/// address: most Unix I/O on a host is not Postgres and must cost one lookup, not a path
-/// read and hash. The verdict holds only for the same socket (cookie: addresses are reused
-/// after a socket is freed) and the same `UNIX_GENERATION` of watched paths.
-#[map]
-pub static UNIX_CHECKED: LruHashMap<u64, UnixVerdict> = LruHashMap::with_max_entries(16384, 0);
+/// What the programs already know of a socket, kept on the socket itself (socket-local
+/// storage, freed with the socket): most socket I/O on a host is not Postgres, and a socket
+/// judged once must then cost one helper call, not a hash lookup, a path read and a hash.
+#[btf_map]
+pub static SOCK_MARKS: SkStorage<SockMark> = SkStorage::new();
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct UnixVerdict {
-    pub cookie: u64,
+pub struct SockMark {
+    /// One of [`mark`].
+    pub verdict: u32,
+    /// For [`mark::UNIX_UNWATCHED`]: the `UNIX_GENERATION` of watched paths it was judged
+    /// against; a newer set of paths judges the socket again.
     pub generation: u32,
-    pub _pad: u32,
+}
+
+/// Verdicts of [`SockMark`].
+pub mod mark {
+    /// The socket is in `SOCKS`.
+    pub const TRACKED: u32 = 1;
+    /// Never a Postgres connection (a TCP socket on other ports, a socket pair, a datagram
+    /// socket, another family).
+    pub const NOT_POSTGRES: u32 = 2;
+    /// A Unix stream socket whose path is not watched (yet).
+    pub const UNIX_UNWATCHED: u32 = 3;
+}
+
+/// The mark of socket `sk` (a BTF `struct sock *`), if it has one.
+#[inline(always)]
+pub fn sock_mark(sk: *const c_void) -> Option<&'static mut SockMark> {
+    // SAFETY: the map pointer is the map's own definition (the loader relocates it) and `sk`
+    // is a BTF socket pointer, as the helper requires; it returns null or the socket's value.
+    let value = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_MARKS).cast_mut().cast(),
+            sk.cast_mut(),
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    // SAFETY: a non-null result points at this socket's `SockMark`, valid while the program
+    // runs.
+    unsafe { value.cast::<SockMark>().as_mut() }
+}
+
+/// Marks socket `sk`; a full map or an allocation failure leaves it unmarked (it is then
+/// judged again on its next I/O, which costs time, not correctness).
+#[inline(always)]
+pub fn set_sock_mark(sk: *const c_void, verdict: u32, generation: u32) {
+    // SAFETY: as in `sock_mark`; with F_CREATE the helper allocates a zeroed value.
+    let value = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_MARKS).cast_mut().cast(),
+            sk.cast_mut(),
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    };
+    // SAFETY: as in `sock_mark`.
+    if let Some(mark) = unsafe { value.cast::<SockMark>().as_mut() } {
+        mark.verdict = verdict;
+        mark.generation = generation;
+    }
 }
 
 #[inline(always)]

@@ -6,8 +6,11 @@
 //! new holder after fork or fd passing), and they carry the byte count; only socket I/O fires
 //! them. Per tracked connection they keep bytes, I/O times and the protocol reader's state;
 //! user space reads that state when it needs it instead of receiving an event per I/O.
-//! Untracked sockets cost one hash lookup (TCP) or two (Unix, where new Postgres
-//! connections are recognised by their socket path, there being no Unix connect hook).
+//! A socket is judged once and marked (socket-local storage, `maps::SOCK_MARKS`): after
+//! that, I/O on a socket that is not Postgres costs one lookup of its mark, and an unmarked
+//! TCP socket (never tracked: tracked ones are marked at connect or accept) one field read.
+//! Unix sockets are judged on their first I/O by their socket path, there being no Unix
+//! connect hook.
 //!
 //! Stack: the kernels we support (6.1, 6.12) allow 512 bytes for the deepest chain of
 //! calls, each frame rounded up to 32 bytes. The entry stays small and calls one
@@ -24,10 +27,10 @@ use tracer_common::{
 use crate::{
     kernel::{current_tgid, fill_current_proc, offset, read_at},
     maps::{
-        SOCKS, UNIX_CHECKED, UnixVerdict, WATCHED_UNIX, count_loss, emit, scratch_state,
-        setting_value,
+        SOCKS, WATCHED_UNIX, count_loss, emit, mark, scratch_state, set_sock_mark, setting_value,
+        sock_mark,
     },
-    sock_state::{emit_close, emit_open, emit_peer_closed, header, preexisting_state},
+    sock_state::{emit_close, emit_open, emit_peer_closed, header, preexisting_state, tcp_role},
     unix::{address_path_hash, unix_address},
     user_buf::{current_syscall_buffer, head, tail8},
 };
@@ -35,28 +38,24 @@ use crate::{
 const SOCK_STREAM: u16 = 1;
 
 /// One send (`sending`) or receive that returned `ret` on socket `sk` (a BTF
-/// `struct sock *`), in the context of the process doing it.
+/// `struct sock *`), in the context of the process doing it. A socket the programs have
+/// judged before costs one lookup of its mark; only tracked sockets go further.
 #[inline(always)]
 pub fn on_io(sk: *const c_void, ret: i32, sending: bool) {
-    let key = sk as u64;
-    let found = SOCKS.get_ptr_mut(&key);
-    let state = match found {
-        // SAFETY: the map value stays valid while this program runs.
-        Some(state) if !is_stale_unix_entry(sk, unsafe { &*state }) => state,
-        _ => match discover(sk, key, found) {
+    let state = match sock_mark(sk) {
+        Some(mark) if mark.verdict == mark::TRACKED => match SOCKS.get_ptr_mut(&(sk as u64)) {
+            Some(state) => state,
+            // Closed, or forgotten by user space after its close: nothing to follow.
+            None => return,
+        },
+        Some(mark) if mark.verdict == mark::NOT_POSTGRES => return,
+        Some(mark) if mark.generation == setting_value(setting::UNIX_GENERATION) => return,
+        _ => match discover(sk) {
             Some(state) => state,
             None => return,
         },
     };
     on_tracked_io(sk, state, ret, sending);
-}
-
-/// Unix sockets have no close hook: user space notices the close later and removes the
-/// entry, so an entry may outlive its socket and the address be reused meanwhile.
-#[inline(always)]
-fn is_stale_unix_entry(sk: *const c_void, state: &SockState) -> bool {
-    // SAFETY: `sk` is the hook's BTF socket argument.
-    state.family == AF_UNIX && unsafe { bpf_get_socket_cookie(sk as *mut c_void) } != state.cookie
 }
 
 /// I/O on a tracked socket.
@@ -140,57 +139,63 @@ fn read_protocol(state: &mut SockState, len: u64, sending: bool) {
     }
 }
 
-/// A socket without an entry: is it a Postgres connection after all? Not inlined, for the
-/// same stack reason; this path runs once per socket.
+/// A socket without a mark, or a Unix socket judged against older watched paths: is it a
+/// Postgres connection? Not inlined: this runs about once per socket and keeps its stack out
+/// of the tracked-socket step's chain.
 #[inline(never)]
-fn discover(sk: *const c_void, key: u64, stale: Option<*mut SockState>) -> Option<*mut SockState> {
-    if let Some(stale) = stale {
-        // The entry's socket is gone (its address now holds another socket): report its end
-        // with its final counts, then look at this socket afresh.
-        // SAFETY: the map value stays valid while this program runs.
-        emit_close(unsafe { &*stale }, 0);
-        let _ = SOCKS.remove(&key);
-    }
+fn discover(sk: *const c_void) -> Option<*mut SockState> {
     let family: u16 = read_at(sk, offset!(sock_common_family))?;
     if family == AF_UNIX {
-        discover_unix(sk, key)
-    } else if (family == AF_INET || family == AF_INET6) && setting_value(setting::ADOPT_TCP) == 1 {
-        adopt_tcp(sk, key, family)
+        discover_unix(sk)
+    } else if family != AF_INET && family != AF_INET6 {
+        set_sock_mark(sk, mark::NOT_POSTGRES, 0);
+        None
+    } else if setting_value(setting::ADOPT_TCP) == 1 {
+        adopt_tcp(sk, family)
     } else {
+        // Tracked TCP sockets are marked from their connect or accept: an unmarked one is
+        // not Postgres, and stays unmarked (no storage for every socket of the host).
         None
     }
 }
 
 #[inline(always)]
-fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
+fn discover_unix(sk: *const c_void) -> Option<*mut SockState> {
     let sock_type: u16 = read_at(sk, offset!(sock_type))?;
-    if sock_type != SOCK_STREAM {
+    // Socket pairs have no path (and connected stream sockets always have their peer).
+    let address = (sock_type == SOCK_STREAM)
+        .then(|| unix_address(sk))
+        .flatten();
+    let Some((address, is_server)) = address else {
+        set_sock_mark(sk, mark::NOT_POSTGRES, 0);
         return None;
-    }
-    // Socket pairs and unconnected sockets: no path, nothing to remember.
-    let (address, is_server) = unix_address(sk)?;
-    let generation = setting_value(setting::UNIX_GENERATION);
-    // SAFETY: `sk` is the tracepoint's socket argument.
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
-    // SAFETY: read-only use of the map value.
-    if let Some(verdict) = unsafe { UNIX_CHECKED.get(&key) } {
-        if verdict.generation == generation && verdict.cookie == cookie {
-            return None;
-        }
-    }
-    let verdict = UnixVerdict {
-        cookie,
-        generation,
-        _pad: 0,
     };
+    let generation = setting_value(setting::UNIX_GENERATION);
     let hash = address_path_hash(address).filter(|hash| {
         // SAFETY: read-only use of the map value.
         unsafe { WATCHED_UNIX.get(hash) }.is_some()
     });
     let Some(hash) = hash else {
-        let _ = UNIX_CHECKED.insert(&key, &verdict, 0);
+        set_sock_mark(sk, mark::UNIX_UNWATCHED, generation);
         return None;
     };
+    // SAFETY: `sk` is the hook's BTF socket argument.
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    let key = sk as u64;
+    if let Some(entry) = SOCKS.get_ptr_mut(&key) {
+        // SAFETY: the map value stays valid while this program runs.
+        let old = unsafe { &*entry };
+        if old.cookie == cookie {
+            // This very socket, whose mark could not be stored before.
+            set_sock_mark(sk, mark::TRACKED, 0);
+            return Some(entry);
+        }
+        // Unix sockets have no close hook: user space notices a close later and removes
+        // the entry, so an entry may outlive its socket and the address be reused. Report
+        // the old connection's end with its final counts, then track this one.
+        emit_close(old, 0);
+        let _ = SOCKS.remove(&key);
+    }
     let state = scratch_state()?;
     state.cookie = cookie;
     // SAFETY: helper without arguments.
@@ -203,16 +208,26 @@ fn discover_unix(sk: *const c_void, key: u64) -> Option<*mut SockState> {
     };
     let tracked = track(sk, key, state, hash, 0);
     if tracked.is_none() {
-        // The table is full (counted once in `track`): remember the socket as untracked so
-        // its every I/O does not count the same loss again.
-        let _ = UNIX_CHECKED.insert(&key, &verdict, 0);
+        // The table is full (counted once in `track`): judged again only with new watched
+        // paths, so that its every I/O does not count the same loss again.
+        set_sock_mark(sk, mark::UNIX_UNWATCHED, generation);
     }
     tracked
 }
 
 /// A TCP connection on a watched port that existed before the probes were attached.
 #[inline(always)]
-fn adopt_tcp(sk: *const c_void, key: u64, family: u16) -> Option<*mut SockState> {
+fn adopt_tcp(sk: *const c_void, family: u16) -> Option<*mut SockState> {
+    if tcp_role(sk).is_none() {
+        set_sock_mark(sk, mark::NOT_POSTGRES, 0);
+        return None;
+    }
+    let key = sk as u64;
+    if let Some(entry) = SOCKS.get_ptr_mut(&key) {
+        // Tracked since its connect or accept; only the mark was missing.
+        set_sock_mark(sk, mark::TRACKED, 0);
+        return Some(entry);
+    }
     let state = preexisting_state(sk, family)?;
     track(sk, key, state, 0, OPEN_FLAG_PREEXISTING)
 }
@@ -231,6 +246,7 @@ fn track(
         return None;
     }
     let entry = SOCKS.get_ptr_mut(&key)?;
+    set_sock_mark(sk, mark::TRACKED, 0);
     // Owner first, then the open record carries it.
     // SAFETY: the map value stays valid while this program runs.
     let entry_ref = unsafe { &mut *entry };

@@ -20,7 +20,10 @@ use tracer_common::{
 
 use crate::{
     kernel::{current_is_exiting, current_tgid, fill_current_proc, offset, read_at},
-    maps::{SOCKS, count_loss, emit, port_watched, scratch_state, setting_value},
+    maps::{
+        SOCKS, count_loss, emit, mark, port_watched, scratch_state, set_sock_mark, setting_value,
+        sock_mark,
+    },
 };
 
 const TCP_ESTABLISHED: i32 = 1;
@@ -92,6 +95,7 @@ fn adopt_preexisting(sk: *const c_void, key: u64) -> Option<*mut SockState> {
         return None;
     }
     let entry = SOCKS.get_ptr_mut(&key)?;
+    set_sock_mark(sk, mark::TRACKED, 0);
     // Softirq context possible: no owner here; user space knows it from its scan.
     // SAFETY: the map value stays valid while this program runs.
     emit_open(sk, unsafe { &mut *entry }, 0, OPEN_FLAG_PREEXISTING);
@@ -153,6 +157,8 @@ fn maybe_track(sk: *const c_void, key: u64, new_state: i32) -> bool {
     }
     if SOCKS.insert(&key, state, 0).is_err() {
         count_loss(loss::TABLE_FULL);
+    } else {
+        set_sock_mark(sk, mark::TRACKED, 0);
     }
     true
 }
@@ -224,6 +230,10 @@ fn on_close(sk: *const c_void, key: u64, state: &mut SockState, old_state: i32) 
     }
     emit_close(state, old_state as u8);
     let _ = SOCKS.remove(&key);
+    // I/O after the end (a read that returns the reset) must not adopt it anew.
+    if let Some(mark) = sock_mark(sk) {
+        mark.verdict = mark::NOT_POSTGRES;
+    }
 }
 
 /// Emits `CONN_CLOSE` with the connection's final counts.

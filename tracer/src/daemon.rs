@@ -409,12 +409,20 @@ impl Tracker {
         }
 
         // Live state, detectors, gauges.
+        let live_states = match probes.sock_states() {
+            Ok(states) => states,
+            Err(err) => {
+                log::warn!("{err:#}");
+                return;
+            }
+        };
         let mut findings = Vec::new();
         let mut ended_unseen = false;
         for conn in self.table.iter_mut() {
             if conn.sock_key != 0 {
-                match probes
-                    .sock_state(conn.sock_key)
+                match live_states
+                    .get(&conn.sock_key)
+                    .copied()
                     .filter(|live| live.cookie == conn.cookie)
                 {
                     Some(live) => {

@@ -16,6 +16,7 @@ pub mod detectors;
 pub mod discovery;
 pub mod events;
 pub mod list;
+mod map_batch;
 pub mod metrics;
 pub mod owners;
 pub mod privileges;

@@ -175,7 +175,8 @@ fn fetch_kernel(package: &str) -> Result<(PathBuf, String)> {
 
 /// Builds the daemon and the root tests; returns test file name -> test binary.
 fn build_tests() -> Result<Vec<(String, PathBuf)>> {
-    run(cargo().args(["build", "--package", "tracer"]))?;
+    // The daemon in its release build: the guest's emulated CPU is slow enough.
+    run(cargo().args(["build", "--release", "--package", "tracer"]))?;
     let out = cargo()
         .args([
             "test",
@@ -215,7 +216,7 @@ fn build_tests() -> Result<Vec<(String, PathBuf)>> {
 
 /// The script the guest runs: every test by exact name, then one result line.
 fn guest_script(kernel: &Kernel, binaries: &[(String, PathBuf)]) -> Result<String> {
-    let tracer = root_dir().join("target/debug/tracer");
+    let tracer = root_dir().join("target/release/tracer");
     let mut script = format!(
         "#!/bin/bash\n\
          # Written by `cargo xtask vm-test`; runs inside the guest.\n\
