@@ -20,7 +20,10 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 
-use crate::{kernel::offset, sock_io::on_io};
+use crate::{
+    kernel::{load_at, offset},
+    sock_io::on_io,
+};
 
 /// `MSG_PEEK`: the data stays queued and will be received (and counted) again.
 const MSG_PEEK: i32 = 2;
@@ -83,8 +86,5 @@ pub fn pgc_recvmsg_exit(ctx: FExitContext) -> i32 {
 /// read-only constant it can follow.
 #[inline(always)]
 fn socket_sk(sock: *const c_void) -> *const c_void {
-    let at = sock.wrapping_byte_add(offset!(socket_sk) as usize);
-    // SAFETY: `sock` is the traced function's `struct socket *`; BTF-typed loads are
-    // checked by the verifier and fault-safe at run time.
-    unsafe { at.cast::<*const c_void>().read_volatile() }
+    load_at(sock, offset!(socket_sk))
 }

@@ -32,6 +32,16 @@ pub fn read_at<T>(base: *const c_void, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel(base.byte_add(offset as usize).cast::<T>()).ok() }
 }
 
+/// Loads a `T` at `base + offset` through a BTF pointer (`base` typed by the verifier, from a
+/// hook argument or a helper returning one): no helper call, and a fault reads as zero.
+#[inline(always)]
+pub fn load_at<T>(base: *const c_void, offset: u32) -> T {
+    let at = base.wrapping_byte_add(offset as usize);
+    // SAFETY: the verifier checks the access against the pointer's BTF type and turns it
+    // into a fault-safe load.
+    unsafe { at.cast::<T>().read_volatile() }
+}
+
 /// Writes the current process, as seen from its own context, into `owner` (in place: a
 /// `ProcInfo` built on the stack would cost 48 of the 512 bytes).
 #[inline(always)]

@@ -9,7 +9,7 @@
 use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs};
 use core::ffi::c_void;
 
-use crate::kernel::{offset, read_at};
+use crate::kernel::{load_at, offset};
 
 const SYS_READ: u64 = 0;
 const SYS_WRITE: u64 = 1;
@@ -39,16 +39,22 @@ fn read_user<T>(address: u64) -> Option<T> {
 /// Where the data of the current syscall is, if it is a socket syscall we understand.
 #[inline(always)]
 pub fn current_syscall_buffer(sending: bool) -> Option<Buffer> {
-    // SAFETY: helpers without preconditions; the result is only used for checked reads.
+    // SAFETY: helpers without preconditions; the result is a BTF `struct pt_regs *`.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const c_void;
-    let nr: u64 = read_at(regs, offset!(pt_regs_orig_ax))?;
-    let arg1: u64 = read_at(regs, offset!(pt_regs_si))?;
+    if regs.is_null() {
+        return None;
+    }
+    // Direct loads through the BTF pointer (checked by the verifier, fault-safe at run time):
+    // this runs on every answer, where a helper call per register would cost more than the
+    // rest of the step.
+    let nr: u64 = load_at(regs, offset!(pt_regs_orig_ax));
+    let arg1: u64 = load_at(regs, offset!(pt_regs_si));
     match (nr, sending) {
         (SYS_WRITE | SYS_SENDTO, true) | (SYS_READ | SYS_RECVFROM, false) => {
             Some(Buffer::Flat(arg1))
         }
         (SYS_WRITEV, true) | (SYS_READV, false) => {
-            let count: u64 = read_at(regs, offset!(pt_regs_dx))?;
+            let count: u64 = load_at(regs, offset!(pt_regs_dx));
             Some(Buffer::Vector(arg1, count))
         }
         (SYS_SENDMSG, true) | (SYS_RECVMSG, false) => {
