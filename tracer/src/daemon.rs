@@ -28,7 +28,7 @@ use tracer_common::{SOCK_FLAG_PEER_CLOSED, path_hash};
 
 use crate::{
     cli::{EventsDest, RunArgs},
-    config::Glob,
+    config::{Glob, StateDirSetting},
     conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
     decode::decode,
     detectors::{Finding, Thresholds},
@@ -37,8 +37,10 @@ use crate::{
     metrics::{self, ConnLabels, ConnSnapshot, Metrics, short_container_id},
     owners::start_ticks,
     probes::{KernelLosses, Probes},
+    proc_title,
     process::{ProcessDetails, read_details},
     sockdiag::DiagSocket,
+    state_file::{SavedConn, StateDir, StateFile},
 };
 
 /// Lines that may wait for a slow event reader before events are dropped (and counted).
@@ -186,6 +188,80 @@ struct Tracker {
     backlog: bool,
     /// When the last tick ran (monotonic ns): a long gap means the daemon was stopped.
     last_tick_ns: u64,
+    /// Where what the daemon knows is kept across restarts, if anywhere.
+    state: Option<KeptState>,
+}
+
+/// The state directory in use, and what was last written there.
+struct KeptState {
+    dir: StateDir,
+    boot_id: String,
+    /// Hash of the last bytes written: an unchanged table is not written again.
+    last_written: u64,
+    /// A failed write was logged; the next ones are not, until one succeeds.
+    failing: bool,
+}
+
+impl KeptState {
+    fn save<'a>(&mut self, conns: impl Iterator<Item = &'a Conn>, now: u64) {
+        use std::hash::{Hash as _, Hasher as _};
+        let file = StateFile::of(&self.boot_id, conns, now);
+        let bytes = match serde_json::to_vec(&file) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                log::warn!("encoding the state file: {err}");
+                return;
+            }
+        };
+        let mut hasher = std::hash::DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        let hash = hasher.finish();
+        if hash == self.last_written {
+            return;
+        }
+        match self.dir.save(&bytes) {
+            Ok(()) => {
+                self.last_written = hash;
+                self.failing = false;
+            }
+            Err(err) => {
+                if !self.failing {
+                    log::warn!("writing {}: {err}", self.dir.path().display());
+                }
+                self.failing = true;
+            }
+        }
+    }
+}
+
+/// Opens the state directory `--state-dir` names. One given explicitly must work; the
+/// default (systemd's `$STATE_DIRECTORY`, else /var/lib/tracer) is used when it can be.
+fn open_state_dir(setting: &StateDirSetting) -> Result<Option<KeptState>> {
+    let (dir, explicit) = match setting {
+        StateDirSetting::Off => return Ok(None),
+        StateDirSetting::Dir(dir) => (dir.clone(), true),
+        StateDirSetting::Default => (crate::config::default_state_dir(), false),
+    };
+    let opened = crate::state_file::boot_id()
+        .map_err(|e| anyhow::anyhow!("reading the boot id: {e}"))
+        .and_then(|boot_id| {
+            let dir = StateDir::open(&dir)
+                .map_err(|e| anyhow::anyhow!("state directory {}: {e}", dir.display()))?;
+            Ok(KeptState {
+                dir,
+                boot_id,
+                last_written: 0,
+                failing: false,
+            })
+        });
+    match opened {
+        Ok(kept) => Ok(Some(kept)),
+        Err(err) if explicit => Err(err),
+        Err(err) => {
+            log::warn!("{err:#}; nothing is kept across restarts (see --state-dir)");
+            Ok(None)
+        }
+    }
 }
 
 impl Tracker {
@@ -331,10 +407,22 @@ impl Tracker {
         self.send(now, body);
     }
 
-    /// Seeds the table with the connections that existed before the probes.
-    fn seed(&mut self, found: Vec<FoundConn>, now: u64) {
+    /// Seeds the table with the connections that existed before the probes: their state
+    /// from Postgres's process titles, and what a previous daemon knew of them (`saved`).
+    fn seed(&mut self, found: Vec<FoundConn>, now: u64, saved: Option<StateFile>) {
+        let proc_root = Path::new("/proc");
+        let titles = proc_title::seeds(&found, &|pid| proc_title::read_title(proc_root, pid), now);
+        let mut saved: HashMap<u64, SavedConn> = saved
+            .map(|f| f.connections.into_iter().map(|c| (c.cookie, c)).collect())
+            .unwrap_or_default();
+        let (mut from_titles, mut restored) = (0, 0);
         for f in found {
-            let conn = f.to_conn(now, Path::new("/proc"));
+            let mut conn = f.to_conn(now, proc_root);
+            conn.seeded = titles.get(&f.cookie).copied();
+            from_titles += usize::from(conn.seeded.is_some());
+            if let Some(saved) = saved.remove(&f.cookie) {
+                restored += usize::from(saved.restore_into(&mut conn, now));
+            }
             if f.transport == Transport::Unix {
                 self.unix_paths.insert(
                     path_hash(f.remote.as_bytes(), f.remote.len()),
@@ -347,6 +435,43 @@ impl Tracker {
             if self.table.insert_found(conn) {
                 self.opened(cookie, now);
             }
+        }
+        log::info!(
+            "start-up: {from_titles} connection states from process titles, {restored} \
+             connections carried over from the state file"
+        );
+        self.close_saved_gone(saved.into_values().collect(), now);
+    }
+
+    /// Connections a previous daemon left open that are gone now closed while no daemon ran:
+    /// their open verdicts end and they close (`closed_by: unknown`, timed now). One still
+    /// open but no longer watched (other ports or glob) is dropped without a word.
+    fn close_saved_gone(&mut self, saved: Vec<SavedConn>, now: u64) {
+        if saved.is_empty() {
+            return;
+        }
+        let alive: HashSet<u64> = match sockets_in_every_netns(Path::new("/proc")) {
+            Ok((tcp, unix)) => tcp
+                .iter()
+                .map(|s| s.cookie)
+                .chain(unix.iter().map(|s| s.cookie))
+                .collect(),
+            Err(err) => {
+                log::warn!("listing sockets: {err}; not closing connections from the state file");
+                return;
+            }
+        };
+        for gone in saved.iter().filter(|s| !alive.contains(&s.cookie)) {
+            let mut conn = gone.to_closed_conn();
+            let (sent, received) = (conn.live.bytes_sent, conn.live.bytes_received);
+            self.closed(&mut conn, now, sent, received, ClosedBy::Unknown);
+        }
+    }
+
+    /// Keeps what the daemon knows for the next one.
+    fn save_state(&mut self, now: u64) {
+        if let Some(state) = self.state.as_mut() {
+            state.save(self.table.iter(), now);
         }
     }
 
@@ -467,6 +592,7 @@ impl Tracker {
             })
             .collect();
         self.metrics.set_open(&snapshot);
+        self.save_state(now);
     }
 
     /// Unix sockets have no close hook: a tracked one missing from the socket table closed.
@@ -638,6 +764,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let ports = args.unique_ports();
     let unix_glob = Glob::compile(&args.unix_socket_glob).map_err(anyhow::Error::msg)?;
     let output = open_events(&args.events)?;
+    let kept = open_state_dir(&args.state_dir)?;
     let metrics_listener = match args.metrics_addr {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -691,6 +818,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         reconcile_needed: false,
         backlog: false,
         last_tick_ns: 0,
+        state: kept,
     };
 
     // Watch the Unix sockets Postgres listens on, then seed the connections that already
@@ -708,7 +836,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Path::new("/proc"),
     )
     .context("listing existing sockets (sock_diag)")?;
-    tracker.seed(found, monotonic_ns());
+    let saved = tracker
+        .state
+        .as_ref()
+        .and_then(|kept| kept.dir.load(&kept.boot_id));
+    tracker.seed(found, monotonic_ns(), saved);
     tracker.send(
         monotonic_ns(),
         EventBody::Ready {
@@ -764,6 +896,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Whatever the kernel already queued is still reported.
     drain(ring.get_mut(), &mut tracker, usize::MAX);
     report_losses(&probes, &mut tracker, &mut reported);
+    tracker.save_state(monotonic_ns());
     drop(ring);
     drop(probes);
     let _ = stop_metrics.send(());
