@@ -39,7 +39,7 @@ use crate::{
     probes::{KernelLosses, Probes},
     proc_title,
     process::{ProcessDetails, read_details},
-    sockdiag::DiagSocket,
+    sockdiag::{DiagSocket, TCP_CLOSE_WAIT, TCP_ESTABLISHED},
     state_file::{SavedConn, StateDir, StateFile},
 };
 
@@ -450,9 +450,12 @@ impl Tracker {
         if saved.is_empty() {
             return;
         }
+        // A TCP socket the owner has closed lingers in FIN_WAIT / TIME_WAIT with its cookie:
+        // open means what the seeding counts as open.
         let alive: HashSet<u64> = match sockets_in_every_netns(Path::new("/proc")) {
             Ok((tcp, unix)) => tcp
                 .iter()
+                .filter(|s| matches!(s.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT))
                 .map(|s| s.cookie)
                 .chain(unix.iter().map(|s| s.cookie))
                 .collect(),
