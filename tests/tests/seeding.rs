@@ -556,3 +556,79 @@ fn id_of_opt(e: &Value) -> Option<&String> {
         _ => None,
     }
 }
+
+#[test]
+fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
+    if !require_root() {
+        return;
+    }
+    let pg = Postgres::start().expect("postgres");
+    run_ok(&mut pg.psql("127.0.0.1", "ALTER SYSTEM SET update_process_title = off"))
+        .expect("ALTER SYSTEM");
+    run_ok(&mut pg.psql("127.0.0.1", "SELECT pg_reload_conf()")).expect("reload");
+    let clients: Vec<Client> = [
+        Target::tcp(pg.port),
+        Target::Socket {
+            dir: pg.socket_dir.clone(),
+            port: pg.port,
+        },
+    ]
+    .iter()
+    .map(|t| psql(t, true))
+    .collect();
+    for c in &clients {
+        let backend = c.backend_pids[0];
+        wait_for_pg_state(&pg, backend, "idle in transaction");
+        let title = tracer::proc_title::read_title(Path::new("/proc"), backend).expect("title");
+        assert_eq!(
+            tracer::proc_title::parse(&title).map(|t| t.activity),
+            Some(tracer::proc_title::Activity::Unset),
+            "the title shows no state: {title:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let tracer = Tracer::start(&[
+        "--port",
+        &pg.port.to_string(),
+        "--unix-socket-glob",
+        &socket_glob(&pg),
+        "--idle-in-transaction-after",
+        IDLE_IN_TX,
+    ])
+    .expect("tracer");
+    std::thread::sleep(Duration::from_secs_f64(IDLE_IN_TX_S) + SLACK);
+    let events = tracer.events();
+    let dump = lines(&events);
+    for c in &clients {
+        for (role, pid) in [("server", c.backend_pids[0]), ("client", c.pid())] {
+            let opens: Vec<&Value> = events
+                .iter()
+                .filter(|e| e["type"] == "open" && e["role"] == role && pid_of(e) == pid)
+                .collect();
+            assert_eq!(opens.len(), 1, "{role} {pid}: {dump}");
+            assert_eq!(opens[0]["state"], "unknown", "{}", opens[0]);
+        }
+    }
+    let pids: BTreeSet<u32> = clients
+        .iter()
+        .flat_map(|c| [c.pid(), c.backend_pids[0]])
+        .collect();
+    assert!(
+        leaks(&events, "server", "idle_in_transaction")
+            .into_iter()
+            .chain(leaks(&events, "client", "idle_in_transaction"))
+            .all(|e| !pids.contains(&pid_of(e))),
+        "no state, no idle-in-transaction verdict: {dump}"
+    );
+    // `tracer check` has a line about titles, and it never fails the check.
+    let out = std::process::Command::new(tests::tracer_bin())
+        .arg("check")
+        .output()
+        .expect("tracer check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("process_title"))
+        .unwrap_or_else(|| panic!("no process_title line:\n{text}"));
+    assert!(line.starts_with("ok"), "{line}");
+}
