@@ -632,3 +632,73 @@ fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
         .unwrap_or_else(|| panic!("no process_title line:\n{text}"));
     assert!(line.starts_with("ok"), "{line}");
 }
+
+#[test]
+fn a_corrupt_state_file_is_ignored_with_one_warning_and_an_unusable_directory_refused() {
+    if !require_root() {
+        return;
+    }
+    let port = tests::free_port().expect("port").to_string();
+    let state = TempDir::new("corrupt-state").expect("state dir");
+    let file = state.0.join("state.json");
+    std::fs::write(&file, b"{\"format\":1,\"boot_id\":\"x\",\"conn\x00\xff").expect("garbage");
+    let args = [
+        "--port",
+        port.as_str(),
+        "--state-dir",
+        state.0.to_str().expect("utf-8"),
+    ];
+    let tracer = Tracer::start(&args).expect("starts despite the garbage");
+    let warnings: Vec<String> = tracer
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("state file"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning: {warnings:?}");
+    assert!(warnings[0].contains("ignoring"), "{warnings:?}");
+    // A second daemon on the same directory is refused before it attaches anything.
+    let second = std::process::Command::new(tests::tracer_bin())
+        .arg("run")
+        .args(args)
+        .args(["--metrics-addr", "off", "--events", "/dev/null"])
+        .output()
+        .expect("second daemon");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another tracer daemon"), "{stderr}");
+    // The first one replaces the garbage with its own state within a tick or two.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read(&file).unwrap_or_default();
+        if serde_json::from_slice::<Value>(&text).is_ok_and(|v| v["format"] == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "state file not rewritten");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, _) = tracer.terminate(Duration::from_secs(10)).expect("SIGTERM");
+    assert_eq!(status.code(), Some(0));
+
+    // A directory given explicitly that cannot be used: exit 1, one line naming it.
+    let blocked = state.0.join("not-a-dir");
+    std::fs::write(&blocked, b"").expect("file");
+    let out = std::process::Command::new(tests::tracer_bin())
+        .args([
+            "run",
+            "--port",
+            &port,
+            "--metrics-addr",
+            "off",
+            "--events",
+            "/dev/null",
+        ])
+        .arg("--state-dir")
+        .arg(&blocked)
+        .output()
+        .expect("tracer");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&blocked.display().to_string()), "{stderr}");
+}
