@@ -28,7 +28,7 @@ use tracer_common::{SOCK_FLAG_PEER_CLOSED, path_hash};
 
 use crate::{
     cli::{EventsDest, RunArgs},
-    config::{Glob, StateDirSetting},
+    config::Glob,
     conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
     decode::decode,
     detectors::{Finding, Thresholds},
@@ -40,7 +40,7 @@ use crate::{
     proc_title,
     process::{ProcessDetails, read_details},
     sockdiag::{DiagSocket, TCP_CLOSE_WAIT, TCP_ESTABLISHED},
-    state_file::{SavedConn, StateDir, StateFile},
+    state_file::{KeptState, SavedConn, StateFile},
 };
 
 /// Lines that may wait for a slow event reader before events are dropped (and counted).
@@ -194,78 +194,6 @@ struct Tracker {
     last_tick_ns: u64,
     /// Where what the daemon knows is kept across restarts, if anywhere.
     state: Option<KeptState>,
-}
-
-/// The state directory in use, and what was last written there.
-struct KeptState {
-    dir: StateDir,
-    boot_id: String,
-    /// Hash of the last bytes written: an unchanged table is not written again.
-    last_written: u64,
-    /// A failed write was logged; the next ones are not, until one succeeds.
-    failing: bool,
-}
-
-impl KeptState {
-    fn save<'a>(&mut self, conns: impl Iterator<Item = &'a Conn>, now: u64) {
-        use std::hash::{Hash as _, Hasher as _};
-        let file = StateFile::of(&self.boot_id, conns, now);
-        let bytes = match serde_json::to_vec(&file) {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                log::warn!("encoding the state file: {err}");
-                return;
-            }
-        };
-        let mut hasher = std::hash::DefaultHasher::new();
-        bytes.hash(&mut hasher);
-        let hash = hasher.finish();
-        if hash == self.last_written {
-            return;
-        }
-        match self.dir.save(&bytes) {
-            Ok(()) => {
-                self.last_written = hash;
-                self.failing = false;
-            }
-            Err(err) => {
-                if !self.failing {
-                    log::warn!("writing {}: {err}", self.dir.path().display());
-                }
-                self.failing = true;
-            }
-        }
-    }
-}
-
-/// Opens the state directory `--state-dir` names. One given explicitly must work; the
-/// default (systemd's `$STATE_DIRECTORY`, else /var/lib/tracer) is used when it can be.
-fn open_state_dir(setting: &StateDirSetting) -> Result<Option<KeptState>> {
-    let (dir, explicit) = match setting {
-        StateDirSetting::Off => return Ok(None),
-        StateDirSetting::Dir(dir) => (dir.clone(), true),
-        StateDirSetting::Default => (crate::config::default_state_dir(), false),
-    };
-    let opened = crate::state_file::boot_id()
-        .map_err(|e| anyhow::anyhow!("reading the boot id: {e}"))
-        .and_then(|boot_id| {
-            let dir = StateDir::open(&dir)
-                .map_err(|e| anyhow::anyhow!("state directory {}: {e}", dir.display()))?;
-            Ok(KeptState {
-                dir,
-                boot_id,
-                last_written: 0,
-                failing: false,
-            })
-        });
-    match opened {
-        Ok(kept) => Ok(Some(kept)),
-        Err(err) if explicit => Err(err),
-        Err(err) => {
-            log::warn!("{err:#}; nothing is kept across restarts (see --state-dir)");
-            Ok(None)
-        }
-    }
 }
 
 impl Tracker {
@@ -776,7 +704,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let ports = args.unique_ports();
     let unix_glob = Glob::compile(&args.unix_socket_glob).map_err(anyhow::Error::msg)?;
     let output = open_events(&args.events)?;
-    let kept = open_state_dir(&args.state_dir)?;
+    let kept = KeptState::open(&args.state_dir)?;
     let metrics_listener = match args.metrics_addr {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -848,10 +776,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Path::new("/proc"),
     )
     .context("listing existing sockets (sock_diag)")?;
-    let saved = tracker
-        .state
-        .as_ref()
-        .and_then(|kept| kept.dir.load(&kept.boot_id));
+    let saved = tracker.state.as_ref().and_then(KeptState::load);
     tracker.seed(found, monotonic_ns(), saved);
     tracker.send(
         monotonic_ns(),
