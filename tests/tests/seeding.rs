@@ -370,15 +370,15 @@ fn restart_args<'a>(ports: &'a str, glob: &'a str, state: &'a Path) -> Vec<&'a s
     ]
 }
 
-/// Waits in `tracer` for an idle-in-transaction verdict on each of `ids`; checks that its
-/// `idle_s` counts from `idle_since` (what a tick can add or take, at most) and returns
-/// the events.
+/// Waits in `tracer` for an idle-in-transaction verdict on each connection of `idle_since`
+/// (conn_id -> when the test saw it go idle); checks that its `idle_s` counts from then
+/// (what a tick can add or take, at most) and returns the events.
 fn expect_leaks_again(
     tracer: &Tracer,
-    ids: &BTreeSet<String>,
-    idle_since: Instant,
+    idle_since: &BTreeMap<String, Instant>,
     what: &str,
 ) -> Vec<Value> {
+    let ids: BTreeSet<String> = idle_since.keys().cloned().collect();
     let started = Instant::now();
     let events = tracer
         .wait_for(SLACK, |evs| {
@@ -390,12 +390,13 @@ fn expect_leaks_again(
             ids.is_subset(&flagged)
         })
         .unwrap_or_else(|e| panic!("{what}: the leaks again: {e}"));
-    let before = started.duration_since(idle_since).as_secs_f64();
-    let after = idle_since.elapsed().as_secs_f64();
     for e in events
         .iter()
         .filter(|e| e["type"] == "leak" && ids.contains(&id_of(e)))
     {
+        let since = idle_since[&id_of(e)];
+        let before = started.duration_since(since).as_secs_f64();
+        let after = since.elapsed().as_secs_f64();
         let idle_s = f64_of(e, "idle_s");
         assert!(
             idle_s >= before - 1.2 && idle_s <= after + 0.5,
@@ -403,6 +404,10 @@ fn expect_leaks_again(
         );
         assert!(f64_of(e, "age_s") >= idle_s, "{e}");
         assert_eq!(e["state"], "idle_in_transaction", "{e}");
+        eprintln!(
+            "{what}: {} {} idle_s {idle_s:.2} (idle for {before:.2}..{after:.2} s)",
+            e["role"], e["transport"]
+        );
     }
     events
 }
@@ -432,6 +437,7 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
         },
     )
     .expect("app through PgBouncer");
+    let app_since = Instant::now();
     let unix = psql(
         &Target::Socket {
             dir: pg.socket_dir.clone(),
@@ -439,8 +445,8 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
         },
         true,
     );
+    let unix_since = Instant::now();
     let gone = psql(&Target::tcp(pg.port), true);
-    let idle_since = Instant::now();
     let pids = [app.pid(), unix.pid(), gone.pid()];
     let events = first
         .wait_for(Duration::from_secs_f64(IDLE_IN_TX_S) + SLACK, |evs| {
@@ -478,11 +484,15 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
         "{}",
         lines(&events)
     );
-    let kept: BTreeSet<String> = app_ids
+    let kept: BTreeMap<String, Instant> = app_ids
         .iter()
-        .chain(&unix_ids)
-        .chain(&unix_backend_ids)
-        .cloned()
+        .map(|id| (id.clone(), app_since))
+        .chain(
+            unix_ids
+                .iter()
+                .chain(&unix_backend_ids)
+                .map(|id| (id.clone(), unix_since)),
+        )
         .collect();
     let gone_id = gone_ids.iter().next().expect("id").clone();
     // Let the leak age, so that a restart counting from its own start would show.
@@ -509,7 +519,7 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
     }
 
     let second = Tracer::start(&args).expect("tracer after SIGTERM");
-    let events = expect_leaks_again(&second, &kept, idle_since, "after SIGTERM + start");
+    let events = expect_leaks_again(&second, &kept, "after SIGTERM + start");
     let dump = lines(&events);
     let gone_events: Vec<&Value> = events
         .iter()
@@ -527,7 +537,7 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
         .collect();
     assert_eq!(kinds, ["leak_end", "close"], "{dump}");
     assert_eq!(gone_events[1]["closed_by"], "unknown", "{dump}");
-    for id in &kept {
+    for id in kept.keys() {
         let opens: Vec<&Value> = events
             .iter()
             .filter(|e| e["type"] == "open" && id_of_opt(e) == Some(id))
@@ -540,7 +550,7 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
     second.kill().expect("kill -9");
 
     let third = Tracer::start(&args).expect("tracer after kill -9");
-    let events = expect_leaks_again(&third, &kept, idle_since, "after kill -9 + start");
+    let events = expect_leaks_again(&third, &kept, "after kill -9 + start");
     let dump = lines(&events);
     assert!(
         events.iter().all(|e| id_of_opt(e) != Some(&gone_id)),
