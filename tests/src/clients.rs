@@ -281,6 +281,16 @@ impl Client {
         Ok(())
     }
 
+    /// Makes the open transaction fail (`SELECT 1/0`), leaving the connection idle in an
+    /// aborted transaction (psql only). Nothing answers on stdout: every statement fails
+    /// until ROLLBACK, so the caller waits for the server to show it.
+    pub fn fail_transaction(&mut self) -> Result<()> {
+        match self.kind {
+            ClientKind::Psql => self.send("SELECT 1/0;\n"),
+            other => bail!("{other:?} cannot be told to fail its transaction"),
+        }
+    }
+
     /// Runs `SELECT pg_sleep(secs)` on the first connection and waits for the answer: a
     /// request the server sits on (psql and psycopg2 only).
     pub fn server_sleep(&mut self, secs: f64) -> Result<()> {

@@ -237,11 +237,14 @@ pub struct Tracer {
 
 impl Tracer {
     /// Starts `tracer run ARGS --events FILE` and waits for its `ready` event. Without a
-    /// `--metrics-addr` in ARGS the endpoint is off, so tests never fight over a port.
+    /// `--metrics-addr` in ARGS the endpoint is off, so tests never fight over a port; without
+    /// a `--state-dir` the state file goes to the daemon's own temporary directory, so no
+    /// daemon takes over what another test's left.
     pub fn start(args: &[&str]) -> Result<Self> {
         let dir = TempDir::new("tracer")?;
         let events_path = dir.0.join("events.jsonl");
         let stderr = fs::File::create(dir.0.join("stderr"))?;
+        let own_state = dir.0.join("state");
         let child = Command::new(tracer_bin())
             .arg("run")
             .args(args)
@@ -251,6 +254,11 @@ impl Tracer {
                 &[][..]
             } else {
                 &["--metrics-addr", "off"][..]
+            })
+            .args(if args.contains(&"--state-dir") {
+                Vec::new()
+            } else {
+                vec!["--state-dir".as_ref(), own_state.as_os_str()]
             })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -339,6 +347,16 @@ impl Tracer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+impl Tracer {
+    /// SIGKILL, the way a crash ends the daemon: no shutdown work at all.
+    pub fn kill(mut self) -> Result<()> {
+        let mut child = self.child.take().context("already stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
     }
 }
 

@@ -36,6 +36,7 @@ const RUN_FLAGS: &[&str] = &[
     "--close-wait-after",
     "--idle-after",
     "--log-level",
+    "--state-dir",
     "--config",
 ];
 
@@ -332,6 +333,12 @@ fn unit_is_hardened_without_hiding_what_the_daemon_reads() {
     assert_eq!(exec[0], "/usr/local/bin/tracer");
     assert_eq!(exec[1], "run");
     assert_only_run_flags(&exec[2..], "the unit's ExecStart");
+    // The state file survives restarts in the directory systemd makes and names for it.
+    assert_eq!(svc("StateDirectory"), Some("tracer"));
+    assert!(
+        flag_value(&exec, "--state-dir").is_none(),
+        "the daemon finds $STATE_DIRECTORY itself"
+    );
     let logs = svc("LogsDirectory").expect("LogsDirectory=");
     let events = flag_value(&exec, "--events").expect("ExecStart passes --events");
     assert!(
@@ -640,6 +647,18 @@ fn daemonset_runs_in_the_host_namespaces_with_exactly_the_five_capabilities() {
         assert_eq!(mount["mountPath"], path);
         assert_eq!(mount["readOnly"], true, "{path} read-only");
     }
+
+    // The state file's directory: on the node, so that it outlives the pod; writable.
+    let state = volumes
+        .iter()
+        .find(|v| v["hostPath"]["path"] == tracer::config::DEFAULT_STATE_DIR)
+        .expect("hostPath volume for the state directory");
+    let mount = mounts
+        .iter()
+        .find(|m| m["name"] == state["name"])
+        .expect("the state directory is mounted");
+    assert_eq!(mount["mountPath"], tracer::config::DEFAULT_STATE_DIR);
+    assert_ne!(mount["readOnly"], true);
 
     // Metrics: port 9433 named metrics, bound to the node's IP (not 0.0.0.0), probed.
     let ports = c["ports"].as_array().expect("ports");
@@ -1066,6 +1085,9 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
     let bin = tracer_bin();
 
     let mut cmd = Command::new("strace");
+    // As systemd's StateDirectory= does: the state file is written every tick.
+    let state_dir = dir.0.join("state");
+    cmd.env("STATE_DIRECTORY", &state_dir);
     cmd.args(["-f", "-ff", "-qq", "-o"])
         .arg(trace_dir.0.join("st"))
         .arg("setpriv")
@@ -1100,6 +1122,11 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
     }
     let status = daemon.terminate(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert!(
+        state_dir.join("state.json").exists(),
+        "the state file was written: {}",
+        daemon_stderr_of(&dir.0)
+    );
 
     // Every system call the tracer made (setpriv's, before it execs the tracer, excluded).
     let exec_line = format!("execve(\"{}\"", bin.display());
@@ -1126,4 +1153,8 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
         blocked.is_empty(),
         "the unit's SystemCallFilter= would block {blocked:?} (the daemon made {used:?})"
     );
+}
+
+fn daemon_stderr_of(dir: &Path) -> String {
+    fs::read_to_string(dir.join("stderr")).unwrap_or_default()
 }

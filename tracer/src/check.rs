@@ -124,7 +124,18 @@ pub fn run_checks() -> Vec<Check> {
             Err(e) => format!("{e}: needed to find connections opened before start-up"),
         },
     });
+    checks.push(process_titles());
     checks
+}
+
+/// Whether Postgres's process titles can seed the state of connections found at start-up.
+fn process_titles() -> Check {
+    let (ok, detail) = crate::proc_title::check_line(Path::new("/proc"));
+    Check {
+        name: "process_title",
+        ok,
+        detail,
+    }
 }
 
 /// Collapses a multi-line error (a verifier log) into one line.

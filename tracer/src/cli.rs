@@ -40,6 +40,7 @@ pub struct RunArgs {
     pub log_level: log::LevelFilter,
     pub max_label_sets: usize,
     pub max_connections: u32,
+    pub state_dir: config::StateDirSetting,
     /// The file the options were read from, if any.
     pub config: Option<PathBuf>,
 }
@@ -59,6 +60,7 @@ impl Default for RunArgs {
             log_level: config::DEFAULT_LOG_LEVEL,
             max_label_sets: config::DEFAULT_MAX_LABEL_SETS,
             max_connections: config::DEFAULT_MAX_CONNECTIONS,
+            state_dir: config::StateDirSetting::Default,
             config: None,
         }
     }
@@ -104,6 +106,7 @@ impl RunArgs {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(d.max_connections),
+            state_dir: flags.state_dir.or(file.state_dir).unwrap_or(d.state_dir),
             config,
         }
     }
@@ -293,6 +296,10 @@ struct RunFlags {
     #[arg(long, value_name = "N", allow_hyphen_values = true,
           value_parser = Checked(config::parse_max_connections))]
     max_connections: Option<u32>,
+    /// Keeps what is known of open connections across restarts, or `off` [default:
+    /// $STATE_DIRECTORY, else /var/lib/tracer, when writable]
+    #[arg(long, value_name = "DIR", value_parser = Checked(config::parse_state_dir))]
+    state_dir: Option<config::StateDirSetting>,
 }
 
 impl RunFlags {
@@ -309,6 +316,7 @@ impl RunFlags {
             log_level: self.log_level,
             max_label_sets: self.max_label_sets,
             max_connections: self.max_connections,
+            state_dir: self.state_dir,
         }
     }
 }
@@ -501,6 +509,8 @@ mod tests {
             "10",
             "--max-connections",
             "16",
+            "--state-dir",
+            "/tmp/tracer-state",
         ])
         .expect("parses");
         assert_eq!(
@@ -517,6 +527,7 @@ mod tests {
                 log_level: log::LevelFilter::Trace,
                 max_label_sets: 10,
                 max_connections: 16,
+                state_dir: config::StateDirSetting::Dir("/tmp/tracer-state".into()),
                 config: None,
             }
         );
@@ -652,6 +663,7 @@ mod tests {
             (&["run", "--max-connections", "15"], &["'15'", "16-1048576"]),
             (&["run", "--max-connections", "1048577"], &["'1048577'"]),
             (&["run", "--max-connections", "-1"], &["'-1'"]),
+            (&["run", "--state-dir", ""], &["--state-dir", "empty path"]),
             (
                 &["run", "--config", "/nonexistent/tracer.toml"],
                 &["/nonexistent/tracer.toml", "No such file"],
@@ -692,6 +704,7 @@ mod tests {
             (b"\nstall_after = \"0s\"", &["line 2", "stall_after '0s'"]),
             (b"idle_after = \"5\"", &["idle_after '5'"]),
             (b"metrics_addr = \"1.2.3.4\"", &["metrics_addr '1.2.3.4'"]),
+            (b"state_dir = \"\"", &["state_dir ''", "empty path"]),
             (b"port = [5432,", &["line 1", "port = [5432,"]),
             (b"log_level = \"\xff\"", &["not valid UTF-8"]),
             (b"[[x]]\ny = 1\n", &["x"]),
@@ -759,6 +772,7 @@ mod tests {
             "[default: 1000]",
             "--max-connections <N>",
             "[default: 65536]",
+            "--state-dir <DIR>",
             "stall_after = \"5s\"",
         ] {
             assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");

@@ -25,6 +25,9 @@ pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_LOG_LEVEL: log::LevelFilter = log::LevelFilter::Info;
 pub const DEFAULT_MAX_LABEL_SETS: usize = 1000;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
+/// Where the daemon keeps its state file when no `--state-dir` is given and systemd names
+/// no `$STATE_DIRECTORY`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tracer";
 
 pub const MAX_LABEL_SETS_RANGE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<u64> = 16..=1_048_576;
@@ -165,6 +168,36 @@ pub fn parse_max_label_sets(s: &str) -> Result<usize, String> {
 pub fn parse_max_connections(s: &str) -> Result<u32, String> {
     let n = parse_count(s, MAX_CONNECTIONS_RANGE)?;
     u32::try_from(n).map_err(|_| "too large".to_owned())
+}
+
+/// `--state-dir`: where the daemon keeps what it knows of open connections across restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StateDirSetting {
+    /// Not given: [`default_state_dir`], if it can be used.
+    #[default]
+    Default,
+    /// `off`: nothing is kept.
+    Off,
+    Dir(PathBuf),
+}
+
+pub fn parse_state_dir(s: &str) -> Result<StateDirSetting, String> {
+    match s {
+        "" => Err("empty path (use off to keep no state)".into()),
+        "off" => Ok(StateDirSetting::Off),
+        path => Ok(StateDirSetting::Dir(path.into())),
+    }
+}
+
+/// The state directory when none is given: the one systemd's `StateDirectory=` made
+/// (`$STATE_DIRECTORY`, the first of a list), else [`DEFAULT_STATE_DIR`].
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .and_then(|dirs| {
+            let first = dirs.to_string_lossy().split(':').next()?.to_owned();
+            (!first.is_empty()).then(|| PathBuf::from(first))
+        })
+        .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
 }
 
 fn parse_count(s: &str, range: std::ops::RangeInclusive<u64>) -> Result<u64, String> {
@@ -360,6 +393,7 @@ pub struct RunSettings {
     pub log_level: Option<log::LevelFilter>,
     pub max_label_sets: Option<usize>,
     pub max_connections: Option<u32>,
+    pub state_dir: Option<StateDirSetting>,
 }
 
 /// The file as written; values are checked by [`FileConfig::validate`] so that errors can
@@ -378,6 +412,7 @@ struct FileConfig {
     log_level: Option<Spanned<String>>,
     max_label_sets: Option<Spanned<u64>>,
     max_connections: Option<Spanned<u64>>,
+    state_dir: Option<Spanned<String>>,
 }
 
 /// `port = 5432` or `port = [5432, 6432]`.
@@ -518,6 +553,7 @@ impl FileConfig {
                     MAX_CONNECTIONS_RANGE,
                 )?
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            state_dir: at.check("state_dir", self.state_dir, parse_state_dir)?,
         })
     }
 }
@@ -801,6 +837,7 @@ mod tests {
             log_level = "debug"
             max_label_sets = 50
             max_connections = 4096
+            state_dir = "off"
         "#;
         let got = parse_file(Path::new("t.toml"), text).expect("valid");
         assert_eq!(
@@ -817,6 +854,7 @@ mod tests {
                 log_level: Some(log::LevelFilter::Debug),
                 max_label_sets: Some(50),
                 max_connections: Some(4096),
+                state_dir: Some(StateDirSetting::Off),
             }
         );
     }

@@ -6,25 +6,25 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::{
     AF_INET6, AF_UNIX, OPEN_FLAG_PREEXISTING, ProcInfo, SockState, closed_by, proto, role,
 };
 
 use crate::{
     decode::KernelEvent,
-    detectors::{ConnView, Episodes},
+    detectors::{ConnView, Episodes, Seeded},
     process::ProcessDetails,
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Client,
     Server,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     Tcp,
@@ -108,6 +108,8 @@ pub struct Conn {
     /// ns); the kernel's own timings take over once it sees traffic.
     pub found_to_server_ns: u64,
     pub found_from_server_ns: u64,
+    /// The state learned at start-up (process title, state file) until the kernel reads one.
+    pub seeded: Option<Seeded>,
     /// Open stall / leak episodes.
     pub episodes: Episodes,
 }
@@ -126,6 +128,7 @@ impl Conn {
             tx_status: self.live.tx_status,
             encrypted: self.live.proto & proto::ENCRYPTED != 0,
             peer_closed_ns: self.peer_closed_ns,
+            seeded: self.seeded,
         }
     }
 
@@ -154,6 +157,7 @@ impl Conn {
             live: SockState::default(),
             found_to_server_ns: 0,
             found_from_server_ns: 0,
+            seeded: None,
             episodes: Episodes::default(),
         }
     }

@@ -37,8 +37,10 @@ use crate::{
     metrics::{self, ConnLabels, ConnSnapshot, Metrics, short_container_id},
     owners::start_ticks,
     probes::{KernelLosses, Probes},
+    proc_title,
     process::{ProcessDetails, read_details},
-    sockdiag::DiagSocket,
+    sockdiag::{DiagSocket, TCP_CLOSE_WAIT, TCP_ESTABLISHED},
+    state_file::{KeptState, SavedConn, StateFile},
 };
 
 /// Lines that may wait for a slow event reader before events are dropped (and counted).
@@ -51,6 +53,10 @@ const TICK: Duration = Duration::from_secs(1);
 const RECONCILE_TICKS: u64 = 10;
 /// How often the listening Unix sockets are looked for again (Postgres may restart).
 const UNIX_LISTENER_REFRESH_TICKS: u64 = 5;
+/// The state file is written every tick up to this many connections, then every
+/// `len / STATE_CONNS_PER_TICK` ticks, at most every `STATE_MAX_TICKS`.
+const STATE_CONNS_PER_TICK: usize = 4096;
+const STATE_MAX_TICKS: usize = 10;
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock time.
 #[derive(Clone, Copy)]
@@ -186,6 +192,8 @@ struct Tracker {
     backlog: bool,
     /// When the last tick ran (monotonic ns): a long gap means the daemon was stopped.
     last_tick_ns: u64,
+    /// Where what the daemon knows is kept across restarts, if anywhere.
+    state: Option<KeptState>,
 }
 
 impl Tracker {
@@ -331,10 +339,22 @@ impl Tracker {
         self.send(now, body);
     }
 
-    /// Seeds the table with the connections that existed before the probes.
-    fn seed(&mut self, found: Vec<FoundConn>, now: u64) {
+    /// Seeds the table with the connections that existed before the probes: their state
+    /// from Postgres's process titles, and what a previous daemon knew of them (`saved`).
+    fn seed(&mut self, found: Vec<FoundConn>, now: u64, saved: Option<StateFile>) {
+        let proc_root = Path::new("/proc");
+        let titles = proc_title::seeds(&found, &|pid| proc_title::read_title(proc_root, pid), now);
+        let mut saved: HashMap<u64, SavedConn> = saved
+            .map(|f| f.connections.into_iter().map(|c| (c.cookie, c)).collect())
+            .unwrap_or_default();
+        let (mut from_titles, mut restored) = (0, 0);
         for f in found {
-            let conn = f.to_conn(now, Path::new("/proc"));
+            let mut conn = f.to_conn(now, proc_root);
+            conn.seeded = titles.get(&f.cookie).copied();
+            from_titles += usize::from(conn.seeded.is_some());
+            if let Some(saved) = saved.remove(&f.cookie) {
+                restored += usize::from(saved.restore_into(&mut conn, now));
+            }
             if f.transport == Transport::Unix {
                 self.unix_paths.insert(
                     path_hash(f.remote.as_bytes(), f.remote.len()),
@@ -347,6 +367,51 @@ impl Tracker {
             if self.table.insert_found(conn) {
                 self.opened(cookie, now);
             }
+        }
+        log::info!(
+            "start-up: {from_titles} connection states from process titles, {restored} \
+             connections carried over from the state file"
+        );
+        self.close_saved_gone(saved.into_values().collect(), now);
+    }
+
+    /// Connections a previous daemon left open that are gone now closed while no daemon ran:
+    /// their open verdicts end and they close (`closed_by: unknown`, timed now). One still
+    /// open but no longer watched (other ports or glob) is dropped without a word.
+    fn close_saved_gone(&mut self, saved: Vec<SavedConn>, now: u64) {
+        if saved.is_empty() {
+            return;
+        }
+        // A TCP socket the owner has closed lingers in FIN_WAIT / TIME_WAIT with its cookie:
+        // open means what the seeding counts as open.
+        let alive: HashSet<u64> = match sockets_in_every_netns(Path::new("/proc")) {
+            Ok((tcp, unix)) => tcp
+                .iter()
+                .filter(|s| matches!(s.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT))
+                .map(|s| s.cookie)
+                .chain(unix.iter().map(|s| s.cookie))
+                .collect(),
+            Err(err) => {
+                log::warn!("listing sockets: {err}; not closing connections from the state file");
+                return;
+            }
+        };
+        for gone in saved.iter().filter(|s| !alive.contains(&s.cookie)) {
+            let mut conn = gone.to_closed_conn();
+            let (sent, received) = (conn.live.bytes_sent, conn.live.bytes_received);
+            self.closed(&mut conn, now, sent, received, ClosedBy::Unknown);
+        }
+    }
+
+    /// Keeps what the daemon knows for the next one: every tick, or less often for a large
+    /// table (encoding costs about 2.5 us per connection), and always at shutdown (`force`).
+    fn save_state(&mut self, now: u64, force: bool) {
+        let every = (self.table.len() / STATE_CONNS_PER_TICK).clamp(1, STATE_MAX_TICKS) as u64;
+        if !force && !self.ticks.is_multiple_of(every) {
+            return;
+        }
+        if let Some(state) = self.state.as_mut() {
+            state.save(self.table.iter(), now);
         }
     }
 
@@ -475,6 +540,7 @@ impl Tracker {
             })
             .collect();
         self.metrics.set_open(&snapshot);
+        self.save_state(now, false);
     }
 
     /// Unix sockets have no close hook: a tracked one missing from the socket table closed.
@@ -646,6 +712,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let ports = args.unique_ports();
     let unix_glob = Glob::compile(&args.unix_socket_glob).map_err(anyhow::Error::msg)?;
     let output = open_events(&args.events)?;
+    let kept = KeptState::open(&args.state_dir)?;
     let metrics_listener = match args.metrics_addr {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -699,6 +766,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         reconcile_needed: false,
         backlog: false,
         last_tick_ns: 0,
+        state: kept,
     };
 
     // Watch the Unix sockets Postgres listens on, then seed the connections that already
@@ -716,7 +784,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Path::new("/proc"),
     )
     .context("listing existing sockets (sock_diag)")?;
-    tracker.seed(found, monotonic_ns());
+    let saved = tracker.state.as_ref().and_then(KeptState::load);
+    tracker.seed(found, monotonic_ns(), saved);
     tracker.send(
         monotonic_ns(),
         EventBody::Ready {
@@ -772,6 +841,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Whatever the kernel already queued is still reported.
     drain(ring.get_mut(), &mut tracker, usize::MAX);
     report_losses(&probes, &mut tracker, &mut reported);
+    tracker.save_state(monotonic_ns(), true);
     drop(ring);
     drop(probes);
     let _ = stop_metrics.send(());

@@ -10,12 +10,12 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use tracer_common::protocol::{TX_FAILED, TX_IDLE, TX_IN_TRANSACTION};
 
 /// The SPEC's connection states.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnState {
     Active,
@@ -48,7 +48,7 @@ impl ConnState {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LeakReason {
     CloseWait,
@@ -96,6 +96,31 @@ impl Default for Thresholds {
     }
 }
 
+/// A state learned outside the protocol reader: a Postgres backend's process title at
+/// start-up, or the state file a previous daemon left. It says what the state was at
+/// `known_ns` (monotonic ns), and holds until traffic after that says otherwise; a
+/// ReadyForQuery the kernel reads later replaces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seeded {
+    /// `Active`, `Idle`, `IdleInTransaction` or `IdleInTransactionAborted`.
+    pub state: ConnState,
+    pub known_ns: u64,
+}
+
+impl Seeded {
+    /// Still true given the traffic in `view`: an idle state ends with the next request
+    /// bytes, a running query with the next answer bytes.
+    fn holds(&self, view: &ConnView) -> bool {
+        match self.state {
+            ConnState::Active => view.from_server_ns <= self.known_ns,
+            ConnState::Idle
+            | ConnState::IdleInTransaction
+            | ConnState::IdleInTransactionAborted => view.to_server_ns <= self.known_ns,
+            ConnState::CloseWait | ConnState::Unknown => false,
+        }
+    }
+}
+
 /// What the detectors need to know of one connection (monotonic ns; 0 = never).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnView {
@@ -109,6 +134,9 @@ pub struct ConnView {
     pub encrypted: bool,
     /// When the peer closed its side, if it did.
     pub peer_closed_ns: Option<u64>,
+    /// The state known from outside the protocol stream, used while the kernel has read no
+    /// ReadyForQuery.
+    pub seeded: Option<Seeded>,
 }
 
 impl ConnView {
@@ -126,15 +154,42 @@ impl ConnView {
             ConnState::CloseWait
         } else if self.outstanding() {
             ConnState::Active
-        } else if self.encrypted {
-            ConnState::Unknown
+        } else if let Some(state) = self.protocol_state() {
+            state
         } else {
-            match self.tx_status {
-                TX_IDLE => ConnState::Idle,
-                TX_IN_TRANSACTION => ConnState::IdleInTransaction,
-                TX_FAILED => ConnState::IdleInTransactionAborted,
+            match self.seeded {
+                Some(seeded) if seeded.holds(self) => seeded.state,
                 _ => ConnState::Unknown,
             }
+        }
+    }
+
+    /// The state the kernel's protocol reader saw (its last ReadyForQuery), if it could read.
+    fn protocol_state(&self) -> Option<ConnState> {
+        if self.encrypted {
+            return None;
+        }
+        match self.tx_status {
+            TX_IDLE => Some(ConnState::Idle),
+            TX_IN_TRANSACTION => Some(ConnState::IdleInTransaction),
+            TX_FAILED => Some(ConnState::IdleInTransactionAborted),
+            _ => None,
+        }
+    }
+
+    /// What a later daemon may take over of the transaction state at `now`: the protocol
+    /// reader's state while no request is in flight, else a seed that still holds.
+    pub fn known_state(&self, now: u64) -> Option<Seeded> {
+        if self.outstanding() {
+            // The last status predates the request in flight; its answer will tell.
+            return self.seeded.filter(|s| s.holds(self));
+        }
+        match self.protocol_state() {
+            Some(state) => Some(Seeded {
+                state,
+                known_ns: now,
+            }),
+            None => self.seeded.filter(|s| s.holds(self)),
         }
     }
 
@@ -187,6 +242,31 @@ fn secs(ns: u64) -> f64 {
 impl Episodes {
     pub fn stalled(&self) -> bool {
         self.stall_since.is_some()
+    }
+
+    /// When the open stall began (monotonic ns), if one is open.
+    pub fn stall_since(&self) -> Option<u64> {
+        self.stall_since
+    }
+
+    /// The open leak verdicts with their onsets (monotonic ns).
+    pub fn leaks(&self) -> Vec<(LeakReason, u64)> {
+        LeakReason::ALL
+            .into_iter()
+            .filter_map(|r| Some((r, self.leak_since[r.index()]?)))
+            .collect()
+    }
+
+    /// Episodes a previous daemon reported as open, so that their end can be reported.
+    pub fn reported_before(stall_since: Option<u64>, leaks: &[(LeakReason, u64)]) -> Self {
+        let mut episodes = Self {
+            stall_since,
+            ..Self::default()
+        };
+        for &(reason, since) in leaks {
+            episodes.leak_since[reason.index()] = Some(since);
+        }
+        episodes
     }
 
     /// The open leak verdict, if any.
@@ -491,6 +571,112 @@ mod tests {
         assert_eq!(
             e.close(&v, 210 * S),
             vec![Finding::StallEnd { waited_s: 10.0 }]
+        );
+    }
+
+    fn seeded(state: ConnState, known_ns: u64) -> Option<Seeded> {
+        Some(Seeded { state, known_ns })
+    }
+
+    #[test]
+    fn a_seeded_state_holds_until_traffic_or_the_kernel_says_otherwise() {
+        // Found at start-up (t = 100 s) with no timings: the title said idle in transaction.
+        let mut v = ConnView {
+            born_ns: 100 * S,
+            seeded: seeded(ConnState::IdleInTransaction, 100 * S),
+            ..ConnView::default()
+        };
+        assert_eq!(v.state(), ConnState::IdleInTransaction);
+        // The verdict counts from the seed time (a lower bound) and needs the threshold.
+        let mut e = Episodes::default();
+        assert!(e.evaluate(&v, 129 * S, &limits()).is_empty());
+        assert_eq!(
+            e.evaluate(&v, 130 * S, &limits()),
+            vec![Finding::Leak {
+                reason: LeakReason::IdleInTransaction,
+                age_s: 30.0,
+                idle_s: 30.0
+            }]
+        );
+        // A request after the seed: the seed no longer says anything (in flight: active).
+        v.to_server_ns = 131 * S;
+        assert_eq!(v.state(), ConnState::Active);
+        v.from_server_ns = 131 * S + 1;
+        assert_eq!(v.state(), ConnState::Unknown, "answered, status not read");
+        // The kernel's ReadyForQuery replaces it.
+        v.tx_status = TX_IDLE;
+        assert_eq!(v.state(), ConnState::Idle);
+        assert!(matches!(
+            e.evaluate(&v, 132 * S, &limits())[..],
+            [Finding::LeakEnd {
+                reason: LeakReason::IdleInTransaction,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_seeded_running_query_ends_with_its_answer_and_notifications_keep_an_idle_seed() {
+        let mut v = ConnView {
+            born_ns: 100 * S,
+            seeded: seeded(ConnState::Active, 100 * S),
+            ..ConnView::default()
+        };
+        assert_eq!(v.state(), ConnState::Active);
+        let mut e = Episodes::default();
+        assert!(e.evaluate(&v, 1000 * S, &limits()).is_empty(), "never idle");
+        v.from_server_ns = 101 * S;
+        assert_eq!(v.state(), ConnState::Unknown);
+
+        let mut listen = ConnView {
+            born_ns: 100 * S,
+            seeded: seeded(ConnState::Idle, 100 * S),
+            ..ConnView::default()
+        };
+        listen.from_server_ns = 150 * S; // a NotificationResponse: no request, still idle
+        assert_eq!(listen.state(), ConnState::Idle);
+        // Encrypted: the kernel cannot read, the seed still tells.
+        listen.encrypted = true;
+        listen.tx_status = TX_IN_TRANSACTION;
+        assert_eq!(listen.state(), ConnState::Idle);
+    }
+
+    #[test]
+    fn known_state_is_what_a_restarted_daemon_may_take_over() {
+        let mut v = idle_view();
+        v.tx_status = TX_IN_TRANSACTION;
+        assert_eq!(
+            v.known_state(200 * S),
+            seeded(ConnState::IdleInTransaction, 200 * S)
+        );
+        v.to_server_ns = 199 * S; // a request in flight: its answer will say
+        assert_eq!(v.known_state(200 * S), None);
+        v.encrypted = true;
+        v.to_server_ns = 0;
+        assert_eq!(v.known_state(200 * S), None);
+        v.seeded = seeded(ConnState::Idle, 150 * S);
+        assert_eq!(v.known_state(200 * S), seeded(ConnState::Idle, 150 * S));
+    }
+
+    #[test]
+    fn episodes_reported_before_end_on_close() {
+        let mut e =
+            Episodes::reported_before(Some(90 * S), &[(LeakReason::IdleInTransaction, 100 * S)]);
+        assert_eq!(e.leaks(), vec![(LeakReason::IdleInTransaction, 100 * S)]);
+        assert_eq!(e.stall_since(), Some(90 * S));
+        let v = ConnView {
+            to_server_ns: 90 * S,
+            ..ConnView::default()
+        };
+        assert_eq!(
+            e.close(&v, 130 * S),
+            vec![
+                Finding::StallEnd { waited_s: 40.0 },
+                Finding::LeakEnd {
+                    reason: LeakReason::IdleInTransaction,
+                    lasted_s: 30.0
+                }
+            ]
         );
     }
 }

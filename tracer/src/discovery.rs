@@ -17,6 +17,8 @@ use crate::{
 pub struct FoundConn {
     pub cookie: u64,
     pub inode: u64,
+    /// Unix sockets: the inode of the other end (sock_diag's peer), to pair both ends.
+    pub peer_inode: Option<u64>,
     pub role: Role,
     pub transport: Transport,
     pub local: String,
@@ -144,6 +146,7 @@ pub fn tcp_connections(
             Some(FoundConn {
                 cookie: s.cookie,
                 inode: s.inode,
+                peer_inode: None,
                 role,
                 transport: Transport::Tcp,
                 local: render_addr(&s.local),
@@ -178,6 +181,7 @@ pub fn unix_found(
             FoundConn {
                 cookie: c.socket.cookie,
                 inode: c.socket.inode,
+                peer_inode: c.socket.peer_inode.filter(|&i| i != 0),
                 role,
                 transport: Transport::Unix,
                 local: unix_local(role, &c.path),

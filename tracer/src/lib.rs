@@ -21,5 +21,7 @@ pub mod metrics;
 pub mod owners;
 pub mod privileges;
 pub mod probes;
+pub mod proc_title;
 pub mod process;
 pub mod sockdiag;
+pub mod state_file;

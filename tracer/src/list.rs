@@ -1,7 +1,8 @@
 //! `tracer list`: the Postgres connections open on this host right now, from the socket
-//! tables and `/proc`, without a daemon. The transaction state needs the daemon's protocol
-//! reader, so here `state` is `close_wait`, `active` (request bytes moved after the last
-//! answer bytes) or `unknown`.
+//! tables and `/proc`, without a daemon. Without the daemon's protocol reader, `state` is
+//! what the socket tables and Postgres's process titles tell: `close_wait`, `active`
+//! (request bytes moved after the last answer bytes), the backend's state for a local
+//! Postgres's connections (both ends when both are here), else `unknown`.
 
 use std::{io::Write, path::Path};
 
@@ -11,8 +12,10 @@ use crate::{
     cli::ListArgs,
     config::Glob,
     conn_table::{Role, Transport},
+    detectors::Seeded,
     discovery::{FoundConn, find_connections},
     events::ConnFields,
+    proc_title,
 };
 
 /// One line of `tracer list --json`: the event field names.
@@ -24,9 +27,16 @@ pub struct ListedConn {
     pub idle_s: Option<f64>,
 }
 
-pub fn describe(found: &FoundConn, now: u64, proc_root: &Path) -> ListedConn {
+pub fn describe(
+    found: &FoundConn,
+    seeded: Option<Seeded>,
+    now: u64,
+    proc_root: &Path,
+) -> ListedConn {
+    let mut conn = found.to_conn(now, proc_root);
+    conn.seeded = seeded;
     ListedConn {
-        conn: ConnFields::new(&found.to_conn(now, proc_root)),
+        conn: ConnFields::new(&conn),
         age_s: found.age_s,
         idle_s: found.idle_s(),
     }
@@ -40,7 +50,11 @@ pub fn run(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         (a.transport as u8, &a.remote, &a.local).cmp(&(b.transport as u8, &b.remote, &b.local))
     });
     let now = crate::daemon::monotonic_ns();
-    let listed: Vec<ListedConn> = found.iter().map(|f| describe(f, now, proc_root)).collect();
+    let seeds = proc_title::seeds(&found, &|pid| proc_title::read_title(proc_root, pid), now);
+    let listed: Vec<ListedConn> = found
+        .iter()
+        .map(|f| describe(f, seeds.get(&f.cookie).copied(), now, proc_root))
+        .collect();
     if args.json {
         for conn in &listed {
             writeln!(out, "{}", serde_json::to_string(conn)?)?;

@@ -277,6 +277,9 @@ pub fn demo(tracer: &Path) -> Result<()> {
         .args(["run", "--port", &format!("{pg_port},{bouncer_port}")])
         .args(["--idle-in-transaction-after", "5s", "--stall-after", "3s"])
         .args(["--close-wait-after", "5s", "--metrics-addr", "off"])
+        // Its own state directory: a state file another daemon left must not show up here.
+        .arg("--state-dir")
+        .arg(dir.join("state"))
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", tracer.display()))?;

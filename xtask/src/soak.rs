@@ -149,6 +149,9 @@ pub fn soak(minutes: u64) -> Result<()> {
         // TCP only: other Postgres servers' Unix sockets on this host would count as tracked
         // connections that `ss` on the soak's port does not list.
         .args(["--unix-socket-glob", "/nonexistent-tracer-soak/*"])
+        // Its own state directory: another daemon's leftovers would be closes it never opened.
+        .arg("--state-dir")
+        .arg(dir.join("state"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("stderr"))?)
         .spawn()
