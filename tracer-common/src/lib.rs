@@ -33,6 +33,18 @@ pub mod closed_by {
     pub const EXIT: u8 = 4;
 }
 
+/// TCP states (`include/net/tcp_states.h`), as `inet_sock_set_state`, `skc_state` and
+/// sock_diag report them; Unix sockets report the same numbers to sock_diag.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LISTEN: u8 = 10;
+}
+
 /// Address families, as the kernel numbers them.
 pub const AF_UNIX: u16 = 1;
 pub const AF_INET: u16 = 2;
@@ -202,6 +214,8 @@ pub struct KernelOffsets {
     pub pt_regs_dx: u32,
     /// `struct socket.sk`: the trampoline hooks get a `struct socket *`.
     pub socket_sk: u32,
+    /// `sock_common.skc_state`: the TCP state.
+    pub sock_common_state: u32,
 }
 
 impl KernelOffsets {
@@ -229,6 +243,7 @@ impl KernelOffsets {
         pt_regs_si: 104,
         pt_regs_dx: 96,
         socket_sk: 24,
+        sock_common_state: 18,
     };
 }
 
@@ -265,7 +280,7 @@ const _: () = {
     assert!(core::mem::size_of::<ConnOwner>() == 72);
     assert!(core::mem::size_of::<ConnPeerClosed>() == 24);
     assert!(core::mem::size_of::<SockState>() == 152);
-    assert!(core::mem::size_of::<KernelOffsets>() == 84);
+    assert!(core::mem::size_of::<KernelOffsets>() == 88);
 };
 
 /// Indexes of the `SETTINGS` array map (u32 values), which user space may change while the

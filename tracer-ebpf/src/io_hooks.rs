@@ -88,3 +88,16 @@ pub fn pgc_recvmsg_exit(ctx: FExitContext) -> i32 {
 fn socket_sk(sock: *const c_void) -> *const c_void {
     load_at(sock, offset!(socket_sk))
 }
+
+/// Empty programs on the tracepoint set's hooks, never attached by the daemon: the
+/// benchmark attaches them alone to measure what `kernel.bpf_stats_enabled` accounts to any
+/// program on these hooks (its own clock reads), the floor under every per-call figure.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn pgc_floor_send(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn pgc_floor_recv(_ctx: BtfTracePointContext) -> i32 {
+    0
+}

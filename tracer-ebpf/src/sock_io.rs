@@ -6,11 +6,10 @@
 //! new holder after fork or fd passing), and they carry the byte count; only socket I/O fires
 //! them. Per tracked connection they keep bytes, I/O times and the protocol reader's state;
 //! user space reads that state when it needs it instead of receiving an event per I/O.
-//! A socket is judged once and marked (socket-local storage, `maps::SOCK_MARKS`): after
-//! that, I/O on a socket that is not Postgres costs one lookup of its mark, and an unmarked
-//! TCP socket (never tracked: tracked ones are marked at connect or accept) one field read.
-//! Unix sockets are judged on their first I/O by their socket path, there being no Unix
-//! connect hook.
+//! A TCP socket is judged on every I/O by its ports (a few direct loads and the port map:
+//! cheaper than any lookup); a Unix socket, whose path takes reads and a hash, is judged on
+//! its first I/O, there being no Unix connect hook, and marked (socket-local storage,
+//! `maps::SOCK_MARKS`): after that it costs one lookup of its mark.
 //!
 //! Stack: the kernels we support (6.1, 6.12) allow 512 bytes for the deepest chain of
 //! calls, each frame rounded up to 32 bytes. The entry stays small and calls one
@@ -21,11 +20,11 @@ use core::ffi::c_void;
 use tracer_common::{
     AF_INET, AF_INET6, AF_UNIX, ConnOwner, OPEN_FLAG_PREEXISTING, SOCK_FLAG_HAS_OWNER,
     SOCK_FLAG_OPEN_SENT, SOCK_FLAG_PEER_CLOSED, SOCK_FLAG_PREEXISTING, SockState, closed_by, kind,
-    loss, proto, protocol, role, setting,
+    loss, proto, protocol, role, setting, tcp_state,
 };
 
 use crate::{
-    kernel::{current_tgid, fill_current_proc, offset, read_at},
+    kernel::{current_tgid, fill_current_proc, load_at, offset, read_at},
     maps::{
         SOCKS, WATCHED_UNIX, count_loss, emit, mark, scratch_state, set_sock_mark, setting_value,
         sock_mark,
@@ -38,22 +37,41 @@ use crate::{
 const SOCK_STREAM: u16 = 1;
 
 /// One send (`sending`) or receive that returned `ret` on socket `sk` (a BTF
-/// `struct sock *`), in the context of the process doing it. A socket the programs have
-/// judged before costs one lookup of its mark; only tracked sockets go further.
+/// `struct sock *`), in the context of the process doing it. Most sockets of a host are
+/// not Postgres and must cost next to nothing: a TCP socket is judged by its ports (a few
+/// direct loads and the port map), a Unix socket by the mark its first I/O left on it.
 #[inline(always)]
 pub fn on_io(sk: *const c_void, ret: i32, sending: bool) {
-    let state = match sock_mark(sk) {
-        Some(mark) if mark.verdict == mark::TRACKED => match SOCKS.get_ptr_mut(&(sk as u64)) {
+    let family: u16 = load_at(sk, offset!(sock_common_family));
+    let state = if family == AF_INET || family == AF_INET6 {
+        if tcp_role(sk).is_none() {
+            return;
+        }
+        match SOCKS.get_ptr_mut(&(sk as u64)) {
             Some(state) => state,
-            // Closed, or forgotten by user space after its close: nothing to follow.
+            // Before start-up adoption ends, a connection that existed before the probes.
+            None if setting_value(setting::ADOPT_TCP) == 1 => match adopt_tcp(sk, family) {
+                Some(state) => state,
+                None => return,
+            },
             None => return,
-        },
-        Some(mark) if mark.verdict == mark::NOT_POSTGRES => return,
-        Some(mark) if mark.generation == setting_value(setting::UNIX_GENERATION) => return,
-        _ => match discover(sk) {
-            Some(state) => state,
-            None => return,
-        },
+        }
+    } else if family == AF_UNIX {
+        match sock_mark(sk) {
+            Some(mark) if mark.verdict == mark::TRACKED => match SOCKS.get_ptr_mut(&(sk as u64)) {
+                Some(state) => state,
+                // Forgotten by user space after its close: nothing to follow.
+                None => return,
+            },
+            Some(mark) if mark.verdict == mark::NOT_POSTGRES => return,
+            Some(mark) if mark.generation == setting_value(setting::UNIX_GENERATION) => return,
+            _ => match discover_unix(sk) {
+                Some(state) => state,
+                None => return,
+            },
+        }
+    } else {
+        return;
     };
     on_tracked_io(sk, state, ret, sending);
 }
@@ -139,27 +157,10 @@ fn read_protocol(state: &mut SockState, len: u64, sending: bool) {
     }
 }
 
-/// A socket without a mark, or a Unix socket judged against older watched paths: is it a
-/// Postgres connection? Not inlined: this runs about once per socket and keeps its stack out
-/// of the tracked-socket step's chain.
+/// A Unix socket without a mark, or judged against older watched paths: is it a Postgres
+/// connection? Not inlined: this runs about once per socket and keeps its stack out of the
+/// tracked-socket step's chain.
 #[inline(never)]
-fn discover(sk: *const c_void) -> Option<*mut SockState> {
-    let family: u16 = read_at(sk, offset!(sock_common_family))?;
-    if family == AF_UNIX {
-        discover_unix(sk)
-    } else if family != AF_INET && family != AF_INET6 {
-        set_sock_mark(sk, mark::NOT_POSTGRES, 0);
-        None
-    } else if setting_value(setting::ADOPT_TCP) == 1 {
-        adopt_tcp(sk, family)
-    } else {
-        // Tracked TCP sockets are marked from their connect or accept: an unmarked one is
-        // not Postgres, and stays unmarked (no storage for every socket of the host).
-        None
-    }
-}
-
-#[inline(always)]
 fn discover_unix(sk: *const c_void) -> Option<*mut SockState> {
     let sock_type: u16 = read_at(sk, offset!(sock_type))?;
     // Socket pairs have no path (and connected stream sockets always have their peer).
@@ -207,7 +208,9 @@ fn discover_unix(sk: *const c_void) -> Option<*mut SockState> {
         role::CLIENT
     };
     let tracked = track(sk, key, state, hash, 0);
-    if tracked.is_none() {
+    if tracked.is_some() {
+        set_sock_mark(sk, mark::TRACKED, 0);
+    } else {
         // The table is full (counted once in `track`): judged again only with new watched
         // paths, so that its every I/O does not count the same loss again.
         set_sock_mark(sk, mark::UNIX_UNWATCHED, generation);
@@ -215,21 +218,18 @@ fn discover_unix(sk: *const c_void) -> Option<*mut SockState> {
     tracked
 }
 
-/// A TCP connection on a watched port that existed before the probes were attached.
-#[inline(always)]
+/// A TCP connection on a watched port that existed before the probes were attached. Not
+/// inlined, for the same stack reason.
+#[inline(never)]
 fn adopt_tcp(sk: *const c_void, family: u16) -> Option<*mut SockState> {
-    if tcp_role(sk).is_none() {
-        set_sock_mark(sk, mark::NOT_POSTGRES, 0);
+    // Only a live connection: a read on one that has ended (it returns the reset or the end
+    // of file) must not bring it back.
+    let now: u8 = load_at(sk, offset!(sock_common_state));
+    if now != tcp_state::ESTABLISHED && now != tcp_state::CLOSE_WAIT {
         return None;
     }
-    let key = sk as u64;
-    if let Some(entry) = SOCKS.get_ptr_mut(&key) {
-        // Tracked since its connect or accept; only the mark was missing.
-        set_sock_mark(sk, mark::TRACKED, 0);
-        return Some(entry);
-    }
     let state = preexisting_state(sk, family)?;
-    track(sk, key, state, 0, OPEN_FLAG_PREEXISTING)
+    track(sk, sk as u64, state, 0, OPEN_FLAG_PREEXISTING)
 }
 
 /// Inserts the entry; the open record follows from the caller's ownership step.
@@ -246,7 +246,6 @@ fn track(
         return None;
     }
     let entry = SOCKS.get_ptr_mut(&key)?;
-    set_sock_mark(sk, mark::TRACKED, 0);
     // Owner first, then the open record carries it.
     // SAFETY: the map value stays valid while this program runs.
     let entry_ref = unsafe { &mut *entry };

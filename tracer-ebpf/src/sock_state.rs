@@ -15,23 +15,20 @@ use core::ffi::c_void;
 use tracer_common::{
     AF_INET, AF_INET6, AF_UNIX, ConnClose, ConnOpen, ConnPeerClosed, EventHeader,
     OPEN_FLAG_PREEXISTING, SOCK_FLAG_HAS_OWNER, SOCK_FLAG_OPEN_SENT, SOCK_FLAG_PEER_CLOSED,
-    SOCK_FLAG_PREEXISTING, SockState, closed_by, kind, loss, role, setting,
+    SOCK_FLAG_PREEXISTING, SockState, closed_by, kind, loss, role, setting, tcp_state,
 };
 
 use crate::{
-    kernel::{current_is_exiting, current_tgid, fill_current_proc, offset, read_at},
-    maps::{
-        SOCKS, count_loss, emit, mark, port_watched, scratch_state, set_sock_mark, setting_value,
-        sock_mark,
-    },
+    kernel::{current_is_exiting, current_tgid, fill_current_proc, load_at, offset, read_at},
+    maps::{SOCKS, count_loss, emit, port_watched, scratch_state, setting_value},
 };
 
-const TCP_ESTABLISHED: i32 = 1;
-const TCP_SYN_SENT: i32 = 2;
-const TCP_SYN_RECV: i32 = 3;
-const TCP_FIN_WAIT1: i32 = 4;
-const TCP_CLOSE: i32 = 7;
-const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_ESTABLISHED: i32 = tcp_state::ESTABLISHED as i32;
+const TCP_SYN_SENT: i32 = tcp_state::SYN_SENT as i32;
+const TCP_SYN_RECV: i32 = tcp_state::SYN_RECV as i32;
+const TCP_FIN_WAIT1: i32 = tcp_state::FIN_WAIT1 as i32;
+const TCP_CLOSE: i32 = tcp_state::CLOSE as i32;
+const TCP_CLOSE_WAIT: i32 = tcp_state::CLOSE_WAIT as i32;
 const IPPROTO_TCP: u16 = 6;
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -71,15 +68,17 @@ fn on_state_change(sk: *const c_void, old_state: i32, new_state: i32) {
 /// server when the local one is; `None` for other sockets and other protocols.
 #[inline(always)]
 pub fn tcp_role(sk: *const c_void) -> Option<u8> {
-    let protocol: u16 = read_at(sk, offset!(sock_protocol))?;
+    // Direct loads through the BTF socket pointer: this runs on every I/O of every TCP
+    // socket of the host, where a helper call per field would be most of the cost.
+    let protocol: u16 = load_at(sk, offset!(sock_protocol));
     if protocol != IPPROTO_TCP {
         return None;
     }
-    let dport: u16 = read_at(sk, offset!(sock_common_dport))?;
+    let dport: u16 = load_at(sk, offset!(sock_common_dport));
     if port_watched(u16::from_be(dport)) {
         return Some(role::CLIENT);
     }
-    let num: u16 = read_at(sk, offset!(sock_common_num))?;
+    let num: u16 = load_at(sk, offset!(sock_common_num));
     if port_watched(num) {
         return Some(role::SERVER);
     }
@@ -95,7 +94,6 @@ fn adopt_preexisting(sk: *const c_void, key: u64) -> Option<*mut SockState> {
         return None;
     }
     let entry = SOCKS.get_ptr_mut(&key)?;
-    set_sock_mark(sk, mark::TRACKED, 0);
     // Softirq context possible: no owner here; user space knows it from its scan.
     // SAFETY: the map value stays valid while this program runs.
     emit_open(sk, unsafe { &mut *entry }, 0, OPEN_FLAG_PREEXISTING);
@@ -157,8 +155,6 @@ fn maybe_track(sk: *const c_void, key: u64, new_state: i32) -> bool {
     }
     if SOCKS.insert(&key, state, 0).is_err() {
         count_loss(loss::TABLE_FULL);
-    } else {
-        set_sock_mark(sk, mark::TRACKED, 0);
     }
     true
 }
@@ -230,10 +226,6 @@ fn on_close(sk: *const c_void, key: u64, state: &mut SockState, old_state: i32) 
     }
     emit_close(state, old_state as u8);
     let _ = SOCKS.remove(&key);
-    // I/O after the end (a read that returns the reset) must not adopt it anew.
-    if let Some(mark) = sock_mark(sk) {
-        mark.verdict = mark::NOT_POSTGRES;
-    }
 }
 
 /// Emits `CONN_CLOSE` with the connection's final counts.

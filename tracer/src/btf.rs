@@ -216,6 +216,7 @@ impl KernelBtf {
             pt_regs_si: self.member_offset("pt_regs", "si")?,
             pt_regs_dx: self.member_offset("pt_regs", "dx")?,
             socket_sk: self.member_offset("socket", "sk")?,
+            sock_common_state: sc("skc_state")?,
         })
     }
 }

@@ -289,6 +289,36 @@ impl Probes {
             .collect())
     }
 
+    /// The benchmark's calibration: empty programs on this kernel's I/O tracepoints, attached
+    /// alone (the daemon never loads them). Detached when dropped.
+    pub fn attach_stats_floor() -> Result<Self> {
+        let facts = KernelFacts::read()?;
+        if facts.hooks != HookSet::Tracepoints {
+            bail!(
+                "the calibration programs need the sock_send_length / sock_recv_length tracepoints"
+            );
+        }
+        let mut ebpf = facts
+            .loader()
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
+        for (program, target) in [
+            ("pgc_floor_send", "sock_send_length"),
+            ("pgc_floor_recv", "sock_recv_length"),
+        ] {
+            let hook = Hook {
+                program,
+                attach: Attach::BtfTracepoint,
+                target,
+            };
+            hook.load_and_attach(&mut ebpf, &facts.btf)?;
+        }
+        Ok(Self {
+            ebpf,
+            hooks: facts.hooks,
+        })
+    }
+
     /// The attached hooks, as reported in the `ready` event.
     pub fn hook_names(&self) -> Vec<String> {
         self.hooks.hooks().iter().map(Hook::name).collect()

@@ -39,10 +39,10 @@ fn last_errno() -> i32 {
         .unwrap_or(libc::EIO)
 }
 
-/// Kernel TCP state numbers (`include/net/tcp_states.h`); Unix sockets report the same ones.
-pub const TCP_ESTABLISHED: u8 = 1;
-pub const TCP_CLOSE_WAIT: u8 = 8;
-pub const TCP_LISTEN: u8 = 10;
+/// Kernel TCP state numbers; Unix sockets report the same ones.
+pub use tracer_common::tcp_state::{
+    CLOSE_WAIT as TCP_CLOSE_WAIT, ESTABLISHED as TCP_ESTABLISHED, LISTEN as TCP_LISTEN,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpInfoTimes {
