@@ -16,6 +16,9 @@ pub mod kind {
     pub const CONN_OWNER: u32 = 3;
     /// The peer closed its side (TCP CLOSE_WAIT) ([`super::ConnPeerClosed`]).
     pub const CONN_PEER_CLOSED: u32 = 4;
+    /// The owner's thread now relays between this connection and another tracked one of
+    /// the other role (a pooler), or stopped (`linked` = 0) ([`super::ConnLink`]).
+    pub const CONN_LINK: u32 = 5;
 }
 
 /// Connection roles, as in the SPEC.
@@ -144,6 +147,18 @@ pub struct ConnPeerClosed {
     pub header: EventHeader,
 }
 
+/// `CONN_LINK`: the owner's thread received on the tracked connection `linked` (of the
+/// other role) and then sent on this one: a pooler relaying between a client and a server
+/// connection. `linked` = 0: a server connection went idle (ReadyForQuery `I`), which
+/// returns it to the pool in transaction pooling. Sent only when the pairing changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnLink {
+    pub header: EventHeader,
+    /// Cookie of the other connection; 0: unlinked.
+    pub linked: u64,
+}
+
 /// Per-socket state kept by the kernel programs, keyed by the `struct sock` address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -176,6 +191,14 @@ pub struct SockState {
     pub _pad2: [u8; 4],
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
+    /// Cookie of the connection this one was last paired with (see [`ConnLink`]); 0: none.
+    pub link: u64,
+    /// Client role: the process id the server announced in BackendKeyData at start-up
+    /// (0: not seen).
+    pub backend_pid: u32,
+    /// Client role, during start-up: bytes of the current server message that the next
+    /// read starts with (the start-up scan walks message headers across reads).
+    pub startup_skip: u32,
 }
 
 /// The `CONN_OPEN` record was sent.
@@ -270,6 +293,9 @@ pub mod proto {
     pub const CANCEL: u8 = 16;
     /// The reader saw a syscall it cannot read buffers of (io_uring, sendfile, ...).
     pub const UNREADABLE: u8 = 32;
+    /// The start-up scan for BackendKeyData is over (found, ReadyForQuery seen, or lost
+    /// its place in the stream).
+    pub const STARTUP_SCANNED: u8 = 64;
 }
 
 const _: () = {
@@ -279,7 +305,8 @@ const _: () = {
     assert!(core::mem::size_of::<ConnClose>() == 24 + 32);
     assert!(core::mem::size_of::<ConnOwner>() == 72);
     assert!(core::mem::size_of::<ConnPeerClosed>() == 24);
-    assert!(core::mem::size_of::<SockState>() == 152);
+    assert!(core::mem::size_of::<ConnLink>() == 32);
+    assert!(core::mem::size_of::<SockState>() == 168);
     assert!(core::mem::size_of::<KernelOffsets>() == 88);
 };
 

@@ -107,6 +107,97 @@ pub fn ready_for_query_status(window: &[u8; 8]) -> Option<u8> {
     None
 }
 
+/// Start-up answer messages looked at per read: AuthenticationOk, the ParameterStatus
+/// messages (about 15), BackendKeyData and ReadyForQuery usually come in one read.
+pub const STARTUP_MESSAGES_PER_READ: u32 = 32;
+/// Longer than any start-up message: a bigger length means the scan lost its place.
+const MAX_STARTUP_MESSAGE_LEN: u32 = 1 << 20;
+
+/// What one read of the server's start-up answer told the BackendKeyData scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartupScan {
+    /// The read ended between messages, or inside one: the next read starts with this
+    /// many bytes of it.
+    Continue(u32),
+    /// BackendKeyData: the process id the server announced.
+    BackendPid(u32),
+    /// No BackendKeyData to be found (ReadyForQuery or an error came first, or the scan
+    /// lost its place: a message header split across reads, too many messages).
+    Over,
+}
+
+/// Walks the message headers of one read of `len` bytes of the server's start-up answer,
+/// the first message starting `skip` bytes in. `header(at)` reads the 5 bytes (type,
+/// length) at offset `at` of the read, `word(at)` 4 bytes. BackendKeyData is `'K'`, length,
+/// process id, cancel key (4 bytes in protocol 3.0, up to 256 in 3.2): only its pid is read.
+/// Bounded (`STARTUP_MESSAGES_PER_READ`), for the kernel.
+#[inline(always)]
+pub fn scan_startup(
+    skip: u32,
+    len: u64,
+    header: impl Fn(u64) -> Option<[u8; 5]>,
+    word: impl Fn(u64) -> Option<[u8; 4]>,
+) -> StartupScan {
+    let mut at = u64::from(skip);
+    let mut i = 0;
+    while i < STARTUP_MESSAGES_PER_READ {
+        if at >= len {
+            return StartupScan::Continue((at - len) as u32);
+        }
+        if at + 5 > len {
+            return StartupScan::Over;
+        }
+        let Some(h) = header(at) else {
+            return StartupScan::Over;
+        };
+        let msg_len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+        if !(4..=MAX_STARTUP_MESSAGE_LEN).contains(&msg_len) {
+            return StartupScan::Over;
+        }
+        match h[0] {
+            b'K' => {
+                if msg_len < 12 || at + 9 > len {
+                    return StartupScan::Over;
+                }
+                return match word(at + 5) {
+                    Some(pid) => StartupScan::BackendPid(u32::from_be_bytes(pid)),
+                    None => StartupScan::Over,
+                };
+            }
+            b'Z' | b'E' => return StartupScan::Over,
+            _ => {}
+        }
+        at += 1 + u64::from(msg_len);
+        i += 1;
+    }
+    if at >= len {
+        return StartupScan::Continue((at - len) as u32);
+    }
+    StartupScan::Over
+}
+
+/// [`scan_startup`] over a byte stream split into `reads`, as the kernel sees it: the pid,
+/// if BackendKeyData was found.
+pub fn backend_pid_of(reads: &[&[u8]]) -> Option<u32> {
+    let mut skip = 0;
+    for read in reads {
+        let bytes = *read;
+        let at = |at: u64, n: usize| bytes.get(at as usize..at as usize + n);
+        let scan = scan_startup(
+            skip,
+            bytes.len() as u64,
+            |a| at(a, 5).map(|b| [b[0], b[1], b[2], b[3], b[4]]),
+            |a| at(a, 4).map(|b| [b[0], b[1], b[2], b[3]]),
+        );
+        match scan {
+            StartupScan::Continue(next) => skip = next,
+            StartupScan::BackendPid(pid) => return Some(pid),
+            StartupScan::Over => return None,
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     //! Model-based tests: a full reference parser of the server-to-client stream against
@@ -1566,5 +1657,99 @@ mod tests {
             assert_eq!(reader.tx_status, 0);
         }
         assert!(with_answers > 100, "{with_answers}");
+    }
+
+    /// A start-up answer as PostgreSQL sends it after authentication, with a cancel key of
+    /// `key_len` bytes (4 in protocol 3.0, 32 from PostgreSQL 18 in 3.2).
+    fn startup_answer(pid: u32, key_len: usize, sasl: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        if sasl {
+            message(&mut out, b'R', &[0, 0, 0, 12, b'v', b'=', b'x', b'y']);
+        }
+        message(&mut out, b'R', &[0, 0, 0, 0]);
+        for (name, value) in [
+            ("application_name", "app"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, MDY"),
+            ("server_version", "16.4 (Debian 16.4-1)"),
+            ("TimeZone", "Etc/UTC"),
+        ] {
+            parameter_status(&mut out, name, value);
+        }
+        let mut key = pid.to_be_bytes().to_vec();
+        key.extend((0..key_len).map(|i| i as u8 ^ 0x5a));
+        message(&mut out, b'K', &key);
+        ready(&mut out, TX_IDLE);
+        out
+    }
+
+    #[test]
+    fn backend_pid_found_however_the_answer_is_split() {
+        let mut rng = Rng::new(14);
+        for key_len in [4, 32, 256] {
+            for sasl in [false, true] {
+                let answer = startup_answer(0x0012_3456, key_len, sasl);
+                let k = answer.iter().position(|&b| b == b'K').expect("K");
+                for _ in 0..300 {
+                    // Split anywhere except inside a message header (the scan gives up
+                    // there, which the next test covers).
+                    let mut cuts: Vec<usize> = (0..3)
+                        .map(|_| 1 + rng.next_u64() as usize % (answer.len() - 1))
+                        .collect();
+                    cuts.sort_unstable();
+                    cuts.dedup();
+                    let reads: Vec<&[u8]> = std::iter::once(0)
+                        .chain(cuts.iter().copied())
+                        .zip(cuts.iter().copied().chain(std::iter::once(answer.len())))
+                        .map(|(a, b)| &answer[a..b])
+                        .collect();
+                    let headers = message_starts(&answer);
+                    let splits_header = cuts
+                        .iter()
+                        .any(|&c| headers.iter().any(|&h| c > h && c < h + 5))
+                        || cuts.iter().any(|&c| c > k && c < k + 9);
+                    let found = backend_pid_of(&reads);
+                    if splits_header {
+                        assert!(found.is_none() || found == Some(0x0012_3456));
+                    } else {
+                        assert_eq!(found, Some(0x0012_3456), "cuts {cuts:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn message_starts(stream: &[u8]) -> Vec<usize> {
+        let mut starts = Vec::new();
+        let mut at = 0;
+        while at + 5 <= stream.len() {
+            starts.push(at);
+            let len = u32::from_be_bytes([
+                stream[at + 1],
+                stream[at + 2],
+                stream[at + 3],
+                stream[at + 4],
+            ]);
+            at += 1 + len as usize;
+        }
+        starts
+    }
+
+    #[test]
+    fn no_backend_pid_without_backend_key_data() {
+        let mut out = Vec::new();
+        message(&mut out, b'R', &[0, 0, 0, 0]);
+        ready(&mut out, TX_IDLE);
+        message(&mut out, b'K', &[0, 0, 0, 9, 1, 2, 3, 4]);
+        assert_eq!(backend_pid_of(&[&out]), None);
+        // An error instead of a session, and garbage, end the scan without a pid.
+        let mut err = Vec::new();
+        message(&mut err, b'E', b"SFATAL\0\0");
+        assert_eq!(backend_pid_of(&[&err]), None);
+        assert_eq!(
+            backend_pid_of(&[&[b'K', 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1]]),
+            None
+        );
+        assert_eq!(backend_pid_of(&[&[b'K', 0, 0, 0, 12, 0, 0]]), None);
     }
 }

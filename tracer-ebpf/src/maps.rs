@@ -124,6 +124,25 @@ pub fn setting_value(index: u32) -> u32 {
     SETTINGS.get(index).copied().unwrap_or(0)
 }
 
+/// The tracked socket the current CPU's last receive was on: a pooler receives on one
+/// connection and sends what it got on the connection linked to it, in the same thread
+/// (see `sock_io::relay`).
+#[map]
+pub static LAST_RECV: PerCpuArray<LastRecv> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LastRecv {
+    /// The thread that received (0: none yet).
+    pub tid: u32,
+    /// The connection's role.
+    pub role: u8,
+    /// The read ended a server's answer with ReadyForQuery `I`.
+    pub idle: u8,
+    pub _pad: [u8; 2],
+    pub cookie: u64,
+}
+
 /// Per-CPU scratch space for values too large for the 512-byte BPF stack.
 #[map]
 pub static SCRATCH_STATE: PerCpuArray<SockState> = PerCpuArray::with_max_entries(1, 0);

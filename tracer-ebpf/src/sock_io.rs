@@ -15,23 +15,23 @@
 //! calls, each frame rounded up to 32 bytes. The entry stays small and calls one
 //! non-inlined step at a time (discovery, then the tracked-socket step), never nested.
 
-use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns};
 use core::ffi::c_void;
 use tracer_common::{
-    AF_INET, AF_INET6, AF_UNIX, ConnOwner, OPEN_FLAG_PREEXISTING, SOCK_FLAG_HAS_OWNER,
+    AF_INET, AF_INET6, AF_UNIX, ConnLink, ConnOwner, OPEN_FLAG_PREEXISTING, SOCK_FLAG_HAS_OWNER,
     SOCK_FLAG_OPEN_SENT, SOCK_FLAG_PEER_CLOSED, SOCK_FLAG_PREEXISTING, SockState, closed_by, kind,
     loss, proto, protocol, role, setting, tcp_state,
 };
 
 use crate::{
-    kernel::{current_tgid, fill_current_proc, load_at, offset, read_at},
+    kernel::{fill_current_proc, load_at, offset, read_at},
     maps::{
-        SOCKS, WATCHED_UNIX, count_loss, emit, mark, scratch_state, set_sock_mark, setting_value,
-        sock_mark,
+        LAST_RECV, SOCKS, WATCHED_UNIX, count_loss, emit, mark, scratch_state, set_sock_mark,
+        setting_value, sock_mark,
     },
     sock_state::{emit_close, emit_open, emit_peer_closed, header, preexisting_state, tcp_role},
     unix::{address_path_hash, unix_address},
-    user_buf::{current_syscall_buffer, head, tail8},
+    user_buf::{Buffer, current_syscall_buffer, head, read_user, tail8},
 };
 
 const SOCK_STREAM: u16 = 1;
@@ -91,6 +91,7 @@ fn on_tracked_io(sk: *const c_void, state: *mut SockState, ret: i32, sending: bo
             emit_peer_closed(state);
         }
     }
+    let mut went_idle = false;
     if ret > 0 {
         let len = ret as u64;
         // SAFETY: helper without arguments.
@@ -105,20 +106,72 @@ fn on_tracked_io(sk: *const c_void, state: *mut SockState, ret: i32, sending: bo
             state.bytes_received += len;
             state.last_recv_ns = now;
         }
-        read_protocol(state, len, sending);
+        went_idle = read_protocol(state, len, sending);
     }
-    if state.flags & SOCK_FLAG_HAS_OWNER != 0 && state.owner.tgid == current_tgid() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    relay(state, pid_tgid as u32, ret, sending, went_idle);
+    if state.flags & SOCK_FLAG_HAS_OWNER != 0 && state.owner.tgid == (pid_tgid >> 32) as u32 {
         return;
     }
     take_ownership(sk, state);
 }
 
-/// Follows the protocol (see `tracer_common::protocol`) on a read or write of `len` bytes.
+/// Pairs connections relayed by one thread: a receive on a tracked connection followed, in
+/// the same thread, by a send on a tracked one of the other role is a pooler (PgBouncer is
+/// single-threaded per process) forwarding a client's request to the server connection it
+/// is linked to, or a server's answer to the client. The pairing is kept on the sending
+/// socket and reported only when it changes. A server connection's answer that ends with
+/// ReadyForQuery `I` unlinks it (transaction pooling returns it to the pool then; user space
+/// decides whether the pooler does that), and forwarding that answer links nothing.
+/// Costs a per-CPU slot per tracked I/O and a record per change.
+#[inline(never)]
+fn relay(state: &mut SockState, tid: u32, ret: i32, sending: bool, went_idle: bool) {
+    let Some(last) = LAST_RECV.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, only this CPU uses it while the program runs.
+    let last = unsafe { &mut *last };
+    if !sending {
+        if went_idle && state.role == role::CLIENT && state.link != 0 {
+            state.link = 0;
+            emit_link(state.cookie, 0);
+        }
+        // Every receive, even one that found nothing (EAGAIN): PgBouncer reads a waiting
+        // client's socket before it sends the client's queued request to its new server.
+        last.tid = tid;
+        last.role = state.role;
+        last.idle = u8::from(went_idle);
+        last.cookie = state.cookie;
+        return;
+    }
+    if ret <= 0 || last.tid != tid || last.role == state.role || last.cookie == 0 {
+        return;
+    }
+    if (last.idle != 0 && state.role == role::SERVER) || state.link == last.cookie {
+        return;
+    }
+    state.link = last.cookie;
+    emit_link(state.cookie, last.cookie);
+}
+
+#[inline(always)]
+fn emit_link(cookie: u64, linked: u64) {
+    emit::<ConnLink>(|record| {
+        // SAFETY: reserved, writable ring-buffer slot of this type; every field is written.
+        unsafe {
+            (*record).header = header(kind::CONN_LINK, size_of::<ConnLink>(), cookie);
+            (*record).linked = linked;
+        }
+    });
+}
+
+/// Follows the protocol (see `tracer_common::protocol`) on a read or write of `len` bytes;
+/// true when it ended a server's answer with ReadyForQuery `I`.
 /// Not inlined: its own stack frame keeps the program under the 512-byte stack limit.
 #[inline(never)]
-fn read_protocol(state: &mut SockState, len: u64, sending: bool) {
+fn read_protocol(state: &mut SockState, len: u64, sending: bool) -> bool {
     if state.proto & (proto::ENCRYPTED | proto::CANCEL) != 0 {
-        return;
+        return false;
     }
     let to_server = sending == (state.role == role::CLIENT);
     if to_server
@@ -126,34 +179,86 @@ fn read_protocol(state: &mut SockState, len: u64, sending: bool) {
             || state.flags & SOCK_FLAG_PREEXISTING != 0)
     {
         // Requests need no reading once the first packet is classified: the cheap path.
-        return;
+        return false;
     }
     let Some(buffer) = current_syscall_buffer(sending) else {
         state.proto |= proto::UNREADABLE;
-        return;
+        return false;
     };
     if to_server {
         if let Some(head) = head::<8>(buffer, len) {
             state.proto |= protocol::classify_client_packet(&head);
         }
-        return;
+        return false;
     }
     let Some((tail, count)) = tail8(buffer, len) else {
-        return;
+        return false;
     };
+    let mut skip_first = 0;
     if state.proto & proto::FIRST_CLIENT_PACKET != 0 && state.proto & proto::FIRST_SERVER_BYTE == 0
     {
         // The answer to an encryption request is a single byte; it starts this read.
+        let requested = state.proto & proto::ENCRYPTION_REQUESTED != 0;
         if let Some([first]) = head::<1>(buffer, len) {
             state.proto = protocol::after_first_server_byte(state.proto, first);
         }
         if state.proto & proto::ENCRYPTED != 0 {
-            return;
+            return false;
         }
+        // Refused ('N'): that byte is no message.
+        skip_first = u32::from(requested);
+    }
+    if state.role == role::CLIENT
+        && state.tx_status == 0
+        && state.proto & proto::STARTUP_SCANNED == 0
+        && state.flags & SOCK_FLAG_PREEXISTING == 0
+    {
+        // Still in the start-up answer: look for BackendKeyData.
+        scan_startup(state, buffer, len, skip_first);
     }
     protocol::roll_window(&mut state.window, &tail, count);
     if let Some(status) = protocol::ready_for_query_status(&state.window) {
         state.tx_status = status;
+        return status == protocol::TX_IDLE;
+    }
+    false
+}
+
+/// One read of a client's start-up answer, walked message by message for BackendKeyData
+/// (only until the first ReadyForQuery: a few reads in a connection's life). Only the
+/// first segment of a vectored read is walked. Not inlined, for the stack.
+#[inline(never)]
+fn scan_startup(state: &mut SockState, buffer: Buffer, len: u64, skip_first: u32) {
+    let (base, seg_len) = match buffer {
+        Buffer::Flat(base) => (base, len),
+        Buffer::Vector(iov, count) => {
+            let seg: Option<(u64, u64)> = if count == 0 {
+                None
+            } else {
+                read_user::<u64>(iov).zip(read_user::<u64>(iov + 8))
+            };
+            match seg {
+                Some((base, seg_len)) if seg_len >= len => (base, len),
+                _ => {
+                    state.proto |= proto::STARTUP_SCANNED;
+                    return;
+                }
+            }
+        }
+    };
+    let scan = protocol::scan_startup(
+        state.startup_skip + skip_first,
+        seg_len,
+        |at| read_user::<[u8; 5]>(base + at),
+        |at| read_user::<[u8; 4]>(base + at),
+    );
+    match scan {
+        protocol::StartupScan::Continue(skip) => state.startup_skip = skip,
+        protocol::StartupScan::BackendPid(pid) => {
+            state.backend_pid = pid;
+            state.proto |= proto::STARTUP_SCANNED;
+        }
+        protocol::StartupScan::Over => state.proto |= proto::STARTUP_SCANNED,
     }
 }
 

@@ -31,7 +31,7 @@ pub enum Buffer {
 }
 
 #[inline(always)]
-fn read_user<T>(address: u64) -> Option<T> {
+pub fn read_user<T>(address: u64) -> Option<T> {
     // SAFETY: bpf_probe_read_user checks the address; a bad one returns an error.
     unsafe { bpf_probe_read_user(address as *const T).ok() }
 }
