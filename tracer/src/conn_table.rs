@@ -181,6 +181,9 @@ pub enum Change {
     Closed(Box<Closed>),
     /// An event for a connection the table does not know (its open was lost): counted.
     Untracked,
+    /// The owner's thread paired the connection with `linked` (0: it went idle): for the
+    /// pooler model (`crate::pooler`).
+    Linked { cookie: u64, linked: u64 },
     /// The kernel now tracks a connection already known (found at start-up): its table key
     /// and, when it did I/O, its owner were updated.
     Refreshed(u64),
@@ -312,6 +315,16 @@ impl ConnTable {
                 }
                 None => Change::Untracked,
             },
+            KernelEvent::Link(link) => {
+                if self.conns.contains_key(&cookie) {
+                    Change::Linked {
+                        cookie,
+                        linked: link.linked,
+                    }
+                } else {
+                    Change::Untracked
+                }
+            }
             KernelEvent::Close(close) => match self.conns.remove(&cookie) {
                 Some(mut conn) => {
                     conn.live.bytes_sent = close.bytes_sent;

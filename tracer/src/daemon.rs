@@ -34,8 +34,9 @@ use crate::{
     detectors::{Finding, Thresholds},
     discovery::{FoundConn, find_connections, sockets_in_every_netns, watched_unix_listeners},
     events::{ConnFields, Event, EventBody, EventSink},
-    metrics::{self, ConnLabels, ConnSnapshot, Metrics, short_container_id},
+    metrics::{self, ConnLabels, ConnSnapshot, Metrics, PoolerServerLabels, short_container_id},
     owners::start_ticks,
+    pooler::Relations,
     probes::{KernelLosses, Probes},
     proc_title,
     process::{ProcessDetails, read_details},
@@ -194,6 +195,8 @@ struct Tracker {
     last_tick_ns: u64,
     /// Where what the daemon knows is kept across restarts, if anywhere.
     state: Option<KeptState>,
+    /// Both ends of connections on this host, and pooler links.
+    relations: Relations,
 }
 
 impl Tracker {
@@ -230,7 +233,45 @@ impl Tracker {
                 );
             }
             Change::PeerClosed(_) => {}
+            Change::Linked { cookie, linked } => self.linked(cookie, linked, ts),
             Change::Untracked => self.untracked += 1,
+        }
+    }
+
+    fn fields(&self, conn: &Conn) -> ConnFields {
+        self.relations.fields(&self.table, conn)
+    }
+
+    /// A kernel link record; each change is logged (debug, target `tracer::links`) with
+    /// the record's time, for whoever checks links against the pooler's own view.
+    fn linked(&mut self, cookie: u64, linked: u64, ts: u64) {
+        if !self.relations.link_record(&self.table, cookie, linked) {
+            return;
+        }
+        if log::log_enabled!(target: "tracer::links", log::Level::Debug) {
+            let Some(conn) = self.table.get(cookie) else {
+                return;
+            };
+            let server = match conn.role {
+                Role::Client => cookie,
+                Role::Server => linked,
+            };
+            let Some(server) = self.table.get(server) else {
+                return;
+            };
+            let client = self
+                .relations
+                .client_of(server.cookie)
+                .and_then(|c| self.table.get(c));
+            log::debug!(
+                target: "tracer::links",
+                "link ts={} server={} server_local={} client={} client_remote={}",
+                humantime::format_rfc3339_micros(self.clock.wall(ts)),
+                server.cookie,
+                server.local,
+                client.map_or("-".to_owned(), |c| c.cookie.to_string()),
+                client.map_or("-", |c| c.remote.as_str()),
+            );
         }
     }
 
@@ -239,9 +280,13 @@ impl Tracker {
             return;
         };
         conn.details = owner_details(&conn.owner);
+        let Some(conn) = self.table.get(cookie) else {
+            return;
+        };
+        self.relations.opened(conn);
         let labels = labels_of(conn);
         let body = EventBody::Open {
-            conn: ConnFields::new(conn),
+            conn: self.fields(conn),
             preexisting: conn.preexisting,
             age_s: if conn.preexisting {
                 secs(ts.saturating_sub(conn.born_ns))
@@ -278,6 +323,8 @@ impl Tracker {
             .remove(&conn.cookie)
             .unwrap_or_else(|| labels_of(conn));
         let duration_ns = end_ns.saturating_sub(conn.born_ns);
+        let fields = self.fields(conn);
+        self.relations.closed(conn);
         let closed_by_str = match closed_by {
             ClosedBy::Local => "local",
             ClosedBy::Peer => "peer",
@@ -295,7 +342,7 @@ impl Tracker {
         self.send(
             end_ns,
             EventBody::Close {
-                conn: ConnFields::new(conn),
+                conn: fields,
                 duration_s: secs(duration_ns),
                 bytes_sent,
                 bytes_received,
@@ -305,7 +352,7 @@ impl Tracker {
     }
 
     fn report(&self, conn: &Conn, now: u64, finding: Finding) {
-        let fields = ConnFields::new(conn);
+        let fields = self.fields(conn);
         let body = match finding {
             Finding::Stall { waiting_s } => {
                 if let Some(labels) = self.labels.get(&conn.cookie) {
@@ -509,6 +556,7 @@ impl Tracker {
             }
         }
         self.reconcile_needed |= ended_unseen;
+        self.relations.refresh_proxies(&self.table);
         for (cookie, finding) in findings {
             if let Some(conn) = self.table.get(cookie) {
                 self.report(conn, now, finding);
@@ -540,7 +588,30 @@ impl Tracker {
             })
             .collect();
         self.metrics.set_open(&snapshot);
+        self.metrics.set_pooler_servers(&self.pooler_servers());
         self.save_state(now, false);
+    }
+
+    /// `pgconn_pooler_server_connections`: each pooler's server connections by state and
+    /// by the client holding them.
+    fn pooler_servers(&self) -> HashMap<PoolerServerLabels, i64> {
+        let mut counts = HashMap::new();
+        for (server, client, app) in self.relations.server_connections(&self.table) {
+            let labels = PoolerServerLabels {
+                comm: server.owner.comm.clone(),
+                state: server.view().state().as_str(),
+                client_comm: app.map(|a| a.owner.comm.clone()).unwrap_or_default(),
+                client_container: short_container_id(
+                    app.and_then(|a| a.details.container.container_id.as_deref()),
+                ),
+                client_ip: client
+                    .and_then(|c| c.remote.parse::<std::net::SocketAddr>().ok())
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default(),
+            };
+            *counts.entry(labels).or_insert(0) += 1;
+        }
+        counts
     }
 
     /// Unix sockets have no close hook: a tracked one missing from the socket table closed.
@@ -562,13 +633,26 @@ impl Tracker {
         let Some(diag) = self.diag.as_mut() else {
             return;
         };
-        let alive: HashSet<u64> = match diag.unix_sockets() {
-            Ok(sockets) => sockets.into_iter().map(|s| s.cookie).collect(),
+        let sockets = match diag.unix_sockets() {
+            Ok(sockets) => sockets,
             Err(err) => {
                 log::warn!("listing Unix sockets: {err}");
                 return;
             }
         };
+        let alive: HashSet<u64> = sockets.iter().map(|s| s.cookie).collect();
+        // Both ends of a Unix connection on this host: sock_diag names each one's peer inode.
+        let by_inode: HashMap<u64, u64> = sockets.iter().map(|s| (s.inode, s.cookie)).collect();
+        let tracked: HashSet<u64> = unix.iter().copied().collect();
+        let pairs: Vec<(u64, u64)> = sockets
+            .iter()
+            .filter(|s| tracked.contains(&s.cookie))
+            .filter_map(|s| {
+                let peer = *by_inode.get(&s.peer_inode?)?;
+                tracked.contains(&peer).then_some((s.cookie, peer))
+            })
+            .collect();
+        self.relations.set_unix_peers(pairs);
         for cookie in unix.into_iter().filter(|c| !alive.contains(c)) {
             let Some(mut conn) = self.table.remove(cookie) else {
                 continue;
@@ -767,6 +851,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         backlog: false,
         last_tick_ns: 0,
         state: kept,
+        relations: Relations::default(),
     };
 
     // Watch the Unix sockets Postgres listens on, then seed the connections that already

@@ -2,7 +2,7 @@
 //! record is an error value, never a panic.
 
 use thiserror::Error;
-use tracer_common::{ConnClose, ConnOpen, ConnOwner, ConnPeerClosed, EventHeader, kind};
+use tracer_common::{ConnClose, ConnLink, ConnOpen, ConnOwner, ConnPeerClosed, EventHeader, kind};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
@@ -10,6 +10,7 @@ pub enum KernelEvent {
     Close(ConnClose),
     Owner(ConnOwner),
     PeerClosed(ConnPeerClosed),
+    Link(ConnLink),
 }
 
 impl KernelEvent {
@@ -19,6 +20,7 @@ impl KernelEvent {
             Self::Close(e) => &e.header,
             Self::Owner(e) => &e.header,
             Self::PeerClosed(e) => &e.header,
+            Self::Link(e) => &e.header,
         }
     }
 }
@@ -63,6 +65,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         kind::CONN_CLOSE => read_exact(record_kind, bytes).map(KernelEvent::Close),
         kind::CONN_OWNER => read_exact(record_kind, bytes).map(KernelEvent::Owner),
         kind::CONN_PEER_CLOSED => read_exact(record_kind, bytes).map(KernelEvent::PeerClosed),
+        kind::CONN_LINK => read_exact(record_kind, bytes).map(KernelEvent::Link),
         kind => Err(DecodeError::UnknownKind { kind }),
     }
 }
@@ -127,6 +130,14 @@ mod tests {
             },
         };
         assert_eq!(decode(&to_bytes(&p)), Ok(KernelEvent::PeerClosed(p)));
+        let l = ConnLink {
+            header: EventHeader {
+                kind: kind::CONN_LINK,
+                ..o.header
+            },
+            linked: 99,
+        };
+        assert_eq!(decode(&to_bytes(&l)), Ok(KernelEvent::Link(l)));
     }
 
     #[test]
@@ -150,7 +161,7 @@ mod tests {
         let mut bytes = to_bytes(&open());
         bytes.push(0);
         assert!(matches!(decode(&bytes), Err(DecodeError::BadSize { .. })));
-        for unknown in [0u32, 5, 99, u32::MAX] {
+        for unknown in [0u32, 6, 99, u32::MAX] {
             let mut b = to_bytes(&open());
             b[0..4].copy_from_slice(&unknown.to_ne_bytes());
             assert_eq!(decode(&b), Err(DecodeError::UnknownKind { kind: unknown }));

@@ -39,6 +39,35 @@ pub struct ConnFields {
     pub pod_uid: Option<String>,
     pub systemd_unit: Option<String>,
     pub state: ConnState,
+    /// The other end's `conn_id` when both ends are on this host.
+    pub peer_conn_id: Option<String>,
+    /// Client role: the pid the server announced in BackendKeyData (not a pooler's).
+    pub backend_pid: Option<u32>,
+    /// Through a pooler: the connection on its other side paired with this one right now.
+    pub linked: Option<Linked>,
+}
+
+/// `linked`: what a connection through a pooler is paired with right now.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Linked {
+    /// On a pooler's connection to Postgres: the client connection it serves (the pooler's
+    /// accepted end), with the application behind it when that is on this host.
+    Client {
+        conn_id: String,
+        pid: Option<u32>,
+        comm: Option<String>,
+        container_id: Option<String>,
+        /// The client's address as the pooler sees it.
+        remote: String,
+    },
+    /// On a pooler's client connection, or the application's own: the pooler's server
+    /// connection it is linked to and the backend that one pins.
+    Server {
+        conn_id: String,
+        backend_pid: Option<u32>,
+        remote: String,
+    },
 }
 
 impl ConnFields {
@@ -61,6 +90,9 @@ impl ConnFields {
             pod_uid: details.container.pod_uid.clone(),
             systemd_unit: details.container.systemd_unit.clone(),
             state: conn.view().state(),
+            peer_conn_id: None,
+            backend_pid: None,
+            linked: None,
         }
     }
 }
@@ -266,6 +298,9 @@ mod tests {
         assert_eq!(v["pid"], 9);
         assert_eq!(v["state"], "unknown");
         for key in [
+            "peer_conn_id",
+            "backend_pid",
+            "linked",
             "exe",
             "cmdline",
             "cgroup",

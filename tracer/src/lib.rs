@@ -3,7 +3,8 @@
 //! Data flows through the modules in this order: `probes` (load and attach the kernel
 //! programs) -> `daemon` (ring buffer reading and wiring) -> `decode` (bytes to kernel
 //! events) -> `conn_table` (connection state) -> `process` (owner details, containers) ->
-//! `events` (the JSON stream).
+//! `pooler` (who is connected to whom: both ends on this host, pooler links) -> `events`
+//! (the JSON stream).
 
 pub mod btf;
 pub mod check;
@@ -19,6 +20,7 @@ pub mod list;
 mod map_batch;
 pub mod metrics;
 pub mod owners;
+pub mod pooler;
 pub mod privileges;
 pub mod probes;
 pub mod proc_title;

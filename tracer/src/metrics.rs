@@ -55,6 +55,20 @@ pub struct ConnLabels {
     pub remote: String,
 }
 
+/// The labels of `pgconn_pooler_server_connections`: a pooler's server connection, its
+/// state, and the client holding it (`""` each when none, or not on this host).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolerServerLabels {
+    /// The pooler's `comm`.
+    pub comm: String,
+    pub state: &'static str,
+    pub client_comm: String,
+    /// Short container id of the client, or `""`.
+    pub client_container: String,
+    /// The client's IP as the pooler sees it, without port, or `""`.
+    pub client_ip: String,
+}
+
 /// `comm` of the label set that connections beyond the label-set cap are folded into.
 pub const OVERFLOW_COMM: &str = "~other";
 
@@ -174,6 +188,7 @@ pub struct Metrics {
     bytes_received: IntCounterVec,
     events_lost: IntCounterVec,
     tracked: IntGauge,
+    pooler_servers: IntGaugeVec,
     label_sets_overflow: IntCounter,
     label_sets: Mutex<LabelSets>,
 }
@@ -299,6 +314,11 @@ impl Metrics {
                     "Connections in the tracer's table.",
                 )
                 .expect(STATIC_DEFINITION),
+            ),
+            pooler_servers: int_gauges(
+                "pgconn_pooler_server_connections",
+                "A pooler's connections to Postgres, by state and by the client holding them.",
+                &["comm", "state", "client_comm", "client_container", "client_ip"],
             ),
             label_sets_overflow: register(
                 &registry,
@@ -450,6 +470,23 @@ impl Metrics {
         }
         self.tracked
             .set(i64::try_from(snapshot.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Replaces `pgconn_pooler_server_connections` (called each tick). Its label sets are
+    /// bounded by the poolers' server connections, so they need no cap.
+    pub fn set_pooler_servers(&self, counts: &HashMap<PoolerServerLabels, i64>) {
+        self.pooler_servers.reset();
+        for (l, count) in counts {
+            self.pooler_servers
+                .with_label_values(&[
+                    l.comm.as_str(),
+                    l.state,
+                    &l.client_comm,
+                    &l.client_container,
+                    &l.client_ip,
+                ])
+                .set(*count);
+        }
     }
 
     fn remove_gauges(&self, labels: &ConnLabels) {

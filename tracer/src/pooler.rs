@@ -1,0 +1,489 @@
+//! Who is connected to whom: the two ends of a connection when both are on this host
+//! (`peer_conn_id`), the pid a server announced (`backend_pid`), and the links a pooler
+//! makes between its clients' connections and its server connections (`linked`).
+//!
+//! A pure model fed by the daemon: connections opening and closing, the kernel's link
+//! records (`CONN_LINK`: a pooler's thread received on one tracked connection and sent on
+//! one of the other role), and the Unix socket peers sock_diag reports.
+//!
+//! Names, from the pooler's side: a *server connection* is the pooler's client-role
+//! connection to Postgres; a *client connection* is the pooler's accepted (server-role)
+//! connection from an application. A link pairs one of each, one to one.
+//!
+//! Unlinking: the kernel reports a server connection whose answer ended with ReadyForQuery
+//! `I`. In transaction (and statement) pooling the pooler returns it to the pool right then;
+//! in session pooling it stays with its client until the client leaves. The model cannot read
+//! the pooler's configuration (per database and user, behind files it may not see), so it
+//! learns the mode per pooler process: once that process is seen moving a server connection
+//! to another client while the previous client is still connected (or a client to another
+//! server while the previous one is still open), it pools by transaction and idle server
+//! connections unlink; until then links last until either end closes.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::{
+    conn_table::{Conn, ConnTable, Role, Transport},
+    events::{ConnFields, Linked},
+};
+
+/// The kernel's largest pid (`PID_MAX_LIMIT` on 64-bit): BackendKeyData claiming a bigger
+/// one is a pooler's made-up key (PgBouncer's are random), not a process.
+pub const PID_MAX_LIMIT: u32 = 4 * 1024 * 1024;
+
+#[derive(Default)]
+pub struct Relations {
+    /// TCP connections by `(local, remote)` address.
+    by_addr: HashMap<(String, String), u64>,
+    /// Unix connections' peers (both directions), from sock_diag.
+    unix_peer: HashMap<u64, u64>,
+    /// Server connection -> client connection it serves, and back.
+    client_of: HashMap<u64, u64>,
+    server_of: HashMap<u64, u64>,
+    /// The last client each server connection served, the last server each client used.
+    last_client: HashMap<u64, u64>,
+    last_server: HashMap<u64, u64>,
+    /// Processes that relay between connections (they made links), and those of them seen
+    /// pooling by transaction.
+    poolers: HashSet<u32>,
+    transaction_pooling: HashSet<u32>,
+    /// Processes holding both client- and server-role connections (refreshed each tick).
+    proxies: HashSet<u32>,
+}
+
+/// Still usable: open and the peer has not closed its side.
+fn is_live(table: &ConnTable, cookie: u64) -> bool {
+    table
+        .get(cookie)
+        .is_some_and(|c| c.peer_closed_ns.is_none())
+}
+
+impl Relations {
+    pub fn opened(&mut self, conn: &Conn) {
+        if conn.transport == Transport::Tcp {
+            self.by_addr
+                .insert((conn.local.clone(), conn.remote.clone()), conn.cookie);
+        }
+    }
+
+    pub fn closed(&mut self, conn: &Conn) {
+        let key = (conn.local.clone(), conn.remote.clone());
+        if self.by_addr.get(&key) == Some(&conn.cookie) {
+            self.by_addr.remove(&key);
+        }
+        if let Some(peer) = self.unix_peer.remove(&conn.cookie) {
+            self.unix_peer.remove(&peer);
+        }
+        self.unlink(conn.cookie);
+        if let Some(client) = self.last_client.remove(&conn.cookie) {
+            self.last_server.remove(&client);
+        }
+        if let Some(server) = self.last_server.remove(&conn.cookie) {
+            self.last_client.remove(&server);
+        }
+    }
+
+    /// Removes the link `cookie` is in, whichever side it is.
+    fn unlink(&mut self, cookie: u64) {
+        if let Some(client) = self.client_of.remove(&cookie) {
+            self.server_of.remove(&client);
+        }
+        if let Some(server) = self.server_of.remove(&cookie) {
+            self.client_of.remove(&server);
+        }
+    }
+
+    /// Replaces the Unix peer pairs, from `(cookie, peer cookie)` of tracked connections.
+    pub fn set_unix_peers(&mut self, pairs: impl IntoIterator<Item = (u64, u64)>) {
+        self.unix_peer.clear();
+        for (a, b) in pairs {
+            self.unix_peer.insert(a, b);
+            self.unix_peer.insert(b, a);
+        }
+    }
+
+    /// Processes that hold both roles: proxies, poolers among them.
+    pub fn refresh_proxies(&mut self, table: &ConnTable) {
+        let (mut clients, mut servers) = (HashSet::new(), HashSet::new());
+        for conn in table.iter() {
+            match conn.role {
+                Role::Client => clients.insert(conn.owner.pid),
+                Role::Server => servers.insert(conn.owner.pid),
+            };
+        }
+        self.proxies = clients.intersection(&servers).copied().collect();
+        self.proxies.remove(&0);
+    }
+
+    /// A kernel link record: connection `cookie` was paired with `linked` by its owner's
+    /// thread (0: a server connection went idle). True when the links changed.
+    pub fn link_record(&mut self, table: &ConnTable, cookie: u64, linked: u64) -> bool {
+        let Some(conn) = table.get(cookie) else {
+            return false;
+        };
+        let pooler = conn.owner.pid;
+        if linked == 0 {
+            // Only server connections report idle; session pooling keeps the client.
+            if conn.role == Role::Client
+                && self.transaction_pooling.contains(&pooler)
+                && self.client_of.contains_key(&cookie)
+            {
+                self.unlink(cookie);
+                return true;
+            }
+            return false;
+        }
+        let Some(other) = table.get(linked) else {
+            return false;
+        };
+        if other.role == conn.role {
+            return false;
+        }
+        let (server, client) = match conn.role {
+            Role::Client => (cookie, linked),
+            Role::Server => (linked, cookie),
+        };
+        self.poolers.insert(pooler);
+        if self.client_of.get(&server) == Some(&client) {
+            return false;
+        }
+        // A move while the previous partner is still connected: transaction pooling.
+        let moved_server = self
+            .last_client
+            .get(&server)
+            .is_some_and(|&prev| prev != client && is_live(table, prev));
+        let moved_client = self
+            .last_server
+            .get(&client)
+            .is_some_and(|&prev| prev != server && is_live(table, prev));
+        if moved_server || moved_client {
+            self.transaction_pooling.insert(pooler);
+        }
+        self.unlink(server);
+        self.unlink(client);
+        self.client_of.insert(server, client);
+        self.server_of.insert(client, server);
+        self.last_client.insert(server, client);
+        self.last_server.insert(client, server);
+        true
+    }
+
+    /// The other end of `conn` when it is tracked on this host.
+    pub fn peer(&self, conn: &Conn) -> Option<u64> {
+        match conn.transport {
+            Transport::Tcp => self
+                .by_addr
+                .get(&(conn.remote.clone(), conn.local.clone()))
+                .copied()
+                .filter(|&p| p != conn.cookie),
+            Transport::Unix => self.unix_peer.get(&conn.cookie).copied(),
+        }
+    }
+
+    /// A process that relays between connections: a pooler (or another proxy).
+    pub fn is_pooler(&self, pid: u32) -> bool {
+        self.poolers.contains(&pid) || self.proxies.contains(&pid)
+    }
+
+    /// Whether the pooler `pid` was seen pooling by transaction.
+    pub fn pools_by_transaction(&self, pid: u32) -> bool {
+        self.transaction_pooling.contains(&pid)
+    }
+
+    /// The client connection server connection `server` serves now.
+    pub fn client_of(&self, server: u64) -> Option<u64> {
+        self.client_of.get(&server).copied()
+    }
+
+    /// The server connection client connection `client` is linked to now.
+    pub fn server_of(&self, client: u64) -> Option<u64> {
+        self.server_of.get(&client).copied()
+    }
+
+    /// `backend_pid` of a client-role connection: what the server announced at start-up,
+    /// unless the server end is a pooler (on this host, known by its connections; elsewhere,
+    /// only when its made-up pid is beyond any real one).
+    pub fn backend_pid(&self, table: &ConnTable, conn: &Conn) -> Option<u32> {
+        if conn.role != Role::Client {
+            return None;
+        }
+        if let Some(peer) = self.peer(conn).and_then(|p| table.get(p)) {
+            if self.is_pooler(peer.owner.pid) {
+                return None;
+            }
+        }
+        Some(conn.live.backend_pid).filter(|&pid| pid != 0 && pid <= PID_MAX_LIMIT)
+    }
+
+    /// The backend a server connection pins: its announced pid, else the owner of its other
+    /// end on this host (a TLS connection's BackendKeyData cannot be read).
+    fn pinned_backend(&self, table: &ConnTable, server: &Conn) -> Option<u32> {
+        self.backend_pid(table, server).or_else(|| {
+            let peer = table.get(self.peer(server)?)?;
+            (!self.is_pooler(peer.owner.pid) && peer.owner.pid != 0).then_some(peer.owner.pid)
+        })
+    }
+
+    /// `linked` of `conn`: for a pooler's server connection, the client it serves; for a
+    /// pooler's client connection, or an application's connection to a pooler on this host,
+    /// the server connection it is linked to.
+    pub fn linked(&self, table: &ConnTable, conn: &Conn) -> Option<Linked> {
+        if let Some(client) = self.client_of(conn.cookie).and_then(|c| table.get(c)) {
+            let app = self.peer(client).and_then(|p| table.get(p));
+            return Some(Linked::Client {
+                conn_id: client.cookie.to_string(),
+                pid: app.map(|a| a.owner.pid),
+                comm: app.map(|a| a.owner.comm.clone()),
+                container_id: app.and_then(|a| a.details.container.container_id.clone()),
+                remote: client.remote.clone(),
+            });
+        }
+        let server = self.server_of(conn.cookie).or_else(|| {
+            if conn.role != Role::Client {
+                return None;
+            }
+            self.server_of(self.peer(conn)?)
+        })?;
+        let server = table.get(server)?;
+        Some(Linked::Server {
+            conn_id: server.cookie.to_string(),
+            backend_pid: self.pinned_backend(table, server),
+            remote: server.remote.clone(),
+        })
+    }
+
+    /// The event fields of `conn`, with its relations as they are now.
+    pub fn fields(&self, table: &ConnTable, conn: &Conn) -> ConnFields {
+        let mut fields = ConnFields::new(conn);
+        fields.peer_conn_id = self.peer(conn).map(|p| p.to_string());
+        fields.backend_pid = self.backend_pid(table, conn);
+        fields.linked = self.linked(table, conn);
+        fields
+    }
+
+    /// Every pooler's server connections and who holds them, for the metric: `(pooler's
+    /// comm, state, client comm, client container, client ip)`.
+    pub fn server_connections<'t>(
+        &self,
+        table: &'t ConnTable,
+    ) -> impl Iterator<Item = (&'t Conn, Option<&'t Conn>, Option<&'t Conn>)> + use<'t, '_> {
+        table
+            .iter()
+            .filter(|c| c.role == Role::Client && self.is_pooler(c.owner.pid))
+            .map(move |server| {
+                let client = self.client_of(server.cookie).and_then(|c| table.get(c));
+                let app = client
+                    .and_then(|c| self.peer(c))
+                    .and_then(|p| table.get(p));
+                (server, client, app)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn_table::Owner;
+
+    fn conn(cookie: u64, role: Role, pid: u32, local: &str, remote: &str) -> Conn {
+        Conn::new(
+            cookie,
+            role,
+            Transport::Tcp,
+            local.into(),
+            remote.into(),
+            Owner {
+                pid,
+                uid: 0,
+                cgroup_id: 1,
+                comm: format!("p{pid}"),
+                start_boottime_ns: 0,
+            },
+            0,
+        )
+    }
+
+    const BOUNCER: u32 = 50;
+
+    /// An app (pid 10 + i) connected to PgBouncer (6432), whose server connections go to
+    /// Postgres (5432, backends pid 100 + i).
+    struct Host {
+        table: ConnTable,
+        rel: Relations,
+    }
+
+    impl Host {
+        fn new() -> Self {
+            Self {
+                table: ConnTable::default(),
+                rel: Relations::default(),
+            }
+        }
+        fn add(&mut self, c: Conn) {
+            self.rel.opened(&c);
+            assert!(self.table.insert_found(c));
+        }
+        /// App `i`: its connection (cookie 10+i) and PgBouncer's accepted end (20+i).
+        fn app(&mut self, i: u64) {
+            let port = 40000 + i;
+            self.add(conn(
+                10 + i,
+                Role::Client,
+                10 + i as u32,
+                &format!("127.0.0.1:{port}"),
+                "127.0.0.1:6432",
+            ));
+            self.add(conn(
+                20 + i,
+                Role::Server,
+                BOUNCER,
+                "127.0.0.1:6432",
+                &format!("127.0.0.1:{port}"),
+            ));
+        }
+        /// Server connection `i`: PgBouncer's (30+i) and the backend's end (40+i).
+        fn server(&mut self, i: u64) {
+            let port = 50000 + i;
+            let mut s = conn(
+                30 + i,
+                Role::Client,
+                BOUNCER,
+                &format!("127.0.0.1:{port}"),
+                "127.0.0.1:5432",
+            );
+            s.live.backend_pid = 100 + i as u32;
+            self.add(s);
+            self.add(conn(
+                40 + i,
+                Role::Server,
+                100 + i as u32,
+                "127.0.0.1:5432",
+                &format!("127.0.0.1:{port}"),
+            ));
+        }
+        fn linked(&self, cookie: u64) -> Option<Linked> {
+            self.rel.linked(&self.table, self.table.get(cookie).expect("conn"))
+        }
+        fn record(&mut self, cookie: u64, linked: u64) -> bool {
+            self.rel.link_record(&self.table, cookie, linked)
+        }
+        fn close(&mut self, cookie: u64) {
+            let c = self.table.remove(cookie).expect("conn");
+            self.rel.closed(&c);
+        }
+    }
+
+    fn client_pid(l: Option<Linked>) -> Option<u32> {
+        match l {
+            Some(Linked::Client { pid, .. }) => pid,
+            other => panic!("not a client link: {other:?}"),
+        }
+    }
+
+    fn server_id(l: Option<Linked>) -> Option<(String, Option<u32>)> {
+        match l {
+            Some(Linked::Server {
+                conn_id,
+                backend_pid,
+                ..
+            }) => Some((conn_id, backend_pid)),
+            None => None,
+            other => panic!("not a server link: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn peers_are_the_reversed_address_pair() {
+        let mut h = Host::new();
+        h.app(1);
+        h.server(1);
+        let peer = |h: &Host, c: u64| h.rel.peer(h.table.get(c).expect("conn"));
+        assert_eq!(peer(&h, 11), Some(21));
+        assert_eq!(peer(&h, 21), Some(11));
+        assert_eq!(peer(&h, 31), Some(41));
+        assert_eq!(peer(&h, 41), Some(31));
+        h.close(41);
+        assert_eq!(peer(&h, 31), None);
+    }
+
+    #[test]
+    fn links_name_the_app_and_the_backend_from_every_side() {
+        let mut h = Host::new();
+        h.app(1);
+        h.server(1);
+        assert!(h.record(31, 21));
+        let linked = h.linked(31);
+        assert_eq!(client_pid(linked.clone()), Some(11));
+        assert!(matches!(linked, Some(Linked::Client { ref remote, .. }) if remote == "127.0.0.1:40001"));
+        assert_eq!(server_id(h.linked(21)), Some(("31".into(), Some(101))));
+        assert_eq!(server_id(h.linked(11)), Some(("31".into(), Some(101))));
+        // The answer's way back says the same: no change.
+        assert!(!h.record(21, 31));
+        // Nothing links the backend's own connection.
+        assert_eq!(h.linked(41), None);
+    }
+
+    #[test]
+    fn backend_pid_is_not_taken_from_a_pooler() {
+        let mut h = Host::new();
+        h.app(1);
+        h.server(1);
+        h.table.get_mut(11).expect("app").live.backend_pid = 777;
+        h.rel.refresh_proxies(&h.table);
+        let pid = |h: &Host, c: u64| h.rel.backend_pid(&h.table, h.table.get(c).expect("conn"));
+        assert_eq!(pid(&h, 11), None, "PgBouncer's made-up key");
+        assert_eq!(pid(&h, 31), Some(101));
+        assert_eq!(pid(&h, 41), None, "server role");
+        // A remote pooler's random key beyond any pid.
+        let mut remote = conn(60, Role::Client, 12, "10.0.0.1:1", "10.0.0.2:6432");
+        remote.live.backend_pid = 0x9000_0000;
+        h.add(remote);
+        assert_eq!(pid(&h, 60), None);
+        h.table.get_mut(60).expect("remote").live.backend_pid = 4242;
+        assert_eq!(pid(&h, 60), Some(4242));
+    }
+
+    #[test]
+    fn transaction_pooling_is_learned_and_then_idle_servers_unlink() {
+        let mut h = Host::new();
+        h.app(1);
+        h.app(2);
+        h.server(1);
+        h.server(2);
+        h.record(31, 21);
+        // Idle before the mode is known: kept (session pooling would keep it).
+        assert!(!h.record(31, 0));
+        assert_eq!(client_pid(h.linked(31)), Some(11));
+        // Client 2 gets server 1 while client 1 is still connected: transaction pooling.
+        assert!(h.record(31, 22));
+        assert!(h.rel.pools_by_transaction(BOUNCER));
+        assert_eq!(client_pid(h.linked(31)), Some(12));
+        assert_eq!(server_id(h.linked(21)), None, "client 1 has no server now");
+        assert!(h.record(31, 0));
+        assert_eq!(h.linked(31), None);
+        assert_eq!(server_id(h.linked(12)), None);
+        // One to one: client 1 on server 2, then server 2 to client 2.
+        h.record(32, 21);
+        h.record(22, 32);
+        assert_eq!(client_pid(h.linked(32)), Some(12));
+        assert_eq!(server_id(h.linked(21)), None);
+    }
+
+    #[test]
+    fn session_pooling_keeps_links_until_a_side_closes() {
+        let mut h = Host::new();
+        h.app(1);
+        h.app(2);
+        h.server(1);
+        h.record(31, 21);
+        assert!(!h.record(31, 0));
+        // Client 1 leaves; its server goes to client 2: no sign of transaction pooling.
+        h.close(21);
+        assert_eq!(h.linked(31), None);
+        h.record(31, 22);
+        assert!(!h.rel.pools_by_transaction(BOUNCER));
+        assert!(!h.record(31, 0));
+        assert_eq!(client_pid(h.linked(31)), Some(12));
+        h.close(31);
+        assert_eq!(server_id(h.linked(22)), None);
+    }
+}
