@@ -1,6 +1,8 @@
 //! A real PgBouncer (Debian's `/usr/sbin/pgbouncer`) in front of a harness Postgres: run as
 //! the `postgres` user from a config in its own temporary directory, on 127.0.0.1 and a free
-//! port, in transaction pooling, stopped on drop.
+//! port, in transaction pooling (or as [`Options`] say: session pooling, a shared
+//! `so_reuseport` port), stopped on drop. Its admin console ([`PgBouncer::show`]) is the
+//! oracle for which client holds which server connection.
 
 use std::{
     fs,
@@ -27,17 +29,46 @@ pub struct PgBouncer {
     dir: TempDir,
 }
 
+/// How to run a [`PgBouncer`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub pool_size: u32,
+    /// `transaction` or `session`.
+    pub pool_mode: &'static str,
+    /// Listen on this port with `so_reuseport` (another PgBouncer may share it); `None`: a
+    /// free port of its own.
+    pub reuseport: Option<u16>,
+}
+
+/// One row of an admin console `SHOW` command, by column name.
+pub type Row = std::collections::HashMap<String, String>;
+
 impl PgBouncer {
     /// Starts PgBouncer in transaction pooling with `pool_size` server connections per
     /// database/user pair, every database forwarded to `pg` over TCP.
     pub fn start(pg: &Postgres, pool_size: u32) -> Result<Self> {
+        Self::start_with(
+            pg,
+            &Options {
+                pool_size,
+                pool_mode: "transaction",
+                reuseport: None,
+            },
+        )
+    }
+
+    pub fn start_with(pg: &Postgres, options: &Options) -> Result<Self> {
+        let pool_size = options.pool_size;
         if !std::path::Path::new(PGBOUNCER_BIN).exists() {
             bail!("{PGBOUNCER_BIN} is missing (run `cargo xtask setup`)");
         }
         let dir = TempDir::new("pgbouncer")?;
         let socket_dir = dir.0.join("sock");
         fs::create_dir_all(&socket_dir)?;
-        let port = free_port()?;
+        let port = match options.reuseport {
+            Some(port) => port,
+            None => free_port()?,
+        };
         // trust still wants the user in the auth file.
         fs::write(dir.0.join("userlist.txt"), "\"postgres\" \"\"\n")?;
         let config = format!(
@@ -49,7 +80,8 @@ impl PgBouncer {
              unix_socket_dir = {sock}\n\
              auth_type = trust\n\
              auth_file = {dir}/userlist.txt\n\
-             pool_mode = transaction\n\
+             pool_mode = {pool_mode}\n\
+             so_reuseport = {reuseport}\n\
              default_pool_size = {pool_size}\n\
              min_pool_size = 0\n\
              reserve_pool_size = 0\n\
@@ -59,6 +91,8 @@ impl PgBouncer {
              logfile = {dir}/pgbouncer.log\n\
              pidfile = {dir}/pgbouncer.pid\n",
             pg_port = pg.port,
+            pool_mode = options.pool_mode,
+            reuseport = u8::from(options.reuseport.is_some()),
             sock = socket_dir.display(),
             dir = dir.0.display(),
         );
@@ -113,6 +147,31 @@ impl PgBouncer {
     pub fn log(&self) -> String {
         let read = |name: &str| fs::read_to_string(self.dir.0.join(name)).unwrap_or_default();
         format!("{}{}", read("pgbouncer.log"), read("stderr"))
+    }
+
+    /// An admin console command (`SHOW SERVERS`, ...) on this very process (over its own
+    /// Unix socket: the TCP port may be shared), as rows by column name.
+    pub fn show(&self, what: &str) -> Result<Vec<Row>> {
+        let out = run_ok(
+            Command::new("psql")
+                .args(["-X", "-A", "-F", "\t", "-P", "footer=off", "-U", "postgres"])
+                .args(["-d", "pgbouncer", "-h"])
+                .arg(&self.socket_dir)
+                .args(["-p", &self.port.to_string(), "-c", &format!("SHOW {what}")])
+                .env("PGCONNECT_TIMEOUT", "10"),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().context("no header")?.split('\t').collect();
+        Ok(lines
+            .map(|line| {
+                header
+                    .iter()
+                    .zip(line.split('\t'))
+                    .map(|(k, v)| ((*k).to_owned(), v.to_owned()))
+                    .collect()
+            })
+            .collect())
     }
 
     /// `psql` through PgBouncer over TCP, unaligned tuples-only output.
