@@ -15,7 +15,7 @@ const TYPES: [&str; 8] = [
     "lost",
 ];
 
-const CONN_FIELDS: [&str; 16] = [
+const CONN_FIELDS: [&str; 19] = [
     "conn_id",
     "role",
     "transport",
@@ -32,9 +32,12 @@ const CONN_FIELDS: [&str; 16] = [
     "pod_uid",
     "systemd_unit",
     "state",
+    "peer_conn_id",
+    "backend_pid",
+    "linked",
 ];
 
-const NULLABLE: [&str; 7] = [
+const NULLABLE: [&str; 10] = [
     "exe",
     "cmdline",
     "cgroup",
@@ -42,6 +45,9 @@ const NULLABLE: [&str; 7] = [
     "container_runtime",
     "pod_uid",
     "systemd_unit",
+    "peer_conn_id",
+    "backend_pid",
+    "linked",
 ];
 
 /// The fields of a connection event: a psql client inside a docker container on Kubernetes.
@@ -65,6 +71,9 @@ fn conn(kind: &str) -> Map<String, Value> {
         "pod_uid": "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b",
         "systemd_unit": null,
         "state": "idle_in_transaction",
+        "peer_conn_id": "8589934602",
+        "backend_pid": 31337,
+        "linked": {"conn_id": "8589934700", "backend_pid": 31338, "remote": "[::1]:34567"},
     });
     v.as_object().cloned().expect("object")
 }
@@ -361,4 +370,25 @@ fn errors_name_the_offending_field() {
     let err = validate_event(&set(&example("close"), "closed_by", json!("timeout")))
         .expect_err("invalid");
     assert!(err.contains("closed_by"), "{err}");
+}
+
+#[test]
+fn linked_is_a_server_link_or_a_client_link() {
+    let leak = example("leak");
+    let client = json!({
+        "conn_id": "8589934800",
+        "pid": 4242,
+        "comm": "python3",
+        "container_id": null,
+        "remote": "10.0.0.7:51234",
+    });
+    assert_valid(&set(&leak, "linked", client.clone()));
+    let mut no_pid = client.clone();
+    no_pid.as_object_mut().expect("object").remove("pid");
+    assert_invalid(&set(&leak, "linked", no_pid), "client link without pid");
+    let mut extra = client;
+    extra["backend_pid"] = json!(1);
+    assert_invalid(&set(&leak, "linked", extra), "both kinds of link at once");
+    assert_invalid(&set(&leak, "linked", json!("8589934800")), "a bare id");
+    assert_invalid(&set(&leak, "backend_pid", json!(0)), "pid 0");
 }
