@@ -145,7 +145,9 @@ fn incident(pool_mode: &'static str, processes: usize) {
 
     let leaks_of = |evs: &[Value], pid: u32| -> Vec<Value> {
         evs.iter()
-            .filter(|e| e["type"] == "leak" && e["pid"] == pid && e["reason"] == "idle_in_transaction")
+            .filter(|e| {
+                e["type"] == "leak" && e["pid"] == pid && e["reason"] == "idle_in_transaction"
+            })
             .cloned()
             .collect()
     };
@@ -162,9 +164,17 @@ fn incident(pool_mode: &'static str, processes: usize) {
                     })
                     .sum::<usize>()
                     >= POOL as usize
-                && queued_pid.is_none_or(|q| evs.iter().any(|e| e["type"] == "stall" && e["pid"] == q))
+                && queued_pid
+                    .is_none_or(|q| evs.iter().any(|e| e["type"] == "stall" && e["pid"] == q))
         })
         .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", tracer.stderr()));
+
+    // Real pooled events, `linked` objects included, match the published schema.
+    for e in &events {
+        if let Err(err) = tests::schema::validate_event(e) {
+            panic!("{err}: {e}");
+        }
+    }
 
     // The oracles, while everything still holds.
     let links = oracle_links(&bouncers);
@@ -181,8 +191,16 @@ fn incident(pool_mode: &'static str, processes: usize) {
         .flat_map(|&p| leaks_of(&events, p))
         .filter(|e| e["role"] == "client")
         .collect();
-    assert_eq!(server_leaks.len(), POOL as usize, "{}", lines(&server_leaks));
-    eprintln!("a server connection leak: {}\noracle links: {links:?}", server_leaks[0]);
+    assert_eq!(
+        server_leaks.len(),
+        POOL as usize,
+        "{}",
+        lines(&server_leaks)
+    );
+    eprintln!(
+        "a server connection leak: {}\noracle links: {links:?}",
+        server_leaks[0]
+    );
     for leak in &server_leaks {
         let local = port_of(&leak["local"]).expect("local port");
         let linked = &leak["linked"];
@@ -190,17 +208,32 @@ fn incident(pool_mode: &'static str, processes: usize) {
         assert_eq!(linked["comm"], "python3", "{leak}");
         assert_eq!(linked["container_id"], cgroup.id.as_str(), "{leak}");
         let remote = linked["remote"].as_str().and_then(port_str);
-        assert_eq!(remote, links.get(&local).copied(), "{leak}\noracle {links:?}");
-        assert!(idle_in_tx.contains(&(leak["backend_pid"].as_u64().unwrap_or(0) as u32)), "{leak}");
+        assert_eq!(
+            remote,
+            links.get(&local).copied(),
+            "{leak}\noracle {links:?}"
+        );
+        assert!(
+            idle_in_tx.contains(&(leak["backend_pid"].as_u64().unwrap_or(0) as u32)),
+            "{leak}"
+        );
     }
     // The worker's own leaks pin the backends Postgres shows idle in transaction.
     let pinned: BTreeSet<u32> = leaks_of(&events, worker_pid)
         .iter()
         .map(|e| e["linked"]["backend_pid"].as_u64().unwrap_or(0) as u32)
         .collect();
-    assert_eq!(pinned, idle_in_tx, "{}", lines(&leaks_of(&events, worker_pid)));
+    assert_eq!(
+        pinned,
+        idle_in_tx,
+        "{}",
+        lines(&leaks_of(&events, worker_pid))
+    );
     for leak in leaks_of(&events, worker_pid) {
-        assert!(leak["backend_pid"].is_null(), "a pooler's key is no backend: {leak}");
+        assert!(
+            leak["backend_pid"].is_null(),
+            "a pooler's key is no backend: {leak}"
+        );
     }
     // Every backend's connection has PgBouncer's end as its peer.
     let server_ids: BTreeSet<String> = server_leaks
@@ -209,13 +242,23 @@ fn incident(pool_mode: &'static str, processes: usize) {
         .collect();
     for pid in &idle_in_tx {
         let leak = leaks_of(&events, *pid);
-        assert!(!leak.is_empty(), "no leak for backend {pid}:\n{}", lines(&events));
-        let peer = leak[0]["peer_conn_id"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            !leak.is_empty(),
+            "no leak for backend {pid}:\n{}",
+            lines(&events)
+        );
+        let peer = leak[0]["peer_conn_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         assert!(server_ids.contains(&peer), "{}", leak[0]);
     }
     // The queued client's stalls: no server connection.
     if let Some(q) = queued_pid {
-        for stall in events.iter().filter(|e| e["type"] == "stall" && e["pid"] == q) {
+        for stall in events
+            .iter()
+            .filter(|e| e["type"] == "stall" && e["pid"] == q)
+        {
             assert!(stall["linked"].is_null(), "{stall}");
         }
     }
@@ -421,10 +464,17 @@ fn links_agree_with_show_servers_under_load() {
         ratio * 100.0,
         samples.len(),
         history.values().map(Vec::len).sum::<usize>(),
-        report.lines().filter(|l| l.contains("tps")).collect::<Vec<_>>().join(" "),
+        report
+            .lines()
+            .filter(|l| l.contains("tps"))
+            .collect::<Vec<_>>()
+            .join(" "),
     );
     let _ = started;
     assert!(samples.len() >= 30, "{} samples", samples.len());
-    assert!(linked >= 50, "only {linked} linked server connections sampled");
+    assert!(
+        linked >= 50,
+        "only {linked} linked server connections sampled"
+    );
     assert!(ratio >= 0.99, "{agree}/{linked} agree");
 }

@@ -38,6 +38,8 @@ pub struct RunArgs {
     pub close_wait_after: Duration,
     pub idle_after: Duration,
     pub log_level: log::LevelFilter,
+    /// Event stream format.
+    pub format: crate::events::EventFormat,
     pub max_label_sets: usize,
     pub max_connections: u32,
     pub state_dir: config::StateDirSetting,
@@ -58,6 +60,7 @@ impl Default for RunArgs {
             close_wait_after: config::DEFAULT_CLOSE_WAIT_AFTER,
             idle_after: config::DEFAULT_IDLE_AFTER,
             log_level: config::DEFAULT_LOG_LEVEL,
+            format: crate::events::EventFormat::Json,
             max_label_sets: config::DEFAULT_MAX_LABEL_SETS,
             max_connections: config::DEFAULT_MAX_CONNECTIONS,
             state_dir: config::StateDirSetting::Default,
@@ -98,6 +101,7 @@ impl RunArgs {
                 .unwrap_or(d.close_wait_after),
             idle_after: flags.idle_after.or(file.idle_after).unwrap_or(d.idle_after),
             log_level: flags.log_level.or(file.log_level).unwrap_or(d.log_level),
+            format: flags.format.or(file.format).unwrap_or(d.format),
             max_label_sets: flags
                 .max_label_sets
                 .or(file.max_label_sets)
@@ -288,6 +292,10 @@ struct RunFlags {
     /// Logs on stderr: error, warn, info, debug or trace [default: info]
     #[arg(long, value_name = "LEVEL", value_parser = Checked(config::parse_log_level))]
     log_level: Option<log::LevelFilter>,
+    /// Event stream format: json (one object per line) or text (one readable line per
+    /// event) [default: json]
+    #[arg(long, value_name = "FMT", value_parser = Checked(config::parse_format))]
+    format: Option<crate::events::EventFormat>,
     /// Cap on Prometheus label sets; the rest go to comm="~other" [default: 1000]
     #[arg(long, value_name = "N", allow_hyphen_values = true,
           value_parser = Checked(config::parse_max_label_sets))]
@@ -314,6 +322,7 @@ impl RunFlags {
             close_wait_after: self.close_wait_after,
             idle_after: self.idle_after,
             log_level: self.log_level,
+            format: self.format,
             max_label_sets: self.max_label_sets,
             max_connections: self.max_connections,
             state_dir: self.state_dir,
@@ -505,6 +514,8 @@ mod tests {
             "1h",
             "--log-level",
             "trace",
+            "--format",
+            "text",
             "--max-label-sets",
             "10",
             "--max-connections",
@@ -525,6 +536,7 @@ mod tests {
                 close_wait_after: Duration::from_secs(120),
                 idle_after: Duration::from_secs(3600),
                 log_level: log::LevelFilter::Trace,
+                format: crate::events::EventFormat::Text,
                 max_label_sets: 10,
                 max_connections: 16,
                 state_dir: config::StateDirSetting::Dir("/tmp/tracer-state".into()),

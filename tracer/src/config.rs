@@ -70,6 +70,15 @@ fn port_in_range(p: i128) -> Result<u16, String> {
     }
 }
 
+/// `--format`: `json` or `text`.
+pub fn parse_format(s: &str) -> Result<crate::events::EventFormat, String> {
+    match s {
+        "json" => Ok(crate::events::EventFormat::Json),
+        "text" => Ok(crate::events::EventFormat::Text),
+        _ => Err("expected json or text".into()),
+    }
+}
+
 pub fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
     match s {
         "error" | "warn" | "info" | "debug" | "trace" => {
@@ -391,6 +400,7 @@ pub struct RunSettings {
     pub close_wait_after: Option<Duration>,
     pub idle_after: Option<Duration>,
     pub log_level: Option<log::LevelFilter>,
+    pub format: Option<crate::events::EventFormat>,
     pub max_label_sets: Option<usize>,
     pub max_connections: Option<u32>,
     pub state_dir: Option<StateDirSetting>,
@@ -410,6 +420,7 @@ struct FileConfig {
     close_wait_after: Option<Spanned<String>>,
     idle_after: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
     max_label_sets: Option<Spanned<u64>>,
     max_connections: Option<Spanned<u64>>,
     state_dir: Option<Spanned<String>>,
@@ -543,6 +554,7 @@ impl FileConfig {
             )?,
             idle_after: at.check("idle_after", self.idle_after, parse_threshold)?,
             log_level: at.check("log_level", self.log_level, parse_log_level)?,
+            format: at.check("format", self.format, parse_format)?,
             max_label_sets: at
                 .count("max_label_sets", self.max_label_sets, MAX_LABEL_SETS_RANGE)?
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
@@ -835,6 +847,7 @@ mod tests {
             close_wait_after = "2m"
             idle_after = "1h"
             log_level = "debug"
+            format = "text"
             max_label_sets = 50
             max_connections = 4096
             state_dir = "off"
@@ -852,6 +865,7 @@ mod tests {
                 close_wait_after: Some(Duration::from_secs(120)),
                 idle_after: Some(Duration::from_secs(3600)),
                 log_level: Some(log::LevelFilter::Debug),
+                format: Some(crate::events::EventFormat::Text),
                 max_label_sets: Some(50),
                 max_connections: Some(4096),
                 state_dir: Some(StateDirSetting::Off),
@@ -907,6 +921,7 @@ mod tests {
             ),
             ("metrics_addr = \"nowhere\"", 1, &["metrics_addr 'nowhere'"]),
             ("log_level = \"loud\"", 1, &["log_level 'loud'"]),
+            ("format = \"yaml\"", 1, &["format 'yaml'"]),
             ("events = \"\"", 1, &["events ''"]),
             (
                 "unix_socket_glob = \"\"",

@@ -183,7 +183,10 @@ pub enum Change {
     Untracked,
     /// The owner's thread paired the connection with `linked` (0: it went idle): for the
     /// pooler model (`crate::pooler`).
-    Linked { cookie: u64, linked: u64 },
+    Linked {
+        cookie: u64,
+        linked: u64,
+    },
     /// The kernel now tracks a connection already known (found at start-up): its table key
     /// and, when it did I/O, its owner were updated.
     Refreshed(u64),

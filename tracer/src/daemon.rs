@@ -828,7 +828,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut tracker = Tracker {
         table: ConnTable::default(),
         clock: Clock::new(),
-        sink: EventSink::start(output, EVENT_QUEUE_CAPACITY),
+        sink: EventSink::start(output, EVENT_QUEUE_CAPACITY, args.format),
         metrics: metrics.clone(),
         limits: Thresholds {
             stall_after: args.stall_after,

@@ -176,16 +176,36 @@ impl Event {
     }
 }
 
+/// How events are written (`--format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EventFormat {
+    /// One JSON object per line (the SPEC's event stream).
+    #[default]
+    Json,
+    /// One readable line per event (`crate::text`).
+    Text,
+}
+
+impl Event {
+    pub fn line(&self, format: EventFormat) -> String {
+        match format {
+            EventFormat::Json => self.to_line(),
+            EventFormat::Text => crate::text::line(self),
+        }
+    }
+}
+
 /// Where events go: the sending half of a bounded queue drained by a writer thread.
 pub struct EventSink {
     queue: SyncSender<String>,
+    format: EventFormat,
     dropped: Arc<AtomicU64>,
     writer: JoinHandle<()>,
 }
 
 impl EventSink {
     /// Starts the writer thread. `capacity` lines may wait in the queue.
-    pub fn start(output: Box<dyn Write + Send>, capacity: usize) -> Self {
+    pub fn start(output: Box<dyn Write + Send>, capacity: usize, format: EventFormat) -> Self {
         let (queue, lines) = mpsc::sync_channel(capacity);
         let writer = std::thread::Builder::new()
             .name("event-writer".into())
@@ -193,6 +213,7 @@ impl EventSink {
             .expect("spawning the event writer thread");
         Self {
             queue,
+            format,
             dropped: Arc::new(AtomicU64::new(0)),
             writer,
         }
@@ -200,7 +221,7 @@ impl EventSink {
 
     /// Queues an event; when the queue is full the event is dropped and counted.
     pub fn send(&self, event: &Event) -> bool {
-        match self.queue.try_send(event.to_line()) {
+        match self.queue.try_send(event.line(self.format)) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -351,7 +372,11 @@ mod tests {
     fn full_queue_drops_and_counts_without_blocking() {
         let out = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        let sink = EventSink::start(Box::new(Gate(out.clone(), gate.clone())), 4);
+        let sink = EventSink::start(
+            Box::new(Gate(out.clone(), gate.clone())),
+            4,
+            EventFormat::Json,
+        );
         let ev = Event::at(
             SystemTime::UNIX_EPOCH,
             EventBody::Lost {

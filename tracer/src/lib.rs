@@ -27,3 +27,4 @@ pub mod proc_title;
 pub mod process;
 pub mod sockdiag;
 pub mod state_file;
+pub mod text;

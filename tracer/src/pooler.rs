@@ -206,10 +206,10 @@ impl Relations {
         if conn.role != Role::Client {
             return None;
         }
-        if let Some(peer) = self.peer(conn).and_then(|p| table.get(p)) {
-            if self.is_pooler(peer.owner.pid) {
-                return None;
-            }
+        if let Some(peer) = self.peer(conn).and_then(|p| table.get(p))
+            && self.is_pooler(peer.owner.pid)
+        {
+            return None;
         }
         Some(conn.live.backend_pid).filter(|&pid| pid != 0 && pid <= PID_MAX_LIMIT)
     }
@@ -271,9 +271,7 @@ impl Relations {
             .filter(|c| c.role == Role::Client && self.is_pooler(c.owner.pid))
             .map(move |server| {
                 let client = self.client_of(server.cookie).and_then(|c| table.get(c));
-                let app = client
-                    .and_then(|c| self.peer(c))
-                    .and_then(|p| table.get(p));
+                let app = client.and_then(|c| self.peer(c)).and_then(|p| table.get(p));
                 (server, client, app)
             })
     }
@@ -361,7 +359,8 @@ mod tests {
             ));
         }
         fn linked(&self, cookie: u64) -> Option<Linked> {
-            self.rel.linked(&self.table, self.table.get(cookie).expect("conn"))
+            self.rel
+                .linked(&self.table, self.table.get(cookie).expect("conn"))
         }
         fn record(&mut self, cookie: u64, linked: u64) -> bool {
             self.rel.link_record(&self.table, cookie, linked)
@@ -413,7 +412,9 @@ mod tests {
         assert!(h.record(31, 21));
         let linked = h.linked(31);
         assert_eq!(client_pid(linked.clone()), Some(11));
-        assert!(matches!(linked, Some(Linked::Client { ref remote, .. }) if remote == "127.0.0.1:40001"));
+        assert!(
+            matches!(linked, Some(Linked::Client { ref remote, .. }) if remote == "127.0.0.1:40001")
+        );
         assert_eq!(server_id(h.linked(21)), Some(("31".into(), Some(101))));
         assert_eq!(server_id(h.linked(11)), Some(("31".into(), Some(101))));
         // The answer's way back says the same: no change.

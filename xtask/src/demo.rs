@@ -4,7 +4,8 @@
 //! directory, the tracer with thresholds of a few seconds, then a leaky "worker" (in a
 //! Docker-named cgroup, three pooled connections left idle in a transaction) and a backend
 //! whose queries starve behind it (pgbench through PgBouncer). The events scroll by as one
-//! line each; then the worker is killed and the stalls and leaks end. Everything started is
+//! line each (`tracer run --format text`; a pooled leak names the client holding it, the
+//! pooler and the backend it pins); then the worker is killed and the stalls and leaks end. Everything started is
 //! stopped and removed at the end, also on error.
 
 use std::{
@@ -22,46 +23,6 @@ use anyhow::{Context as _, Result, bail};
 
 const POOL_SIZE: u32 = 3;
 const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
-
-/// One line per event, only for the demo's own ports (the tracer also sees other Postgres
-/// Unix sockets on the host).
-const PRETTY: &str = r#"
-import sys, json
-ports = set(sys.argv[1].split(","))
-def port(a):
-    return (a or "").rsplit(":", 1)[-1]
-for line in sys.stdin:
-    try:
-        e = json.loads(line)
-    except ValueError:
-        continue
-    t = e.get("type")
-    if t == "ready":
-        print("tracer  ready: probes " + ", ".join(e.get("probes", [])), flush=True)
-        continue
-    if t == "lost":
-        print("tracer  LOST %s events (%s)" % (e.get("count"), e.get("where")), flush=True)
-        continue
-    if port(e.get("local")) not in ports and port(e.get("remote")) not in ports:
-        continue
-    if t in ("open", "close") and e.get("role") != "client":
-        continue
-    who = "%-6s %s[%s]" % (e.get("role"), e.get("comm"), e.get("pid"))
-    if e.get("container_id"):
-        who += " %s:%s" % (e.get("container_runtime"), e["container_id"][:12])
-    conn = "%s -> %s" % (e.get("local"), e.get("remote"))
-    extra = {
-        "open": lambda: "",
-        "close": lambda: "after %.1fs, closed by %s" % (e["duration_s"], e["closed_by"]),
-        "stall": lambda: "waiting %.1fs for an answer" % e["waiting_s"],
-        "stall_end": lambda: "answered after %.1fs" % e["waited_s"],
-        "leak": lambda: "%s, idle %.1fs, age %.1fs" % (e["reason"], e["idle_s"], e["age_s"]),
-        "leak_end": lambda: "%s over after %.1fs" % (e["reason"], e["lasted_s"]),
-    }.get(t, lambda: "")()
-    mark = {"leak": "LEAK     ", "leak_end": "leak_end ", "stall": "STALL    ",
-            "stall_end": "stall_end"}.get(t, "%-9s" % t)
-    print("%s %s  %-44s %-48s %s" % (e["ts"][11:23], mark, who, conn, extra), flush=True)
-"#;
 
 /// Three pooled connections, each left inside a transaction, from inside a "container".
 const WORKER: &str = r#"
@@ -271,26 +232,21 @@ pub fn demo(tracer: &Path) -> Result<()> {
     };
     run_quiet(pgbench(pg_port).args(["-i", "-q", "-s", "1", "postgres"]))?;
 
-    // The tracer, its JSON events made readable by a small formatter.
-    fs::write(dir.join("pretty.py"), PRETTY)?;
-    let mut tracer_child = Command::new(tracer)
+    // The tracer, one readable line per event (`--format text`), watching only the demo's
+    // own servers (the host may have other Postgres Unix sockets).
+    let tracer_child = Command::new(tracer)
         .args(["run", "--port", &format!("{pg_port},{bouncer_port}")])
+        .args(["--format", "text"])
+        .arg("--unix-socket-glob")
+        .arg(format!("{}/*", dir.display()))
         .args(["--idle-in-transaction-after", "5s", "--stall-after", "3s"])
         .args(["--close-wait-after", "5s", "--metrics-addr", "off"])
         // Its own state directory: a state file another daemon left must not show up here.
         .arg("--state-dir")
         .arg(dir.join("state"))
-        .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", tracer.display()))?;
-    let events = tracer_child.stdout.take().context("tracer stdout")?;
     demo.children.push(("tracer", tracer_child));
-    let pretty = Command::new("/usr/bin/python3")
-        .arg(dir.join("pretty.py"))
-        .arg(format!("{pg_port},{bouncer_port}"))
-        .stdin(Stdio::from(events))
-        .spawn()?;
-    demo.children.push(("formatter", pretty));
     say("tracer started: idle-in-transaction after 5s, stall after 3s");
     sleep(Duration::from_secs(3));
 
@@ -343,6 +299,5 @@ pub fn demo(tracer: &Path) -> Result<()> {
     say("stopping everything");
     demo.stop("backend");
     demo.stop("tracer");
-    demo.stop("formatter");
     Ok(())
 }
