@@ -163,10 +163,21 @@ pub fn scratch_state() -> Option<&'static mut SockState> {
 /// Writes one record into the ring buffer in place (no stack copy); counts a loss when full.
 #[inline(always)]
 pub fn emit<T: 'static>(fill: impl FnOnce(*mut T)) {
+    emit_with(0, fill);
+}
+
+/// `BPF_RB_NO_WAKEUP`: the record waits for the reader's next wake-up (another record, or
+/// its tick). Waking the reader queues an irq_work, a self-IPI: microseconds on a virtual
+/// machine, for records that come with every pooled transaction.
+pub const NO_WAKEUP: u64 = 1;
+
+/// [`emit`] with ring-buffer submit `flags`.
+#[inline(always)]
+pub fn emit_with<T: 'static>(flags: u64, fill: impl FnOnce(*mut T)) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             fill(entry.as_mut_ptr());
-            entry.submit(0);
+            entry.submit(flags);
         }
         None => count_loss(loss::RING_FULL),
     }

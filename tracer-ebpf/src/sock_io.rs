@@ -26,8 +26,8 @@ use tracer_common::{
 use crate::{
     kernel::{fill_current_proc, load_at, offset, read_at},
     maps::{
-        LAST_RECV, SOCKS, WATCHED_UNIX, count_loss, emit, mark, scratch_state, set_sock_mark,
-        setting_value, sock_mark,
+        LAST_RECV, NO_WAKEUP, SOCKS, WATCHED_UNIX, count_loss, emit, emit_with, mark,
+        scratch_state, set_sock_mark, setting_value, sock_mark,
     },
     sock_state::{emit_close, emit_open, emit_peer_closed, header, preexisting_state, tcp_role},
     unix::{address_path_hash, unix_address},
@@ -123,7 +123,7 @@ fn on_tracked_io(sk: *const c_void, state: *mut SockState, ret: i32, sending: bo
 /// socket and reported only when it changes. A server connection's answer that ends with
 /// ReadyForQuery `I` unlinks it (transaction pooling returns it to the pool then; user space
 /// decides whether the pooler does that), and forwarding that answer links nothing.
-/// Costs a per-CPU slot per tracked I/O and a record per change.
+/// Costs a per-CPU slot per tracked I/O and a record (no wake-up) per change.
 #[inline(never)]
 fn relay(state: &mut SockState, tid: u32, ret: i32, sending: bool, went_idle: bool) {
     let Some(last) = LAST_RECV.get_ptr_mut(0) else {
@@ -154,9 +154,11 @@ fn relay(state: &mut SockState, tid: u32, ret: i32, sending: bool, went_idle: bo
     emit_link(state.cookie, last.cookie);
 }
 
+/// Without waking the reader: a pooler makes a few per transaction, and the daemon picks
+/// them up with the next record or at its tick.
 #[inline(always)]
 fn emit_link(cookie: u64, linked: u64) {
-    emit::<ConnLink>(|record| {
+    emit_with::<ConnLink>(NO_WAKEUP, |record| {
         // SAFETY: reserved, writable ring-buffer slot of this type; every field is written.
         unsafe {
             (*record).header = header(kind::CONN_LINK, size_of::<ConnLink>(), cookie);

@@ -904,6 +904,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
             }
             _ = tick.tick() => {
+                // Records sent without waking the reader (pooler links) are in first.
+                tracker.backlog = !drain(ring.get_mut(), &mut tracker, DRAIN_BATCH);
                 // Losses first: they trigger the check for missed closes, which must run
                 // before the detectors see the missed ones as idle.
                 report_losses(&probes, &mut tracker, &mut reported);
