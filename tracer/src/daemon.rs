@@ -38,7 +38,9 @@ use crate::{
     owners::start_ticks,
     probes::{KernelLosses, Probes},
     process::{ProcessDetails, read_details},
+    redact::CmdlineMode,
     sockdiag::DiagSocket,
+    web_config::Protection,
 };
 
 /// Lines that may wait for a slow event reader before events are dropped (and counted).
@@ -117,8 +119,9 @@ fn clock_ticks() -> u64 {
     u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
 }
 
-/// What `/proc` says of `owner`, unless its pid now names another process.
-fn owner_details(owner: &Owner) -> ProcessDetails {
+/// What `/proc` says of `owner` (its command line as `cmdline` allows), unless its pid now
+/// names another process.
+fn owner_details(owner: &Owner, cmdline: CmdlineMode) -> ProcessDetails {
     let proc_root = Path::new("/proc");
     if owner.pid == 0 {
         return ProcessDetails::default();
@@ -134,7 +137,7 @@ fn owner_details(owner: &Owner) -> ProcessDetails {
             _ => return ProcessDetails::default(),
         }
     }
-    read_details(proc_root, owner.pid)
+    read_details(proc_root, owner.pid, cmdline)
 }
 
 /// Metric labels of a connection. A server's `remote` drops the client's ephemeral port,
@@ -168,6 +171,8 @@ struct Tracker {
     limits: Thresholds,
     ports: Vec<u16>,
     unix_glob: Glob,
+    /// What of an owner's command line events carry.
+    cmdline: CmdlineMode,
     /// Watched Unix socket paths by their hash.
     unix_paths: HashMap<u64, String>,
     unix_generation: u32,
@@ -230,7 +235,7 @@ impl Tracker {
         let Some(conn) = self.table.get_mut(cookie) else {
             return;
         };
-        conn.details = owner_details(&conn.owner);
+        conn.details = owner_details(&conn.owner, self.cmdline);
         let labels = labels_of(conn);
         let body = EventBody::Open {
             conn: ConnFields::new(conn),
@@ -248,7 +253,7 @@ impl Tracker {
 
     fn refresh_owner(&mut self, cookie: u64) {
         if let Some(conn) = self.table.get_mut(cookie) {
-            conn.details = owner_details(&conn.owner);
+            conn.details = owner_details(&conn.owner, self.cmdline);
         }
     }
 
@@ -334,7 +339,7 @@ impl Tracker {
     /// Seeds the table with the connections that existed before the probes.
     fn seed(&mut self, found: Vec<FoundConn>, now: u64) {
         for f in found {
-            let conn = f.to_conn(now, Path::new("/proc"));
+            let conn = f.to_conn(now, Path::new("/proc"), self.cmdline);
             if f.transport == Transport::Unix {
                 self.unix_paths.insert(
                     path_hash(f.remote.as_bytes(), f.remote.len()),
@@ -660,6 +665,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             listener,
             metrics.clone(),
             ready.clone(),
+            Protection::new(args.web_config.as_deref()),
             async move {
                 let _ = metrics_stopped.await;
             },
@@ -679,6 +685,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
         ports: ports.clone(),
         unix_glob: unix_glob.clone(),
+        cmdline: args.cmdline,
         unix_paths: HashMap::new(),
         unix_generation: 1,
         pending_adoption: HashSet::new(),

@@ -13,6 +13,7 @@ use crate::{
     conn_table::{Role, Transport},
     discovery::{FoundConn, find_connections},
     events::ConnFields,
+    redact::CmdlineMode,
 };
 
 /// One line of `tracer list --json`: the event field names.
@@ -24,9 +25,9 @@ pub struct ListedConn {
     pub idle_s: Option<f64>,
 }
 
-pub fn describe(found: &FoundConn, now: u64, proc_root: &Path) -> ListedConn {
+pub fn describe(found: &FoundConn, now: u64, proc_root: &Path, cmdline: CmdlineMode) -> ListedConn {
     ListedConn {
-        conn: ConnFields::new(&found.to_conn(now, proc_root)),
+        conn: ConnFields::new(&found.to_conn(now, proc_root, cmdline)),
         age_s: found.age_s,
         idle_s: found.idle_s(),
     }
@@ -40,7 +41,10 @@ pub fn run(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         (a.transport as u8, &a.remote, &a.local).cmp(&(b.transport as u8, &b.remote, &b.local))
     });
     let now = crate::daemon::monotonic_ns();
-    let listed: Vec<ListedConn> = found.iter().map(|f| describe(f, now, proc_root)).collect();
+    let listed: Vec<ListedConn> = found
+        .iter()
+        .map(|f| describe(f, now, proc_root, args.cmdline))
+        .collect();
     if args.json {
         for conn in &listed {
             writeln!(out, "{}", serde_json::to_string(conn)?)?;
