@@ -21,6 +21,7 @@ const CONTAINERFILE: &str = "deploy/container/Containerfile";
 const DAEMONSET: &str = "deploy/kubernetes/daemonset.yaml";
 const SCRAPE: &str = "deploy/kubernetes/prometheus-scrape.yaml";
 const PODMONITOR: &str = "deploy/kubernetes/podmonitor.yaml";
+const WEB_SECRET: &str = "deploy/kubernetes/web-config-secret.yaml";
 
 /// `nobody`: what the root tests run the daemon as.
 const NOBODY: u32 = 65534;
@@ -36,6 +37,8 @@ const RUN_FLAGS: &[&str] = &[
     "--close-wait-after",
     "--idle-after",
     "--log-level",
+    "--cmdline",
+    "--web-config",
     "--config",
 ];
 
@@ -670,17 +673,40 @@ fn daemonset_runs_in_the_host_namespaces_with_exactly_the_five_capabilities() {
             .unwrap_or_else(|| panic!("env {var} defined"));
         assert_eq!(def["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
     }
+    // Basic auth guards every path: the kubelet checks that the endpoint listens.
     for probe in ["livenessProbe", "readinessProbe"] {
-        let get = &c[probe]["httpGet"];
-        assert_eq!(get["path"], "/healthz", "{probe}");
-        assert!(
-            get["port"] == "metrics" || get["port"] == 9433,
-            "{probe} port"
-        );
+        let port = &c[probe]["tcpSocket"]["port"];
+        assert!(port == "metrics" || port == 9433, "{probe} port: {port}");
     }
     let annotations = &template["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
     assert_eq!(annotations["prometheus.io/port"], "9433");
+    assert_eq!(annotations["prometheus.io/scheme"], "https");
+
+    // The web config comes from the Secret web-config-secret.yaml defines, mounted where
+    // --web-config looks, with the files it names next to it.
+    let web_config = flag_value(&args, "--web-config").expect("--web-config");
+    let (dir, file) = web_config.rsplit_once('/').expect("an absolute path");
+    let mount = mounts
+        .iter()
+        .find(|m| m["mountPath"] == dir)
+        .unwrap_or_else(|| panic!("{dir} is mounted"));
+    assert_eq!(mount["readOnly"], true);
+    let volume = volumes
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the web config volume");
+    let secret_docs = yaml_documents(WEB_SECRET);
+    let secret = of_kind(&secret_docs, "Secret");
+    assert_eq!(volume["secret"]["secretName"], secret["metadata"]["name"]);
+    assert_eq!(secret["metadata"]["namespace"], ns);
+    let data = &secret["stringData"];
+    let text = data[file].as_str().expect("the web config in the Secret");
+    let config: Value = serde_yaml_ng::from_str(text).expect("web config YAML");
+    for key in ["cert_file", "key_file"] {
+        let name = config["tls_server_config"][key].as_str().expect(key);
+        assert!(data[name].is_string(), "{key} {name} is in the Secret");
+    }
 
     let res = &c["resources"];
     for (kind, resource, value) in [
@@ -766,6 +792,63 @@ fn scrape_config_and_podmonitor_select_the_tracer_pods_metrics_port() {
         .as_array()
         .expect("podMetricsEndpoints");
     assert!(endpoints.iter().any(|e| e["port"] == "metrics"));
+    // Both scrape over TLS with basic auth, verifying the name the certificate is made for.
+    for endpoint in endpoints {
+        assert_eq!(endpoint["scheme"], "https");
+        assert_eq!(
+            endpoint["tlsConfig"]["serverName"],
+            job["tls_config"]["server_name"]
+        );
+        assert!(endpoint["basicAuth"]["password"]["key"].is_string());
+    }
+    assert_eq!(job["scheme"], "https");
+    assert!(job["tls_config"]["ca_file"].is_string());
+    assert!(job["basic_auth"]["username"].is_string());
+    assert!(job["basic_auth"]["password_file"].is_string());
+}
+
+/// The template of the web config Secret, its placeholders replaced by real values, is a web
+/// config the daemon accepts; with a placeholder left in, it is refused.
+#[test]
+fn the_web_config_secret_template_is_accepted_once_filled_in() {
+    let docs = yaml_documents(WEB_SECRET);
+    let data = &of_kind(&docs, "Secret")["stringData"];
+    let dir = TempDir::new("web-secret").expect("temp dir");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["pgconn-tracer".to_owned()]).expect("certificate");
+    let hash = bcrypt::hash("pw", 4).expect("bcrypt");
+    let fill = |text: &str| {
+        text.replace("REPLACE_WITH_BCRYPT_HASH", &hash)
+            .replace("REPLACE_WITH_PEM_CERTIFICATE", certified.cert.pem().trim())
+            .replace(
+                "REPLACE_WITH_PEM_PRIVATE_KEY",
+                certified.signing_key.serialize_pem().trim(),
+            )
+    };
+    let mut config = None;
+    for (name, value) in data.as_object().expect("stringData") {
+        let text = value.as_str().expect("a string");
+        assert!(
+            text.contains("REPLACE_"),
+            "{name} has no placeholder: {text}"
+        );
+        let path = dir.0.join(name);
+        fs::write(&path, text).expect("write");
+        if name.ends_with(".yml") {
+            config = Some(path);
+        }
+    }
+    let config = config.expect("a .yml web config");
+    let err = tracer::web_config::WebConfig::load(&config).expect_err("placeholders refused");
+    assert!(
+        err.to_string().contains("REPLACE") || err.to_string().contains("no PEM"),
+        "{err}"
+    );
+    for (name, value) in data.as_object().expect("stringData") {
+        fs::write(dir.0.join(name), fill(value.as_str().expect("a string"))).expect("write");
+    }
+    let loaded = tracer::web_config::WebConfig::load(&config).expect("the filled-in template");
+    assert!(loaded.tls(), "the template turns TLS on");
 }
 
 // ---------------------------------------------------------------------------------------
