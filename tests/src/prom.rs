@@ -87,15 +87,18 @@ impl Prometheus {
     /// Starts Prometheus with one scrape job `job` on `target` (`ip:port`, path `/metrics`) and
     /// waits until `/-/ready` answers 200.
     pub fn start(job: &str, target: &str) -> Result<Self> {
+        Self::start_with_config(&format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: '{job}'\n    static_configs:\n      - targets: ['{target}']\n"
+        ))
+    }
+
+    /// Starts Prometheus with `config` as its prometheus.yml and waits until `/-/ready`
+    /// answers 200.
+    pub fn start_with_config(config_text: &str) -> Result<Self> {
         let dir = TempDir::new("prom")?;
         let config = dir.0.join("prometheus.yml");
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: '{job}'\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )?;
+        fs::write(&config, config_text)?;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let log = fs::File::create(dir.0.join("log"))?;
         let child = Command::new("/usr/bin/prometheus")
@@ -139,6 +142,17 @@ impl Prometheus {
     /// Prometheus's own log.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.0.join("log")).unwrap_or_default()
+    }
+
+    /// The scrape targets Prometheus knows (`/api/v1/targets`, `data.activeTargets`).
+    pub fn targets(&self) -> Result<Vec<Value>> {
+        let r = http_get(&self.addr, "/api/v1/targets", Duration::from_secs(5))?;
+        let v: Value = serde_json::from_str(&r.body)
+            .with_context(|| format!("targets: not JSON: {}", r.body))?;
+        Ok(v["data"]["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// Runs an instant PromQL query through `/api/v1/query`; returns `data.result`.
