@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde::Deserialize;
-use tests::{TempDir, Value, free_port, lines, require_root, tracer_bin};
+use tests::{TempDir, Value, free_port, lines, prom::https_get, require_root, tracer_bin};
 
 const UNIT: &str = "deploy/systemd/tracer.service";
 const CONTAINERFILE: &str = "deploy/container/Containerfile";
@@ -1147,6 +1147,22 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
     let trace_dir = TempDir::new("pkg-strace-out").expect("temp dir");
     let events = dir.0.join("events.jsonl");
     let bin = tracer_bin();
+    // The metrics endpoint as deployments protect it: TLS and basic auth (the handshake and
+    // the bcrypt check on the blocking pool are paths of their own).
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    fs::write(dir.0.join("tls.crt"), certified.cert.pem()).expect("write");
+    fs::write(dir.0.join("tls.key"), certified.signing_key.serialize_pem()).expect("write");
+    let web_config = dir.0.join("web-config.yml");
+    fs::write(
+        &web_config,
+        format!(
+            "tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\n\
+             basic_auth_users:\n  prometheus: {}\n",
+            bcrypt::hash("pw", 4).expect("bcrypt")
+        ),
+    )
+    .expect("write");
 
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-ff", "-qq", "-o"])
@@ -1158,7 +1174,9 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
             port,
             &events,
             &format!("127.0.0.1:{metrics_port}"),
-        ));
+        ))
+        .arg("--web-config")
+        .arg(&web_config);
     let mut daemon = Daemon::start(cmd, &dir.0);
     daemon.wait_for("ready", Duration::from_secs(60), |evs| {
         evs.iter().any(|e| e["type"] == "ready")
@@ -1175,12 +1193,28 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
         evs.iter()
             .any(|e| e["type"] == "open" && e["role"] == "client" && e["pid"] == me)
     });
-    if run_accepts("--metrics-addr") {
-        for path in ["/healthz", "/metrics"] {
-            let reply = http_get(metrics_port, path);
-            assert!(reply.starts_with("HTTP/1."), "{path}: {reply:?}");
-        }
+    let addr = format!("127.0.0.1:{metrics_port}");
+    let ca = dir.0.join("tls.crt");
+    let get = |path: &str, password: &str| {
+        https_get(
+            &addr,
+            &ca,
+            "localhost",
+            path,
+            Some(("prometheus", password)),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    };
+    for path in ["/healthz", "/metrics"] {
+        assert_eq!(get(path, "pw").status, 200, "{path}");
     }
+    assert_eq!(get("/metrics", "wrong").status, 401);
+    let plain = http_get(metrics_port, "/metrics");
+    assert!(
+        !plain.starts_with("HTTP/1."),
+        "plain HTTP answered: {plain:?}"
+    );
     let status = daemon.terminate(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 

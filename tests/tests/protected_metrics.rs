@@ -6,23 +6,15 @@
 
 use std::{
     fs,
-    io::{ErrorKind, Read, Write},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use base64::Engine as _;
-use rustls::{
-    ClientConfig, ClientConnection, RootCertStore, StreamOwned,
-    pki_types::{CertificateDer, ServerName, pem::PemObject},
-};
 use serde_json::json;
 use tests::{
     Postgres, TempDir, Tracer, Value, free_port,
-    prom::{Prometheus, http_get, sample_value},
+    prom::{Prometheus, http_get, https_get, sample_value},
     require_root, run_ok,
 };
 
@@ -123,55 +115,6 @@ fn shipped_web_config(dir: &Path) -> PathBuf {
     assert_eq!(config["tls_server_config"]["cert_file"], "tls.crt");
     assert_eq!(config["tls_server_config"]["key_file"], "tls.key");
     path
-}
-
-/// One HTTPS GET verifying the server as `name` against `ca`: (status, head, body), or the
-/// error of the connection, handshake or read.
-fn https_get(
-    addr: &str,
-    ca: &Path,
-    name: &str,
-    path: &str,
-    auth: Option<(&str, &str)>,
-) -> std::io::Result<(u16, String, String)> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("ca.crt") {
-        roots.add(cert.expect("PEM")).expect("root");
-    }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let server = ServerName::try_from(name.to_owned()).expect("server name");
-    let conn = ClientConnection::new(Arc::new(config), server).map_err(std::io::Error::other)?;
-    let sock = TcpStream::connect(addr)?;
-    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut tls = StreamOwned::new(conn, sock);
-    let auth = auth.map_or(String::new(), |(user, password)| {
-        let pair = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        format!("Authorization: Basic {pair}\r\n")
-    });
-    write!(
-        tls,
-        "GET {path} HTTP/1.1\r\nHost: {name}\r\n{auth}Connection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    match tls.read_to_end(&mut raw) {
-        Ok(_) => {}
-        // A peer that closes without close_notify, after the whole answer.
-        Err(e) if e.kind() == ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-        Err(e) => return Err(e),
-    }
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, head.to_owned(), body.to_owned()))
 }
 
 /// `promtool check config FILE`: (success, output).
@@ -324,27 +267,28 @@ fn a_real_prometheus_scrapes_over_tls_with_basic_auth_and_nothing_else_gets_metr
 
     // Straight at the endpoint.
     let get = |path: &str, auth: Option<(&str, &str)>| {
-        https_get(&addr, &ca, &server_name, path, auth).expect("https get")
+        https_get(&addr, &ca, &server_name, path, auth, Duration::from_secs(5)).expect("https get")
     };
-    let (status, _, body) = get("/metrics", Some((&user, PASSWORD)));
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("pgconn_tracer_build_info"), "{body}");
-    let (status, _, body) = get("/healthz", Some((&user, PASSWORD)));
-    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let r = get("/metrics", Some((&user, PASSWORD)));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("pgconn_tracer_build_info"), "{r:?}");
+    let r = get("/healthz", Some((&user, PASSWORD)));
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
     for path in ["/metrics", "/healthz"] {
         for auth in [
             None,
             Some((user.as_str(), "wrong")),
             Some(("admin", PASSWORD)),
         ] {
-            let (status, head, body) = get(path, auth);
-            assert_eq!(status, 401, "{path} {auth:?}: {head}");
+            let r = get(path, auth);
+            assert_eq!(r.status, 401, "{path} {auth:?}: {r:?}");
             assert!(
-                head.to_ascii_lowercase()
+                r.headers
+                    .to_ascii_lowercase()
                     .contains("www-authenticate: basic"),
-                "{head}"
+                "{r:?}"
             );
-            assert!(!body.contains("pgconn_"), "{body}");
+            assert!(!r.body.contains("pgconn_"), "{r:?}");
         }
     }
     match http_get(&addr, "/metrics", Duration::from_secs(5)) {
