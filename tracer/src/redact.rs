@@ -54,12 +54,13 @@ pub fn cmdline(args: &[String], mode: CmdlineMode) -> Option<String> {
     if args.is_empty() || mode == CmdlineMode::Off {
         return None;
     }
-    let args = redact_sql(args);
+    // Credentials first: hiding SQL replaces whole arguments, which must not shift what the
+    // credential rules see (`psql -c --db-password X` hides both).
     let args = match mode {
-        CmdlineMode::Redacted => redact_credentials(&args),
-        _ => args,
+        CmdlineMode::Redacted => redact_credentials(args),
+        _ => args.to_vec(),
     };
-    Some(args.join(" "))
+    Some(redact_sql(&args).join(" "))
 }
 
 /// The program's file name (`/usr/bin/psql` -> `psql`).
@@ -151,7 +152,11 @@ pub fn redact_credentials(args: &[String]) -> Vec<String> {
     for (i, arg) in args.iter().enumerate() {
         if hide_next {
             out.push(REDACTED.to_owned());
-            hide_next = false;
+            // A hidden value that is itself a secret flag (`--token --db-password X`): hide
+            // what follows it too, whichever of the two the program takes as the flag.
+            hide_next = arg
+                .strip_prefix("--")
+                .is_some_and(|name| !name.contains('=') && is_secret_flag(name));
             continue;
         }
         if i > 0

@@ -167,6 +167,15 @@ const CASES: &[(&[&str], &str)] = &[
         &["app", "--db-password", "-SECRET"],
         "app --db-password <redacted>",
     ),
+    // A secret flag given as another one's value: both values hidden.
+    (
+        &["app", "--token", "--db-password", "SECRET", "-v"],
+        "app --token <redacted> <redacted> -v",
+    ),
+    (
+        &["psql", "-c", "--db-password", "SECRET"],
+        "psql -c <sql> <redacted>",
+    ),
     // SQL on psql command lines stays hidden, next to the redaction.
     (
         &[
@@ -330,5 +339,69 @@ fn odd_bytes_never_panic() {
     ] {
         let _ = redacted(&["app", arg]);
         let _ = redacted(&["app", "--db-password", arg]);
+    }
+}
+
+/// Whatever junk comes before them, the forms appended after it are redacted: a tiny
+/// deterministic fuzzer over prefixes made of the tokens the rules react to.
+#[test]
+fn junk_before_a_secret_never_lets_it_through() {
+    const TOKENS: &[&str] = &[
+        "psql",
+        "-c",
+        "--command",
+        "--password",
+        "--no-password",
+        "--token",
+        "--db-password",
+        "--db-password=",
+        "-D",
+        "-Dx=",
+        "password=",
+        "'",
+        "\"",
+        "\\",
+        "=",
+        "x=y z",
+        "?",
+        "&",
+        ";",
+        "://",
+        "a://b:",
+        "@",
+        "PWD=",
+        "--",
+        "--password-file",
+        "é",
+    ];
+    const MARK: &str = "Zq9Mark";
+    let forms: Vec<Vec<String>> = vec![
+        vec!["--db-password".into(), MARK.into()],
+        vec![format!("--db-password={MARK}")],
+        vec![format!("PGPASSWORD={MARK}")],
+        vec![format!("-Dapp.secret={MARK}")],
+        vec![format!("postgresql://u:{MARK}@h/db")],
+        vec![format!("host=h password={MARK} dbname=d")],
+        vec![format!("jdbc:postgresql://h/db?user=u&password={MARK}")],
+    ];
+    // Every prefix of up to three tokens (a linear congruential walk keeps it small).
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..20_000 {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let len = (seed >> 60) as usize % 4;
+        let mut argv: Vec<String> = vec!["app".into()];
+        for k in 0..len {
+            let pick = (seed >> (8 * k + 8)) as usize % TOKENS.len();
+            argv.push(TOKENS[pick].to_owned());
+        }
+        if (seed >> 40) & 1 == 1 {
+            argv[0] = "psql".into();
+        }
+        for form in &forms {
+            let mut all = argv.clone();
+            all.extend(form.iter().cloned());
+            let shown = cmdline(&all, CmdlineMode::Redacted).expect("a command line");
+            assert!(!shown.contains(MARK), "{all:?} -> {shown}");
+        }
     }
 }
