@@ -132,7 +132,7 @@ impl WebConfig {
         let file: WebConfigFile = if text.trim().is_empty() {
             WebConfigFile::default()
         } else {
-            serde_yaml_ng::from_str(text).map_err(|e| crate::config::flatten(&e.to_string()))?
+            serde_yaml_ng::from_str(text).map_err(|e| yaml_error(&e))?
         };
         if file.http_server_config.is_some() {
             return Err("http_server_config is not supported by tracer".into());
@@ -166,6 +166,26 @@ impl WebConfig {
     pub fn tls(&self) -> bool {
         self.tls.is_some()
     }
+}
+
+/// The YAML parser's message on one line, without the values it quotes: a misplaced
+/// password or hash must not end up in a log line.
+fn yaml_error(e: &serde_yaml_ng::Error) -> String {
+    let message = crate::config::flatten(&e.to_string());
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                out.push_str("(value not shown)");
+            }
+            ('"', true) => quoted = false,
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
 }
 
 fn resolve(dir: &Path, file: &str) -> PathBuf {

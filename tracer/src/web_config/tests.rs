@@ -211,6 +211,12 @@ fn every_bad_config_is_one_line_naming_the_problem() {
             "http_server_config:\n  http2: false\n".into(),
             "http_server_config is not supported",
         ),
+        // A value in the wrong place is not quoted back (it may be a password).
+        (
+            "basic_auth_users: hunter2-secret\n".into(),
+            "(value not shown)",
+        ),
+        ("tls_server_config: 'hunter2-secret'\n".into(), "line 1"),
     ];
     for (text, needle) in cases {
         let path = pki.write("web.yml", &text);
@@ -219,6 +225,7 @@ fn every_bad_config_is_one_line_naming_the_problem() {
         assert!(err.starts_with("web config "), "{text:?}: {err}");
         assert!(err.contains(&*path.to_string_lossy()), "{text:?}: {err}");
         assert!(err.contains(needle), "{text:?}: {err:?} lacks {needle:?}");
+        assert!(!err.contains("hunter2"), "{text:?}: {err:?} quotes a value");
     }
     let missing = pki.dir.join("missing.yml");
     let err = WebConfig::load(&missing).expect_err("missing").to_string();
