@@ -545,12 +545,11 @@ pub async fn serve(
         };
         let metrics = Arc::clone(&metrics);
         let ready = Arc::clone(&ready);
-        let protection = protection.clone();
+        let guard = protection.for_connection();
         let (http, watcher) = (http.clone(), graceful.watcher());
         tokio::spawn(async move {
             let stream =
-                match tokio::time::timeout(HEADER_READ_TIMEOUT, protection.handshake(stream)).await
-                {
+                match tokio::time::timeout(HEADER_READ_TIMEOUT, guard.handshake(stream)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(err)) => {
                         log::debug!("metrics endpoint: TLS handshake failed: {err}");
@@ -562,10 +561,10 @@ pub async fn serve(
                     }
                 };
             let service = service_fn(move |request: Request<Incoming>| {
-                let (metrics, ready, protection) =
-                    (Arc::clone(&metrics), Arc::clone(&ready), protection.clone());
+                let (metrics, ready, guard) =
+                    (Arc::clone(&metrics), Arc::clone(&ready), guard.clone());
                 async move {
-                    if let Some(refused) = protection.refuse(&request).await {
+                    if let Some(refused) = guard.refuse(&request).await {
                         return Ok::<_, Infallible>(refused);
                     }
                     Ok(respond(&request, &metrics, &ready))

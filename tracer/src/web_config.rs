@@ -18,36 +18,23 @@
 //! time (a password guesser cannot take more than one core), and a successful check is
 //! remembered (a digest of user and password, as exporter-toolkit caches it) so that
 //! Prometheus's scrapes cost one bcrypt run per daemon life.
+//!
+//! Like exporter-toolkit, the daemon picks up a changed web config, certificate or key
+//! without a restart ([`protection`]); unlike it, a changed file that fails the checks keeps
+//! the previous config in force (logged) rather than failing requests.
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    io,
+    collections::BTreeMap,
     path::{Path, PathBuf},
-    pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
-    task::{Context, Poll},
+    sync::Arc,
 };
 
-use base64::Engine as _;
-use http_body_util::Full;
-use hyper::{
-    Request, Response, StatusCode,
-    body::Bytes,
-    header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE},
-};
 use rustls::{
     RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-    sync::Semaphore,
-};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 /// The file as written. Keys of the exporter-toolkit format that the tracer does not
 /// implement are read so that they can be refused by name rather than ignored.
@@ -92,6 +79,8 @@ pub struct WebConfig {
     tls: Option<Arc<ServerConfig>>,
     /// User -> bcrypt hash.
     users: BTreeMap<String, String>,
+    /// The web config and every file it names: a change to any of them is a new config.
+    files: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for WebConfig {
@@ -137,6 +126,11 @@ impl WebConfig {
         if file.http_server_config.is_some() {
             return Err("http_server_config is not supported by tracer".into());
         }
+        let mut files = vec![path.to_owned()];
+        if let Some(t) = &file.tls_server_config {
+            let named = [&t.cert_file, &t.key_file, &t.client_ca_file];
+            files.extend(named.into_iter().flatten().map(|f| resolve(dir, f)));
+        }
         let tls = file
             .tls_server_config
             .map(|t| server_config(t, dir).map(Arc::new))
@@ -159,6 +153,7 @@ impl WebConfig {
             path: path.to_owned(),
             tls,
             users,
+            files,
         })
     }
 
@@ -323,190 +318,9 @@ fn protocol_versions(
     Ok([&rustls::version::TLS12, &rustls::version::TLS13][lo..=hi].to_vec())
 }
 
-// ---------------------------------------------------------------------------------------
-// What the server applies
+pub mod protection;
 
-/// Successful checks remembered at most; beyond, the memory starts again (users are few).
-const MAX_REMEMBERED: usize = 1024;
-
-/// The protection of the HTTP endpoint: TLS on every connection and basic auth on every
-/// request, as the web config says; nothing without one.
-#[derive(Clone, Default)]
-pub struct Protection {
-    tls: Option<TlsAcceptor>,
-    auth: Option<Arc<BasicAuth>>,
-}
-
-struct BasicAuth {
-    users: BTreeMap<String, String>,
-    /// SHA-256 digests of (user, password) that bcrypt accepted.
-    verified: Mutex<HashSet<[u8; 32]>>,
-    /// One bcrypt run at a time.
-    verifying: Semaphore,
-}
-
-/// A connection after [`Protection::handshake`].
-pub enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl Protection {
-    pub fn new(config: Option<&WebConfig>) -> Self {
-        let Some(config) = config else {
-            return Self::default();
-        };
-        Self {
-            tls: config.tls.clone().map(TlsAcceptor::from),
-            auth: (!config.users.is_empty()).then(|| {
-                Arc::new(BasicAuth {
-                    users: config.users.clone(),
-                    verified: Mutex::new(HashSet::new()),
-                    verifying: Semaphore::new(1),
-                })
-            }),
-        }
-    }
-
-    /// The TLS handshake when TLS is on. A client speaking plain HTTP fails here and gets
-    /// nothing.
-    pub async fn handshake(&self, stream: TcpStream) -> io::Result<Stream> {
-        match &self.tls {
-            Some(acceptor) => Ok(Stream::Tls(Box::new(acceptor.accept(stream).await?))),
-            None => Ok(Stream::Plain(stream)),
-        }
-    }
-
-    /// `None` when `request` may be served; else the answer to send instead (401 with
-    /// `WWW-Authenticate: Basic`).
-    pub async fn refuse<B>(&self, request: &Request<B>) -> Option<Response<Full<Bytes>>> {
-        let auth = self.auth.as_ref()?;
-        let credentials = request
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(basic_credentials);
-        match credentials {
-            Some((user, password)) if auth.check(&user, &password).await => None,
-            _ => Some(unauthorized()),
-        }
-    }
-}
-
-/// `Authorization: Basic base64(user:password)` -> (user, password).
-fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
-    let value = value.to_str().ok()?;
-    let (scheme, encoded) = value.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    Some((user.to_owned(), password.to_owned()))
-}
-
-fn digest(user: &str, password: &str) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
-    hasher.update((user.len() as u64).to_le_bytes());
-    hasher.update(user.as_bytes());
-    hasher.update(password.as_bytes());
-    hasher.finalize().into()
-}
-
-impl BasicAuth {
-    async fn check(&self, user: &str, password: &str) -> bool {
-        let key = digest(user, password);
-        if self.remembered().contains(&key) {
-            return true;
-        }
-        // An unknown user costs a bcrypt run too, so timing does not tell users apart.
-        let known = self.users.contains_key(user);
-        let Some(hash) = self
-            .users
-            .get(user)
-            .or_else(|| self.users.values().next())
-            .cloned()
-        else {
-            return false;
-        };
-        let Ok(_permit) = self.verifying.acquire().await else {
-            return false;
-        };
-        let password = password.to_owned();
-        let matches = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
-            .await
-            .is_ok_and(|r| r.unwrap_or(false));
-        let ok = known && matches;
-        if ok {
-            let mut remembered = self.remembered();
-            if remembered.len() >= MAX_REMEMBERED {
-                remembered.clear();
-            }
-            remembered.insert(key);
-        }
-        ok
-    }
-
-    fn remembered(&self) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
-        // A set of digests stays consistent even if a holder panicked.
-        self.verified.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-fn unauthorized() -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(b"unauthorized\n")));
-    *response.status_mut() = StatusCode::UNAUTHORIZED;
-    let headers = response.headers_mut();
-    headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+pub use protection::{ConnectionGuard, Protection, Stream};
 
 #[cfg(test)]
 mod tests;

@@ -10,14 +10,25 @@ use std::{
     time::Duration,
 };
 
+use base64::Engine as _;
+use hyper::header::HeaderValue;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
-use rustls::{ClientConfig, pki_types::ServerName};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use rustls::{
+    ClientConfig,
+    pki_types::{PrivateKeyDer, ServerName},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
 
-use super::*;
+use super::{
+    protection::{basic_credentials, digest},
+    *,
+};
 use crate::metrics::{Metrics, bind, serve};
 
 /// Low cost: these tests check behaviour, not bcrypt's speed.
@@ -315,7 +326,7 @@ async fn tls_get(
     client: Arc<ClientConfig>,
     path: &str,
     auth: Option<(&str, &str)>,
-) -> io::Result<String> {
+) -> std::io::Result<String> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from("localhost").expect("name");
     let mut tls = tokio_rustls::TlsConnector::from(client)
@@ -404,7 +415,10 @@ async fn tls_and_basic_auth_guard_every_path_and_remember_good_passwords() {
     );
 
     // The good password was checked by bcrypt once; later scrapes hit the cache.
-    let auth = Protection::new(Some(&config)).auth.expect("auth");
+    let auth = Protection::new(Some(&config))
+        .for_connection()
+        .auth
+        .expect("auth");
     let key = digest("prometheus", "s3cret");
     assert!(!auth.remembered().contains(&key));
     assert!(auth.check("prometheus", "s3cret").await);
@@ -453,4 +467,61 @@ async fn basic_auth_without_tls_guards_plain_http() {
     )
     .await;
     assert_eq!(status(&ok), "200", "{ok}");
+}
+
+/// Replaces `name` in `dir` the way Kubernetes updates a Secret volume and most tools write
+/// files: a new file renamed over the old one.
+fn replace(dir: &Path, name: &str, contents: &[u8]) {
+    let staged = dir.join(format!(".{name}.new"));
+    std::fs::write(&staged, contents).expect("write");
+    std::fs::rename(&staged, dir.join(name)).expect("rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_config_or_certificate_is_picked_up_and_a_broken_one_ignored() {
+    let pki = Pki::new();
+    let users =
+        |password: &str| format!("{TLS}basic_auth_users:\n  prometheus: {}\n", hash(password));
+    let config = WebConfig::load(&pki.write("web.yml", &users("one"))).expect("loads");
+    let (addr, _stop) = endpoint(&config).await;
+    let status_of = |client: Arc<ClientConfig>, password: &'static str| async move {
+        match within(
+            "get",
+            tls_get(addr, client, "/metrics", Some(("prometheus", password))),
+        )
+        .await
+        {
+            Ok(answer) => status(&answer).to_owned(),
+            Err(err) => format!("error: {err}"),
+        }
+    };
+    let client = client_config(&pki, false);
+    assert_eq!(status_of(client.clone(), "one").await, "200");
+
+    // A new password.
+    replace(&pki.dir, "web.yml", users("two").as_bytes());
+    assert_eq!(status_of(client.clone(), "one").await, "401");
+    assert_eq!(status_of(client.clone(), "two").await, "200");
+
+    // A broken config leaves the last good one in force.
+    replace(&pki.dir, "web.yml", b"basic_auth_users: [\n");
+    assert_eq!(status_of(client.clone(), "two").await, "200");
+    replace(
+        &pki.dir,
+        "web.yml",
+        b"basic_auth_users:\n  prometheus: not-a-hash\n",
+    );
+    assert_eq!(status_of(client.clone(), "two").await, "200");
+    replace(&pki.dir, "web.yml", users("two").as_bytes());
+
+    // A certificate from another CA, rotated in place: clients of the new CA get in, clients
+    // that only trust the old one no longer do.
+    let rotated = Pki::new();
+    replace(&pki.dir, "server.key", &rotated.pem("server.key"));
+    replace(&pki.dir, "server.crt", &rotated.pem("server.crt"));
+    assert_eq!(
+        status_of(client_config(&rotated, false), "two").await,
+        "200"
+    );
+    assert!(status_of(client, "two").await.starts_with("error"));
 }
