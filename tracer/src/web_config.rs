@@ -1,7 +1,8 @@
 //! `--web-config FILE`: the Prometheus exporter-toolkit web configuration (the file
 //! node_exporter, postgres_exporter and pgbouncer_exporter take), applied by the HTTP server
-//! to every connection and every request, whatever the path. Owns the file format, its
-//! validation before anything is attached, the TLS acceptor and the basic-auth check.
+//! to every connection and every request, whatever the path. Owns the file format and its
+//! validation before anything is attached; [`protection`] applies it (TLS handshake,
+//! basic-auth check, re-reading changed files).
 //!
 //! ```yaml
 //! tls_server_config:
