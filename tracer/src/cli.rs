@@ -4,12 +4,16 @@
 //! Flags are parsed into `Option`s (so that "not given" is visible), the file into the same
 //! shape, and [`RunArgs`] takes each option from the flags, else the file, else the default.
 
-use std::{ffi::OsStr, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{ffi::OsStr, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand, builder::TypedValueParser, error::ErrorKind};
 
 pub use crate::config::EventsDest;
-use crate::config::{self, RunSettings, shown};
+use crate::{
+    config::{self, RunSettings, shown},
+    redact::CmdlineMode,
+    web_config::WebConfig,
+};
 
 /// The validated command line.
 #[derive(Clone, Debug)]
@@ -41,6 +45,10 @@ pub struct RunArgs {
     pub max_label_sets: usize,
     pub max_connections: u32,
     pub state_dir: config::StateDirSetting,
+    /// What of a process's command line events carry.
+    pub cmdline: CmdlineMode,
+    /// `--web-config`, read and checked: TLS and basic auth of the metrics endpoint.
+    pub web_config: Option<Arc<WebConfig>>,
     /// The file the options were read from, if any.
     pub config: Option<PathBuf>,
 }
@@ -61,13 +69,16 @@ impl Default for RunArgs {
             max_label_sets: config::DEFAULT_MAX_LABEL_SETS,
             max_connections: config::DEFAULT_MAX_CONNECTIONS,
             state_dir: config::StateDirSetting::Default,
+            cmdline: CmdlineMode::default(),
+            web_config: None,
             config: None,
         }
     }
 }
 
 impl RunArgs {
-    /// Each option from `flags`, else from `file`, else the default.
+    /// Each option from `flags`, else from `file`, else the default. The web config file is
+    /// read by [`parse`], not here.
     pub fn merge(flags: RunSettings, file: RunSettings, config: Option<PathBuf>) -> Self {
         let d = Self::default();
         let mut ports = flags.ports.or(file.ports).unwrap_or(d.ports);
@@ -107,6 +118,8 @@ impl RunArgs {
                 .or(file.max_connections)
                 .unwrap_or(d.max_connections),
             state_dir: flags.state_dir.or(file.state_dir).unwrap_or(d.state_dir),
+            cmdline: flags.cmdline.or(file.cmdline).unwrap_or(d.cmdline),
+            web_config: None,
             config,
         }
     }
@@ -127,6 +140,7 @@ pub struct ListArgs {
     /// Sorted, without duplicates.
     pub ports: Vec<u16>,
     pub unix_socket_glob: String,
+    pub cmdline: CmdlineMode,
 }
 
 /// Why parsing stopped.
@@ -179,7 +193,15 @@ where
                 None => RunSettings::default(),
             };
             let config = flags.config.clone();
-            Command::Run(RunArgs::merge(flags.into_settings(), file, config))
+            let flags = flags.into_settings();
+            let web_config = flags.web_config.clone().or_else(|| file.web_config.clone());
+            let mut args = RunArgs::merge(flags, file, config);
+            // Certificates, keys and hashes are checked now, before anything is attached.
+            args.web_config = web_config
+                .map(|path| WebConfig::load(&path).map(Arc::new))
+                .transpose()
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            Command::Run(args)
         }
         RawCommand::List(flags) => {
             let mut ports = if flags.ports.is_empty() {
@@ -195,6 +217,7 @@ where
                 unix_socket_glob: flags
                     .unix_socket_glob
                     .unwrap_or_else(|| config::DEFAULT_UNIX_SOCKET_GLOB.to_owned()),
+                cmdline: flags.cmdline.unwrap_or_default(),
             })
         }
         RawCommand::Check => Command::Check,
@@ -233,7 +256,7 @@ struct RawCli {
 enum RawCommand {
     /// Attach the probes and stream connection events and metrics until SIGINT/SIGTERM.
     #[command(after_help = RUN_AFTER_HELP)]
-    Run(RunFlags),
+    Run(Box<RunFlags>),
     /// Print the Postgres connections open on this host right now, then exit.
     List(ListFlags),
     /// Check that this kernel and these privileges can `run`; one line per check.
@@ -300,6 +323,13 @@ struct RunFlags {
     /// $STATE_DIRECTORY, else /var/lib/tracer, when writable]
     #[arg(long, value_name = "DIR", value_parser = Checked(config::parse_state_dir))]
     state_dir: Option<config::StateDirSetting>,
+    /// Command lines in events: full, redacted (credentials replaced by <redacted>) or off
+    /// [default: redacted]
+    #[arg(long, value_name = "MODE", value_parser = Checked(config::parse_cmdline_mode))]
+    cmdline: Option<CmdlineMode>,
+    /// Prometheus exporter-toolkit web config (YAML: TLS, basic auth) for every HTTP endpoint
+    #[arg(long, value_name = "FILE", value_parser = Checked(config::parse_web_config))]
+    web_config: Option<PathBuf>,
 }
 
 impl RunFlags {
@@ -317,6 +347,8 @@ impl RunFlags {
             max_label_sets: self.max_label_sets,
             max_connections: self.max_connections,
             state_dir: self.state_dir,
+            cmdline: self.cmdline,
+            web_config: self.web_config,
         }
     }
 }
@@ -334,6 +366,9 @@ struct ListFlags {
     /// Unix-socket paths that count as Postgres [default: */.s.PGSQL.*]
     #[arg(long, value_name = "G", value_parser = Checked(config::parse_unix_socket_glob))]
     unix_socket_glob: Option<String>,
+    /// Command lines in --json: full, redacted or off [default: redacted]
+    #[arg(long, value_name = "MODE", value_parser = Checked(config::parse_cmdline_mode))]
+    cmdline: Option<CmdlineMode>,
 }
 
 /// `Option<Option<_>>` means something else to clap; wrap the inner one.
@@ -477,6 +512,8 @@ mod tests {
         assert_eq!(a.log_level, log::LevelFilter::Info);
         assert_eq!(a.max_label_sets, 1000);
         assert_eq!(a.max_connections, 65_536);
+        assert_eq!(a.cmdline, CmdlineMode::Redacted);
+        assert_eq!(a.web_config, None);
         assert_eq!(a.config, None);
         assert_eq!(a, RunArgs::default());
     }
@@ -511,6 +548,8 @@ mod tests {
             "16",
             "--state-dir",
             "/tmp/tracer-state",
+            "--cmdline",
+            "full",
         ])
         .expect("parses");
         assert_eq!(
@@ -528,6 +567,8 @@ mod tests {
                 max_label_sets: 10,
                 max_connections: 16,
                 state_dir: config::StateDirSetting::Dir("/tmp/tracer-state".into()),
+                cmdline: CmdlineMode::Full,
+                web_config: None,
                 config: None,
             }
         );
@@ -669,6 +710,13 @@ mod tests {
                 &["/nonexistent/tracer.toml", "No such file"],
             ),
             (&["run", "--config", "/"], &["config /:"]),
+            (&["run", "--cmdline", "none"], &["'none'", "--cmdline"]),
+            (&["run", "--web-config", ""], &["--web-config", "empty"]),
+            (
+                &["run", "--web-config", "/nonexistent/web.yml"],
+                &["web config /nonexistent/web.yml", "cannot read"],
+            ),
+            (&["list", "--cmdline", "all"], &["'all'"]),
             (&["list", "--port", "0"], &["'0'"]),
             (&["list", "--unix-socket-glob", "[x"], &["'[x'"]),
             (&["list", "--stall-after", "5s"], &["--stall-after"]),
@@ -708,6 +756,8 @@ mod tests {
             (b"port = [5432,", &["line 1", "port = [5432,"]),
             (b"log_level = \"\xff\"", &["not valid UTF-8"]),
             (b"[[x]]\ny = 1\n", &["x"]),
+            (b"cmdline = \"none\"", &["cmdline 'none'"]),
+            (b"web_config = \"\"", &["web_config ''"]),
         ] {
             let file = ConfigFile::new(contents);
             let mut needles = needles.to_vec();
@@ -773,6 +823,9 @@ mod tests {
             "--max-connections <N>",
             "[default: 65536]",
             "--state-dir <DIR>",
+            "--cmdline <MODE>",
+            "[default: redacted]",
+            "--web-config <FILE>",
             "stall_after = \"5s\"",
         ] {
             assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
@@ -790,6 +843,7 @@ mod tests {
                 json: false,
                 ports: vec![5432, 6432],
                 unix_socket_glob: "*/.s.PGSQL.*".into(),
+                cmdline: CmdlineMode::Redacted,
             }
         );
         assert_eq!(
@@ -800,7 +854,8 @@ mod tests {
                 "7000,6000",
                 "--port=6000",
                 "--unix-socket-glob",
-                "/run/*"
+                "/run/*",
+                "--cmdline=off",
             ]))
             .expect("parses")
             {
@@ -811,6 +866,7 @@ mod tests {
                 json: true,
                 ports: vec![6000, 7000],
                 unix_socket_glob: "/run/*".into(),
+                cmdline: CmdlineMode::Off,
             }
         );
         assert!(matches!(

@@ -39,8 +39,10 @@ use crate::{
     probes::{KernelLosses, Probes},
     proc_title,
     process::{ProcessDetails, read_details},
+    redact::CmdlineMode,
     sockdiag::{DiagSocket, TCP_CLOSE_WAIT, TCP_ESTABLISHED},
     state_file::{KeptState, SavedConn, StateFile},
+    web_config::Protection,
 };
 
 /// Lines that may wait for a slow event reader before events are dropped (and counted).
@@ -123,8 +125,9 @@ fn clock_ticks() -> u64 {
     u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
 }
 
-/// What `/proc` says of `owner`, unless its pid now names another process.
-fn owner_details(owner: &Owner) -> ProcessDetails {
+/// What `/proc` says of `owner` (its command line as `cmdline` allows), unless its pid now
+/// names another process.
+fn owner_details(owner: &Owner, cmdline: CmdlineMode) -> ProcessDetails {
     let proc_root = Path::new("/proc");
     if owner.pid == 0 {
         return ProcessDetails::default();
@@ -140,7 +143,7 @@ fn owner_details(owner: &Owner) -> ProcessDetails {
             _ => return ProcessDetails::default(),
         }
     }
-    read_details(proc_root, owner.pid)
+    read_details(proc_root, owner.pid, cmdline)
 }
 
 /// Metric labels of a connection. A server's `remote` drops the client's ephemeral port,
@@ -174,6 +177,8 @@ struct Tracker {
     limits: Thresholds,
     ports: Vec<u16>,
     unix_glob: Glob,
+    /// What of an owner's command line events carry.
+    cmdline: CmdlineMode,
     /// Watched Unix socket paths by their hash.
     unix_paths: HashMap<u64, String>,
     unix_generation: u32,
@@ -238,7 +243,7 @@ impl Tracker {
         let Some(conn) = self.table.get_mut(cookie) else {
             return;
         };
-        conn.details = owner_details(&conn.owner);
+        conn.details = owner_details(&conn.owner, self.cmdline);
         let labels = labels_of(conn);
         let body = EventBody::Open {
             conn: ConnFields::new(conn),
@@ -256,7 +261,7 @@ impl Tracker {
 
     fn refresh_owner(&mut self, cookie: u64) {
         if let Some(conn) = self.table.get_mut(cookie) {
-            conn.details = owner_details(&conn.owner);
+            conn.details = owner_details(&conn.owner, self.cmdline);
         }
     }
 
@@ -349,7 +354,7 @@ impl Tracker {
             .unwrap_or_default();
         let (mut from_titles, mut restored) = (0, 0);
         for f in found {
-            let mut conn = f.to_conn(now, proc_root);
+            let mut conn = f.to_conn(now, proc_root, self.cmdline);
             conn.seeded = titles.get(&f.cookie).copied();
             from_titles += usize::from(conn.seeded.is_some());
             if let Some(saved) = saved.remove(&f.cookie) {
@@ -735,6 +740,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             listener,
             metrics.clone(),
             ready.clone(),
+            Protection::new(args.web_config.as_deref()),
             async move {
                 let _ = metrics_stopped.await;
             },
@@ -754,6 +760,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
         ports: ports.clone(),
         unix_glob: unix_glob.clone(),
+        cmdline: args.cmdline,
         unix_paths: HashMap::new(),
         unix_generation: 1,
         pending_adoption: HashSet::new(),

@@ -2,8 +2,8 @@
 //!
 //! Data flows through the modules in this order: `probes` (load and attach the kernel
 //! programs) -> `daemon` (ring buffer reading and wiring) -> `decode` (bytes to kernel
-//! events) -> `conn_table` (connection state) -> `process` (owner details, containers) ->
-//! `events` (the JSON stream).
+//! events) -> `conn_table` (connection state) -> `process` (owner details, containers;
+//! `redact` decides what of a command line may be shown) -> `events` (the JSON stream).
 
 pub mod btf;
 pub mod check;
@@ -23,5 +23,7 @@ pub mod privileges;
 pub mod probes;
 pub mod proc_title;
 pub mod process;
+pub mod redact;
 pub mod sockdiag;
 pub mod state_file;
+pub mod web_config;

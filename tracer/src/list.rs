@@ -16,6 +16,7 @@ use crate::{
     discovery::{FoundConn, find_connections},
     events::ConnFields,
     proc_title,
+    redact::CmdlineMode,
 };
 
 /// One line of `tracer list --json`: the event field names.
@@ -32,8 +33,9 @@ pub fn describe(
     seeded: Option<Seeded>,
     now: u64,
     proc_root: &Path,
+    cmdline: CmdlineMode,
 ) -> ListedConn {
-    let mut conn = found.to_conn(now, proc_root);
+    let mut conn = found.to_conn(now, proc_root, cmdline);
     conn.seeded = seeded;
     ListedConn {
         conn: ConnFields::new(&conn),
@@ -53,7 +55,7 @@ pub fn run(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let seeds = proc_title::seeds(&found, &|pid| proc_title::read_title(proc_root, pid), now);
     let listed: Vec<ListedConn> = found
         .iter()
-        .map(|f| describe(f, seeds.get(&f.cookie).copied(), now, proc_root))
+        .map(|f| describe(f, seeds.get(&f.cookie).copied(), now, proc_root, args.cmdline))
         .collect();
     if args.json {
         for conn in &listed {

@@ -1,6 +1,7 @@
 //! Prometheus metrics: owns the registry (names, types and labels of the SPEC's "Metrics"
 //! section), the cap on connection label sets, and the HTTP endpoint serving `/metrics` and
-//! `/healthz`.
+//! `/healthz` (TLS and basic auth from `--web-config` are applied to every connection and
+//! request by [`crate::web_config::Protection`], before any route is looked at).
 //!
 //! Counters and the duration histogram move as connections open, stall and close. Every gauge
 //! is rebuilt each tick from the full set of open connections ([`Metrics::set_open`]), so the
@@ -42,6 +43,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
+
+use crate::web_config::Protection;
 
 /// The labels of every connection metric. No pid, port or conn_id: those are in events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -495,7 +498,8 @@ impl Metrics {
 
 /// Connections the endpoint serves at once; more wait in the listen backlog.
 const MAX_HTTP_CONNECTIONS: usize = 32;
-/// A client that has not sent its request headers by then is dropped (slowloris).
+/// A client that has not finished its TLS handshake, or sent its request headers, by then is
+/// dropped (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for responses in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -510,12 +514,13 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `GET /metrics` (200, text format) and `GET /healthz` (200 `ok` once `ready`, 503
-/// before) until `shutdown` resolves; then stops accepting and lets responses in flight finish
-/// (at most [`DRAIN_TIMEOUT`]).
+/// before) behind `protection` until `shutdown` resolves; then stops accepting and lets
+/// responses in flight finish (at most [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    protection: Protection,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
@@ -540,12 +545,32 @@ pub async fn serve(
         };
         let metrics = Arc::clone(&metrics);
         let ready = Arc::clone(&ready);
-        let service = service_fn(move |request: Request<Incoming>| {
-            let response = respond(&request, &metrics, &ready);
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let guard = protection.for_connection();
+        let (http, watcher) = (http.clone(), graceful.watcher());
         tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(HEADER_READ_TIMEOUT, guard.handshake(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        log::debug!("metrics endpoint: TLS handshake failed: {err}");
+                        return;
+                    }
+                    Err(_) => {
+                        log::debug!("metrics endpoint: TLS handshake timed out");
+                        return;
+                    }
+                };
+            let service = service_fn(move |request: Request<Incoming>| {
+                let (metrics, ready, guard) =
+                    (Arc::clone(&metrics), Arc::clone(&ready), guard.clone());
+                async move {
+                    if let Some(refused) = guard.refuse(&request).await {
+                        return Ok::<_, Infallible>(refused);
+                    }
+                    Ok(respond(&request, &metrics, &ready))
+                }
+            });
+            let connection = watcher.watch(http.serve_connection(TokioIo::new(stream), service));
             if let Err(err) = connection.await {
                 log::debug!("metrics endpoint: connection ended with an error: {err}");
             }
@@ -1098,6 +1123,7 @@ mod tests {
             listener,
             Arc::clone(&metrics),
             Arc::clone(&ready),
+            Protection::default(),
             async move {
                 let _ = stopped.await;
             },
