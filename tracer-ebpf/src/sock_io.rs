@@ -29,7 +29,9 @@ use crate::{
         SOCKS, WATCHED_UNIX, count_loss, emit, mark, scratch_state, set_sock_mark, setting_value,
         sock_mark,
     },
-    sock_state::{emit_close, emit_open, emit_peer_closed, header, preexisting_state, tcp_role},
+    sock_state::{
+        emit_close, emit_open, emit_peer_closed, header, preexisting_state, settle_cookie, tcp_role,
+    },
     unix::{address_path_hash, unix_address},
     user_buf::{current_syscall_buffer, head, tail8},
 };
@@ -81,6 +83,7 @@ pub fn on_io(sk: *const c_void, ret: i32, sending: bool) {
 fn on_tracked_io(sk: *const c_void, state: *mut SockState, ret: i32, sending: bool) {
     // SAFETY: the map value stays valid while this program runs.
     let state = unsafe { &mut *state };
+    settle_cookie(sk, state);
     if state.family == AF_UNIX {
         if ret == 0 && !sending && state.flags & SOCK_FLAG_PEER_CLOSED == 0 {
             // End of file: the peer closed its end.

@@ -55,7 +55,15 @@ pub fn run(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let seeds = proc_title::seeds(&found, &|pid| proc_title::read_title(proc_root, pid), now);
     let listed: Vec<ListedConn> = found
         .iter()
-        .map(|f| describe(f, seeds.get(&f.cookie).copied(), now, proc_root, args.cmdline))
+        .map(|f| {
+            describe(
+                f,
+                seeds.get(&f.cookie).copied(),
+                now,
+                proc_root,
+                args.cmdline,
+            )
+        })
         .collect();
     if args.json {
         for conn in &listed {
