@@ -1,11 +1,9 @@
 //! The connections the daemon knows about: a pure state machine fed with kernel events.
 //! It reads no clock and touches no kernel; `apply` says what changed.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tracer_common::{
     AF_INET6, AF_UNIX, OPEN_FLAG_PREEXISTING, ProcInfo, SockState, closed_by, proto, role,
@@ -188,7 +186,7 @@ pub enum Change {
 
 #[derive(Default)]
 pub struct ConnTable {
-    conns: HashMap<u64, Conn>,
+    conns: FxHashMap<u64, Conn>,
 }
 
 fn ip_from_wire(family: u16, raw: &[u8; 16]) -> IpAddr {

@@ -20,6 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
+use rustc_hash::FxHashMap;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -185,7 +186,7 @@ struct Tracker {
     /// TCP connections found at start-up that the kernel has not adopted yet.
     pending_adoption: HashSet<u64>,
     adopting: bool,
-    labels: HashMap<u64, ConnLabels>,
+    labels: FxHashMap<u64, ConnLabels>,
     diag: Option<DiagSocket>,
     decode_errors: u64,
     untracked: u64,
@@ -199,6 +200,9 @@ struct Tracker {
     last_tick_ns: u64,
     /// Where what the daemon knows is kept across restarts, if anywhere.
     state: Option<KeptState>,
+    /// Something the state file holds changed since it was written (a record, the kernel's
+    /// live state of a connection, a verdict): an idle table is not encoded again.
+    state_dirty: bool,
 }
 
 impl Tracker {
@@ -207,6 +211,7 @@ impl Tracker {
     }
 
     fn handle_record(&mut self, bytes: &[u8]) {
+        self.state_dirty = true;
         let event = match decode(bytes) {
             Ok(event) => event,
             Err(err) => {
@@ -273,6 +278,7 @@ impl Tracker {
         bytes_received: u64,
         closed_by: ClosedBy,
     ) {
+        self.state_dirty = true;
         self.pending_adoption.remove(&conn.cookie);
         let view = conn.view();
         for finding in conn.episodes.close(&view, end_ns) {
@@ -412,12 +418,13 @@ impl Tracker {
     /// table (encoding costs about 2.5 us per connection), and always at shutdown (`force`).
     fn save_state(&mut self, now: u64, force: bool) {
         let every = (self.table.len() / STATE_CONNS_PER_TICK).clamp(1, STATE_MAX_TICKS) as u64;
-        if !force && !self.ticks.is_multiple_of(every) {
+        if !force && (!self.state_dirty || !self.ticks.is_multiple_of(every)) {
             return;
         }
         if let Some(state) = self.state.as_mut() {
             state.save(self.table.iter(), now);
         }
+        self.state_dirty = false;
     }
 
     /// Looks for Postgres's listening Unix sockets; true when the set changed.
@@ -488,6 +495,7 @@ impl Tracker {
         };
         let mut findings = Vec::new();
         let mut ended_unseen = false;
+        let mut changed = false;
         for conn in self.table.iter_mut() {
             if conn.sock_key != 0 {
                 match live_states
@@ -496,6 +504,7 @@ impl Tracker {
                     .filter(|live| live.cookie == conn.cookie)
                 {
                     Some(live) => {
+                        changed |= conn.live != live;
                         conn.live = live;
                         if live.flags & SOCK_FLAG_PEER_CLOSED != 0 {
                             conn.peer_closed_ns.get_or_insert(now);
@@ -514,6 +523,7 @@ impl Tracker {
             }
         }
         self.reconcile_needed |= ended_unseen;
+        self.state_dirty |= changed || !findings.is_empty();
         for (cookie, finding) in findings {
             if let Some(conn) = self.table.get(cookie) {
                 self.report(conn, now, finding);
@@ -765,7 +775,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         unix_generation: 1,
         pending_adoption: HashSet::new(),
         adopting: false,
-        labels: HashMap::new(),
+        labels: FxHashMap::default(),
         diag: None,
         decode_errors: 0,
         untracked: 0,
@@ -774,6 +784,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         backlog: false,
         last_tick_ns: 0,
         state: kept,
+        state_dirty: true,
     };
 
     // Watch the Unix sockets Postgres listens on, then seed the connections that already

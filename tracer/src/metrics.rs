@@ -11,7 +11,6 @@
 
 use std::{
     borrow::Cow,
-    collections::{HashMap, HashSet},
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -39,6 +38,7 @@ use prometheus::{
     GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder, core::Collector,
 };
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -132,9 +132,9 @@ struct LabelSets {
     max: usize,
     /// Label sets that got in under the cap. Never shrinks: a label set's counters must not
     /// move to the overflow set half-way through its life.
-    admitted: HashSet<ConnLabels>,
+    admitted: FxHashSet<ConnLabels>,
     /// Label sets (overflow sets included) whose gauge series the last `set_open` exported.
-    exported: HashSet<ConnLabels>,
+    exported: FxHashSet<ConnLabels>,
 }
 
 impl LabelSets {
@@ -313,8 +313,8 @@ impl Metrics {
             ),
             label_sets: Mutex::new(LabelSets {
                 max: max_label_sets,
-                admitted: HashSet::new(),
-                exported: HashSet::new(),
+                admitted: FxHashSet::default(),
+                exported: FxHashSet::default(),
             }),
             registry,
         };
@@ -403,7 +403,7 @@ impl Metrics {
     /// series.
     pub fn set_open(&self, snapshot: &[ConnSnapshot<'_>]) {
         let mut sets = self.label_sets();
-        let mut current: HashMap<Cow<'_, ConnLabels>, Aggregate> = HashMap::new();
+        let mut current: FxHashMap<Cow<'_, ConnLabels>, Aggregate> = FxHashMap::default();
         for conn in snapshot {
             let (labels, _) = sets.resolve(conn.labels);
             let agg = current.entry(labels).or_default();
