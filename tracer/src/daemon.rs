@@ -34,6 +34,7 @@ use crate::{
     detectors::{Finding, Thresholds},
     discovery::{FoundConn, find_connections, sockets_in_every_netns, watched_unix_listeners},
     events::{ConnFields, Event, EventBody, EventSink},
+    live::{LiveConn, LiveTable},
     metrics::{self, ConnLabels, ConnSnapshot, Metrics, short_container_id},
     owners::start_ticks,
     probes::{KernelLosses, Probes},
@@ -171,6 +172,8 @@ struct Tracker {
     clock: Clock,
     sink: EventSink,
     metrics: Arc<Metrics>,
+    /// What `GET /api/v1/connections` serves, republished every tick.
+    live: Arc<LiveTable>,
     limits: Thresholds,
     ports: Vec<u16>,
     unix_glob: Glob,
@@ -540,7 +543,14 @@ impl Tracker {
             })
             .collect();
         self.metrics.set_open(&snapshot);
+        self.publish_live(now);
         self.save_state(now, false);
+    }
+
+    /// Hands the HTTP worker this tick's rows; it serves them until the next tick.
+    fn publish_live(&self, now: u64) {
+        self.live
+            .publish(self.table.iter().map(|c| LiveConn::new(c, now)).collect());
     }
 
     /// Unix sockets have no close hook: a tracked one missing from the socket table closed.
@@ -729,12 +739,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .context("polling the ring buffer")?;
     let metrics = Arc::new(Metrics::new(args.max_label_sets, env!("CARGO_PKG_VERSION")));
     let ready = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(LiveTable::default());
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = metrics_listener.map(|listener| {
         tokio::spawn(metrics::serve(
             listener,
             metrics.clone(),
             ready.clone(),
+            live.clone(),
             async move {
                 let _ = metrics_stopped.await;
             },
@@ -746,6 +758,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         clock: Clock::new(),
         sink: EventSink::start(output, EVENT_QUEUE_CAPACITY),
         metrics: metrics.clone(),
+        live: live.clone(),
         limits: Thresholds {
             stall_after: args.stall_after,
             idle_in_transaction_after: args.idle_in_transaction_after,
@@ -795,6 +808,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             unix_socket_glob: args.unix_socket_glob.clone(),
         },
     );
+    tracker.publish_live(monotonic_ns());
     ready.store(true, Ordering::SeqCst);
     log::info!(
         "ready: watching TCP ports {ports:?} and Unix sockets {:?}; {} connections already open",
@@ -838,6 +852,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         std::process::exit(0);
     });
     ready.store(false, Ordering::SeqCst);
+    live.withdraw();
     // Whatever the kernel already queued is still reported.
     drain(ring.get_mut(), &mut tracker, usize::MAX);
     report_losses(&probes, &mut tracker, &mut reported);

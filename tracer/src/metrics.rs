@@ -1,6 +1,6 @@
 //! Prometheus metrics: owns the registry (names, types and labels of the SPEC's "Metrics"
-//! section), the cap on connection label sets, and the HTTP endpoint serving `/metrics` and
-//! `/healthz`.
+//! section), the cap on connection label sets, and the HTTP endpoint serving `/metrics`,
+//! `/healthz` and the live table (`/api/v1/connections`, see [`crate::live`]).
 //!
 //! Counters and the duration histogram move as connections open, stall and close. Every gauge
 //! is rebuilt each tick from the full set of open connections ([`Metrics::set_open`]), so the
@@ -42,6 +42,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
+
+use crate::live::{API_PATH, LiveTable};
 
 /// The labels of every connection metric. No pid, port or conn_id: those are in events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -510,12 +512,13 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `GET /metrics` (200, text format) and `GET /healthz` (200 `ok` once `ready`, 503
-/// before) until `shutdown` resolves; then stops accepting and lets responses in flight finish
-/// (at most [`DRAIN_TIMEOUT`]).
+/// before) and `GET /api/v1/connections` (the `live` table) until `shutdown` resolves; then
+/// stops accepting and lets responses in flight finish (at most [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    live: Arc<LiveTable>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
@@ -540,8 +543,9 @@ pub async fn serve(
         };
         let metrics = Arc::clone(&metrics);
         let ready = Arc::clone(&ready);
+        let live = Arc::clone(&live);
         let service = service_fn(move |request: Request<Incoming>| {
-            let response = respond(&request, &metrics, &ready);
+            let response = respond(&request, &metrics, &ready, &live);
             async move { Ok::<_, Infallible>(response) }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
@@ -580,9 +584,10 @@ fn respond<B>(
     request: &Request<B>,
     metrics: &Metrics,
     ready: &AtomicBool,
+    live: &LiveTable,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    if !matches!(path, "/metrics" | "/healthz") {
+    if !matches!(path, "/metrics" | "/healthz" | API_PATH) {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
@@ -599,6 +604,9 @@ fn respond<B>(
             plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         };
     }
+    if path == API_PATH {
+        return live_table(live);
+    }
     match metrics.try_render() {
         Ok(text) => {
             let mut response = Response::new(Full::new(Bytes::from(text)));
@@ -611,6 +619,27 @@ fn respond<B>(
         Err(err) => {
             log::error!("metrics: cannot render: {err}");
             plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n")
+        }
+    }
+}
+
+/// `GET /api/v1/connections`: the rows the last tick published, 503 before the first.
+fn live_table(live: &LiveTable) -> Response<Full<Bytes>> {
+    match live.to_json() {
+        None => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        Some(Ok(body)) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Some(Err(err)) => {
+            log::error!("live table: cannot serialize: {err}");
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot serialize the live table\n",
+            )
         }
     }
 }
@@ -1093,11 +1122,13 @@ mod tests {
         let metrics = Arc::new(Metrics::new(10, "9.9.9"));
         metrics.connection_opened(&psql());
         let ready = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(LiveTable::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(
             listener,
             Arc::clone(&metrics),
             Arc::clone(&ready),
+            Arc::clone(&live),
             async move {
                 let _ = stopped.await;
             },
@@ -1124,6 +1155,18 @@ mod tests {
 
         let (status, _, _) = within("404", get(addr, "/nope")).await;
         assert_eq!(status, 404);
+
+        // The live table: 503 until the first tick publishes it, then the rows as JSON.
+        let (status, _, _) = within("live", get(addr, API_PATH)).await;
+        assert_eq!(status, 503);
+        live.publish(Vec::new());
+        let (status, head, body) = within("live", get(addr, API_PATH)).await;
+        assert_eq!((status, body.as_str()), (200, "[]"));
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
 
         // An idle client connection must not hold shutdown up.
         let mut idle = TcpStream::connect(addr).await.expect("connect");
