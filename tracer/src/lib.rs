@@ -3,7 +3,8 @@
 //! Data flows through the modules in this order: `probes` (load and attach the kernel
 //! programs) -> `daemon` (ring buffer reading and wiring) -> `decode` (bytes to kernel
 //! events) -> `conn_table` (connection state) -> `process` (owner details, containers) ->
-//! `events` (the JSON stream).
+//! `events` (the JSON stream) and `live` (the live table the metrics endpoint serves, which
+//! `list` and `top` read).
 
 pub mod btf;
 pub mod check;

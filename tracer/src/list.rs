@@ -53,7 +53,11 @@ pub fn run(args: &ListArgs, out: &mut dyn Write, note: &mut dyn Write) -> anyhow
     let from_daemon = match args.metrics_addr {
         Some(addr) => match ask_daemon(addr) {
             Ok(rows) => {
-                writeln!(note, "tracer list: live table of the daemon at {addr}")?;
+                writeln!(
+                    note,
+                    "tracer list: live table of the daemon at {addr} (the ports and sockets \
+                     it watches)"
+                )?;
                 Some(rows)
             }
             Err(err) => {

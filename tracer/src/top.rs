@@ -257,3 +257,82 @@ impl App {
         Flow::Continue
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ratatui::crossterm::event::KeyEvent;
+
+    use super::*;
+    use crate::detectors::ConnState;
+
+    fn row(conn_id: &str, pid: u32, comm: &str) -> Row {
+        Row {
+            conn_id: conn_id.into(),
+            pid,
+            comm: comm.into(),
+            state: Some(ConnState::IdleInTransaction),
+            ..Row::default()
+        }
+    }
+
+    fn app() -> App {
+        App::new(
+            "127.0.0.1:9433".parse().expect("addr"),
+            vec![
+                row("1", 10, "worker"),
+                row("2", 10, "worker"),
+                row("3", 20, "web"),
+            ],
+        )
+    }
+
+    fn press(app: &mut App, code: KeyCode) -> bool {
+        matches!(app.key(KeyEvent::from(code)), Flow::Quit)
+    }
+
+    #[test]
+    fn the_help_line_fits_80_columns() {
+        assert!(HELP.len() <= 80, "{} columns", HELP.len());
+        assert!(app().screen(80).title.len() <= 80);
+    }
+
+    #[test]
+    fn keys_expand_filter_and_quit() {
+        let mut app = app();
+        assert_eq!(app.screen(80).lines.len(), 2, "two collapsed groups");
+        // Enter on the first group opens it: its column names and two connections.
+        assert!(!press(&mut app, KeyCode::Enter));
+        assert_eq!(app.screen(80).lines.len(), 2 + 3);
+        assert!(app.view.expanded.contains(&GroupKey::Process(10)));
+        // Down into its connections, enter closes the group and selects its line.
+        press(&mut app, KeyCode::Down);
+        press(&mut app, KeyCode::Down);
+        press(&mut app, KeyCode::Enter);
+        assert!(app.view.expanded.is_empty());
+        assert_eq!(app.selected, 0);
+
+        // `/web` enter: only the web process; esc clears.
+        press(&mut app, KeyCode::Char('/'));
+        for c in "web".chars() {
+            press(&mut app, KeyCode::Char(c));
+        }
+        assert!(app.screen(80).footer.starts_with("filter: web_"));
+        press(&mut app, KeyCode::Enter);
+        let screen = app.screen(80);
+        assert_eq!(screen.lines.len(), 1);
+        assert!(screen.lines[0].text.contains("web"));
+        assert!(screen.title.contains("filter:web"));
+        press(&mut app, KeyCode::Esc);
+        assert_eq!(app.screen(80).lines.len(), 2);
+
+        // `q` typed into the filter is text, not quit.
+        press(&mut app, KeyCode::Char('/'));
+        assert!(!press(&mut app, KeyCode::Char('q')));
+        press(&mut app, KeyCode::Esc);
+        assert!(press(&mut app, KeyCode::Char('q')));
+        assert!(matches!(
+            app.key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)),
+            Flow::Quit
+        ));
+    }
+}
