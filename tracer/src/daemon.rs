@@ -547,10 +547,13 @@ impl Tracker {
         self.save_state(now, false);
     }
 
-    /// Hands the HTTP worker this tick's rows; it serves them until the next tick.
+    /// Hands the HTTP worker this tick's rows (when wanted, see [`LiveTable::wanted`]); it
+    /// serves them until the next publish.
     fn publish_live(&self, now: u64) {
-        self.live
-            .publish(self.table.iter().map(|c| LiveConn::new(c, now)).collect());
+        if self.live.wanted(self.table.len(), now) {
+            let rows = self.table.iter().map(|c| LiveConn::new(c, now)).collect();
+            self.live.publish(rows, now);
+        }
     }
 
     /// Unix sockets have no close hook: a tracked one missing from the socket table closed.

@@ -5,11 +5,16 @@
 //!
 //! The tick builds the rows once a second and swaps them in behind a mutex held only for the
 //! swap; a request clones the `Arc` and serializes on the HTTP worker, so requests never
-//! touch the connection table and never delay the main loop.
+//! touch the connection table and never delay the main loop. Building costs about 1 us per
+//! connection: above [`ALWAYS_PUBLISHED`] connections the tick rebuilds only while someone
+//! reads the table, or when the last rows are [`MAX_STALE`] old.
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -118,17 +123,50 @@ impl LiveConn {
     }
 }
 
+/// Up to this many connections the rows are rebuilt every tick (a few ms at most).
+pub const ALWAYS_PUBLISHED: usize = 4096;
+/// Above it, rows are rebuilt every tick while the table was read this recently...
+pub const READ_RECENTLY: Duration = Duration::from_secs(30);
+/// ...and otherwise at least this often, so a first reader gets rows at most this old.
+pub const MAX_STALE: Duration = Duration::from_secs(10);
+
 /// The rows the last tick published; `None` until the daemon is ready.
 #[derive(Default)]
 pub struct LiveTable {
-    rows: Mutex<Option<Arc<Vec<LiveConn>>>>,
+    rows: Mutex<Option<Published>>,
+    /// When the table was last read (monotonic ns; 0: never).
+    read_ns: AtomicU64,
+}
+
+struct Published {
+    rows: Arc<Vec<LiveConn>>,
+    at_ns: u64,
 }
 
 impl LiveTable {
-    pub fn publish(&self, rows: Vec<LiveConn>) {
-        let rows = Arc::new(rows);
+    /// Whether the tick at `now` should rebuild the rows of `conns` connections.
+    pub fn wanted(&self, conns: usize, now: u64) -> bool {
+        let within = |since: u64, limit: Duration| {
+            since != 0 && now.saturating_sub(since) < limit.as_nanos() as u64
+        };
+        let published = self
+            .rows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, |p| p.at_ns);
+        conns <= ALWAYS_PUBLISHED
+            || within(self.read_ns.load(Ordering::Relaxed), READ_RECENTLY)
+            || !within(published, MAX_STALE)
+    }
+
+    pub fn publish(&self, rows: Vec<LiveConn>, now: u64) {
+        let published = Published {
+            rows: Arc::new(rows),
+            at_ns: now,
+        };
         // A holder that panicked leaves a whole value behind: keep going.
-        *self.rows.lock().unwrap_or_else(PoisonError::into_inner) = Some(rows);
+        *self.rows.lock().unwrap_or_else(PoisonError::into_inner) = Some(published);
     }
 
     /// Back to "not ready" (shutdown).
@@ -136,16 +174,19 @@ impl LiveTable {
         *self.rows.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
-    pub fn snapshot(&self) -> Option<Arc<Vec<LiveConn>>> {
+    /// The last rows, read at `now`.
+    pub fn snapshot(&self, now: u64) -> Option<Arc<Vec<LiveConn>>> {
+        self.read_ns.store(now.max(1), Ordering::Relaxed);
         self.rows
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .as_ref()
+            .map(|p| Arc::clone(&p.rows))
     }
 
-    /// The API's body, or `None` before the first publish.
-    pub fn to_json(&self) -> Option<Result<Vec<u8>, serde_json::Error>> {
-        self.snapshot().map(|rows| serde_json::to_vec(&*rows))
+    /// The API's body at `now`, or `None` before the first publish.
+    pub fn to_json(&self, now: u64) -> Option<Result<Vec<u8>, serde_json::Error>> {
+        self.snapshot(now).map(|rows| serde_json::to_vec(&*rows))
     }
 }
 
@@ -330,9 +371,12 @@ mod tests {
     #[test]
     fn the_table_is_not_ready_until_published() {
         let table = LiveTable::default();
-        assert!(table.to_json().is_none());
-        table.publish(vec![LiveConn::new(&conn(), 2_000_000_000)]);
-        let body = table.to_json().expect("published").expect("json");
+        assert!(table.to_json(1).is_none());
+        table.publish(vec![LiveConn::new(&conn(), 2_000_000_000)], 2_000_000_000);
+        let body = table
+            .to_json(2_000_000_000)
+            .expect("published")
+            .expect("json");
         let rows: Vec<serde_json::Map<String, serde_json::Value>> =
             serde_json::from_slice(&body).expect("an array of objects");
         let typed = typed(&rows);
@@ -342,7 +386,28 @@ mod tests {
             (1234, "python3", ConnState::Unknown)
         );
         table.withdraw();
-        assert!(table.to_json().is_none());
+        assert!(table.to_json(3_000_000_000).is_none());
+    }
+
+    #[test]
+    fn large_tables_are_rebuilt_while_read_and_never_older_than_max_stale() {
+        const S: u64 = 1_000_000_000;
+        let big = ALWAYS_PUBLISHED + 1;
+        let table = LiveTable::default();
+        assert!(table.wanted(big, 100 * S), "never published");
+        assert!(table.wanted(ALWAYS_PUBLISHED, 100 * S));
+        table.publish(Vec::new(), 100 * S);
+        assert!(table.wanted(ALWAYS_PUBLISHED, 101 * S), "small: every tick");
+        assert!(!table.wanted(big, 101 * S), "nobody reads it");
+        assert!(table.wanted(big, 110 * S), "{MAX_STALE:?} old");
+        // Read: rebuilt every tick while reads continue, READ_RECENTLY after the last.
+        table.snapshot(101 * S);
+        assert!(table.wanted(big, 102 * S));
+        table.publish(Vec::new(), 102 * S);
+        assert!(table.wanted(big, 103 * S));
+        assert!(table.wanted(big, 130 * S));
+        table.publish(Vec::new(), 130 * S);
+        assert!(!table.wanted(big, 131 * S));
     }
 
     #[test]

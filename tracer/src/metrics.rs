@@ -625,7 +625,7 @@ fn respond<B>(
 
 /// `GET /api/v1/connections`: the rows the last tick published, 503 before the first.
 fn live_table(live: &LiveTable) -> Response<Full<Bytes>> {
-    match live.to_json() {
+    match live.to_json(crate::daemon::monotonic_ns()) {
         None => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         Some(Ok(body)) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -1159,7 +1159,7 @@ mod tests {
         // The live table: 503 until the first tick publishes it, then the rows as JSON.
         let (status, _, _) = within("live", get(addr, API_PATH)).await;
         assert_eq!(status, 503);
-        live.publish(Vec::new());
+        live.publish(Vec::new(), 1);
         let (status, head, body) = within("live", get(addr, API_PATH)).await;
         assert_eq!((status, body.as_str()), (200, "[]"));
         assert!(
