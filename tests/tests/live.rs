@@ -392,10 +392,32 @@ fn the_live_table_list_and_top_show_transaction_states() {
         "the socket tables know no verdicts"
     );
 
-    worker.stop().expect("worker");
-    idler.stop().expect("idler");
+    // The daemon goes away under a running top: the last table stays, the line above it
+    // says why it is not fresh, and `q` still quits.
+    let tmux = Tmux::start(&format!(
+        "{} top --metrics-addr {addr}; echo \"top exited $?\"; sleep 600",
+        tracer_bin().display()
+    ));
+    polled("the worker's line in top", Duration::from_secs(15), || {
+        group_cells(&tmux.screen(), worker_pid)
+    });
     let (status, _) = daemon.terminate(Duration::from_secs(5)).expect("stop");
     assert!(status.success());
+    let screen = polled("top to notice", Duration::from_secs(10), || {
+        let screen = tmux.screen();
+        screen
+            .contains(&format!("not refreshed: no daemon answers at {addr}"))
+            .then_some(screen)
+    });
+    assert!(group_cells(&screen, worker_pid).is_some(), "{screen}");
+    tmux.keys("q");
+    polled("top to quit", Duration::from_secs(10), || {
+        tmux.screen().contains("top exited 0").then_some(())
+    });
+    drop(tmux);
+
+    worker.stop().expect("worker");
+    idler.stop().expect("idler");
 }
 
 /// The live table's connection fields are the event schema's, word for word.
