@@ -80,7 +80,7 @@ pub fn run(args: &ListArgs, out: &mut dyn Write, note: &mut dyn Write) -> anyhow
     let mut rows = match from_daemon {
         Some(rows) => rows
             .into_iter()
-            .filter(|row| watched(&typed(std::slice::from_ref(row))[0], &args.ports, &glob))
+            .filter(|row| watched(&Row::read(row), &args.ports, &glob))
             .collect(),
         None => from_socket_tables(args, &glob)?,
     };

@@ -216,6 +216,12 @@ pub struct Row {
 }
 
 impl Row {
+    /// One object of the live table; an object that does not read (a field of another type)
+    /// reads as an empty row rather than hiding the others.
+    pub fn read(object: &serde_json::Map<String, serde_json::Value>) -> Self {
+        Self::deserialize(object).unwrap_or_default()
+    }
+
     pub fn state(&self) -> ConnState {
         self.state.unwrap_or(ConnState::Unknown)
     }
@@ -306,11 +312,7 @@ async fn fetch_now(
 
 /// Rows typed for display, from what [`fetch`] returned.
 pub fn typed(rows: &[serde_json::Map<String, serde_json::Value>]) -> Vec<Row> {
-    rows.iter()
-        .map(|row| {
-            serde_json::from_value(serde_json::Value::Object(row.clone())).unwrap_or_default()
-        })
-        .collect()
+    rows.iter().map(Row::read).collect()
 }
 
 #[cfg(test)]
