@@ -25,6 +25,7 @@ pub struct Cli {
 pub enum Command {
     Run(RunArgs),
     List(ListArgs),
+    Top(TopArgs),
     Check,
 }
 
@@ -141,6 +142,15 @@ pub struct ListArgs {
     pub ports: Vec<u16>,
     pub unix_socket_glob: String,
     pub cmdline: CmdlineMode,
+    /// The daemon to ask first; `None`: `--metrics-addr off`, the socket tables only.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `tracer top`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopArgs {
+    /// The daemon's metrics address, where its live table is served.
+    pub metrics_addr: SocketAddr,
 }
 
 /// Why parsing stopped.
@@ -178,7 +188,9 @@ where
 {
     let raw = RawCli::try_parse_from(args).map_err(|err| {
         if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-            CliError::Usage("missing subcommand: run, list or check (see tracer --help)".into())
+            CliError::Usage(
+                "missing subcommand: run, list, top or check (see tracer --help)".into(),
+            )
         } else if err.use_stderr() {
             CliError::Usage(one_line(&err))
         } else {
@@ -218,8 +230,14 @@ where
                     .unix_socket_glob
                     .unwrap_or_else(|| config::DEFAULT_UNIX_SOCKET_GLOB.to_owned()),
                 cmdline: flags.cmdline.unwrap_or_default(),
+                metrics_addr: flags
+                    .metrics_addr
+                    .map_or(Some(config::DEFAULT_METRICS_ADDR), |m| m.0),
             })
         }
+        RawCommand::Top(flags) => Command::Top(TopArgs {
+            metrics_addr: flags.metrics_addr.unwrap_or(config::DEFAULT_METRICS_ADDR),
+        }),
         RawCommand::Check => Command::Check,
     };
     Ok(Cli { command })
@@ -259,6 +277,8 @@ enum RawCommand {
     Run(Box<RunFlags>),
     /// Print the Postgres connections open on this host right now, then exit.
     List(ListFlags),
+    /// Live terminal view of a running daemon's connections, by process or container.
+    Top(TopFlags),
     /// Check that this kernel and these privileges can `run`; one line per check.
     Check,
 }
@@ -369,6 +389,22 @@ struct ListFlags {
     /// Command lines in --json: full, redacted or off [default: redacted]
     #[arg(long, value_name = "MODE", value_parser = Checked(config::parse_cmdline_mode))]
     cmdline: Option<CmdlineMode>,
+    /// The daemon to ask first (its live table has real states), or `off` for the socket
+    /// tables only [default: 127.0.0.1:9433]
+    #[arg(long, value_name = "ADDR", value_parser = Checked(parse_metrics_flag))]
+    metrics_addr: Option<MetricsAddr>,
+}
+
+#[derive(Debug, Args)]
+struct TopFlags {
+    /// The daemon's metrics address, IP:PORT or [IPv6]:PORT [default: 127.0.0.1:9433]
+    #[arg(long, value_name = "ADDR", value_parser = Checked(parse_daemon_addr))]
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// `tracer top` needs a daemon to draw: `off` is no address there.
+fn parse_daemon_addr(s: &str) -> Result<SocketAddr, String> {
+    config::parse_metrics_addr(s)?.ok_or_else(|| "top needs the daemon's IP:PORT".to_owned())
 }
 
 /// `Option<Option<_>>` means something else to clap; wrap the inner one.
@@ -721,6 +757,13 @@ mod tests {
             (&["list", "--unix-socket-glob", "[x"], &["'[x'"]),
             (&["list", "--stall-after", "5s"], &["--stall-after"]),
             (&["check", "--json"], &["--json"]),
+            (
+                &["list", "--metrics-addr", "9433"],
+                &["'9433'", "--metrics-addr"],
+            ),
+            (&["top", "--metrics-addr", "off"], &["'off'", "daemon"]),
+            (&["top", "--metrics-addr", "host:1"], &["'host:1'"]),
+            (&["top", "--json"], &["--json"]),
         ] {
             assert_bad(argv(args), needles);
         }
@@ -784,6 +827,7 @@ mod tests {
             &["run", "--help"],
             &["list", "--help"],
             &["check", "--help"],
+            &["top", "--help"],
             &["help", "run"],
         ] {
             let err = parse_os(argv(args)).expect_err("stops");
@@ -844,6 +888,7 @@ mod tests {
                 ports: vec![5432, 6432],
                 unix_socket_glob: "*/.s.PGSQL.*".into(),
                 cmdline: CmdlineMode::Redacted,
+                metrics_addr: Some("127.0.0.1:9433".parse().expect("addr")),
             }
         );
         assert_eq!(
@@ -856,6 +901,8 @@ mod tests {
                 "--unix-socket-glob",
                 "/run/*",
                 "--cmdline=off",
+                "--metrics-addr",
+                "off"
             ]))
             .expect("parses")
             {
@@ -867,6 +914,25 @@ mod tests {
                 ports: vec![6000, 7000],
                 unix_socket_glob: "/run/*".into(),
                 cmdline: CmdlineMode::Off,
+                metrics_addr: None,
+            }
+        );
+        assert_eq!(
+            match parse_os(argv(&["top"])).expect("parses") {
+                Command::Top(a) => a,
+                other => panic!("{other:?}"),
+            },
+            TopArgs {
+                metrics_addr: "127.0.0.1:9433".parse().expect("addr"),
+            }
+        );
+        assert_eq!(
+            match parse_os(argv(&["top", "--metrics-addr", "[::1]:9500"])).expect("parses") {
+                Command::Top(a) => a,
+                other => panic!("{other:?}"),
+            },
+            TopArgs {
+                metrics_addr: "[::1]:9500".parse().expect("addr"),
             }
         );
         assert!(matches!(

@@ -35,6 +35,7 @@ use crate::{
     detectors::{Finding, Thresholds},
     discovery::{FoundConn, find_connections, sockets_in_every_netns, watched_unix_listeners},
     events::{ConnFields, Event, EventBody, EventSink},
+    live::{LiveConn, LiveTable},
     metrics::{self, ConnLabels, ConnSnapshot, Metrics, short_container_id},
     owners::start_ticks,
     probes::{KernelLosses, Probes},
@@ -175,6 +176,8 @@ struct Tracker {
     clock: Clock,
     sink: EventSink,
     metrics: Arc<Metrics>,
+    /// What `GET /api/v1/connections` serves, republished every tick.
+    live: Arc<LiveTable>,
     limits: Thresholds,
     ports: Vec<u16>,
     unix_glob: Glob,
@@ -555,7 +558,17 @@ impl Tracker {
             })
             .collect();
         self.metrics.set_open(&snapshot);
+        self.publish_live(now);
         self.save_state(now, false);
+    }
+
+    /// Hands the HTTP worker this tick's rows (when wanted, see [`LiveTable::wanted`]); it
+    /// serves them until the next publish.
+    fn publish_live(&self, now: u64) {
+        if self.live.wanted(self.table.len(), now) {
+            let rows = self.table.iter().map(|c| LiveConn::new(c, now)).collect();
+            self.live.publish(rows, now);
+        }
     }
 
     /// Unix sockets have no close hook: a tracked one missing from the socket table closed.
@@ -744,6 +757,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .context("polling the ring buffer")?;
     let metrics = Arc::new(Metrics::new(args.max_label_sets, env!("CARGO_PKG_VERSION")));
     let ready = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(LiveTable::default());
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = metrics_listener.map(|listener| {
         tokio::spawn(metrics::serve(
@@ -751,6 +765,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             metrics.clone(),
             ready.clone(),
             Protection::new(args.web_config.as_deref()),
+            live.clone(),
             async move {
                 let _ = metrics_stopped.await;
             },
@@ -762,6 +777,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         clock: Clock::new(),
         sink: EventSink::start(output, EVENT_QUEUE_CAPACITY),
         metrics: metrics.clone(),
+        live: live.clone(),
         limits: Thresholds {
             stall_after: args.stall_after,
             idle_in_transaction_after: args.idle_in_transaction_after,
@@ -813,6 +829,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             unix_socket_glob: args.unix_socket_glob.clone(),
         },
     );
+    tracker.publish_live(monotonic_ns());
     ready.store(true, Ordering::SeqCst);
     log::info!(
         "ready: watching TCP ports {ports:?} and Unix sockets {:?}; {} connections already open",
@@ -856,6 +873,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         std::process::exit(0);
     });
     ready.store(false, Ordering::SeqCst);
+    live.withdraw();
     // Whatever the kernel already queued is still reported.
     drain(ring.get_mut(), &mut tracker, usize::MAX);
     report_losses(&probes, &mut tracker, &mut reported);

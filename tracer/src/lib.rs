@@ -3,7 +3,8 @@
 //! Data flows through the modules in this order: `probes` (load and attach the kernel
 //! programs) -> `daemon` (ring buffer reading and wiring) -> `decode` (bytes to kernel
 //! events) -> `conn_table` (connection state) -> `process` (owner details, containers;
-//! `redact` decides what of a command line may be shown) -> `events` (the JSON stream).
+//! `redact` decides what of a command line may be shown) -> `events` (the JSON stream) and
+//! `live` (the live table the metrics endpoint serves, which `list` and `top` read).
 
 pub mod btf;
 pub mod check;
@@ -16,6 +17,7 @@ pub mod detectors;
 pub mod discovery;
 pub mod events;
 pub mod list;
+pub mod live;
 mod map_batch;
 pub mod metrics;
 pub mod owners;
@@ -26,4 +28,5 @@ pub mod process;
 pub mod redact;
 pub mod sockdiag;
 pub mod state_file;
+pub mod top;
 pub mod web_config;

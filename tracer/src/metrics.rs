@@ -1,7 +1,8 @@
 //! Prometheus metrics: owns the registry (names, types and labels of the SPEC's "Metrics"
-//! section), the cap on connection label sets, and the HTTP endpoint serving `/metrics` and
-//! `/healthz` (TLS and basic auth from `--web-config` are applied to every connection and
-//! request by [`crate::web_config::Protection`], before any route is looked at).
+//! section), the cap on connection label sets, and the HTTP endpoint serving `/metrics`,
+//! `/healthz` and the live table (`/api/v1/connections`, see [`crate::live`]); TLS and basic
+//! auth from `--web-config` are applied to every connection and request by
+//! [`crate::web_config::Protection`], before any route is looked at.
 //!
 //! Counters and the duration histogram move as connections open, stall and close. Every gauge
 //! is rebuilt each tick from the full set of open connections ([`Metrics::set_open`]), so the
@@ -44,6 +45,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
+use crate::live::{API_PATH, LiveTable};
 use crate::web_config::Protection;
 
 /// The labels of every connection metric. No pid, port or conn_id: those are in events.
@@ -514,13 +516,15 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `GET /metrics` (200, text format) and `GET /healthz` (200 `ok` once `ready`, 503
-/// before) behind `protection` until `shutdown` resolves; then stops accepting and lets
-/// responses in flight finish (at most [`DRAIN_TIMEOUT`]).
+/// before) and `GET /api/v1/connections` (the `live` table) behind `protection` until
+/// `shutdown` resolves; then stops accepting and lets responses in flight finish (at most
+/// [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     protection: Protection,
+    live: Arc<LiveTable>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
@@ -547,6 +551,7 @@ pub async fn serve(
         let ready = Arc::clone(&ready);
         let guard = protection.for_connection();
         let (http, watcher) = (http.clone(), graceful.watcher());
+        let live = Arc::clone(&live);
         tokio::spawn(async move {
             let stream =
                 match tokio::time::timeout(HEADER_READ_TIMEOUT, guard.handshake(stream)).await {
@@ -561,13 +566,17 @@ pub async fn serve(
                     }
                 };
             let service = service_fn(move |request: Request<Incoming>| {
-                let (metrics, ready, guard) =
-                    (Arc::clone(&metrics), Arc::clone(&ready), guard.clone());
+                let (metrics, ready, guard, live) = (
+                    Arc::clone(&metrics),
+                    Arc::clone(&ready),
+                    guard.clone(),
+                    Arc::clone(&live),
+                );
                 async move {
                     if let Some(refused) = guard.refuse(&request).await {
                         return Ok::<_, Infallible>(refused);
                     }
-                    Ok(respond(&request, &metrics, &ready))
+                    Ok(respond(&request, &metrics, &ready, &live))
                 }
             });
             let connection = watcher.watch(http.serve_connection(TokioIo::new(stream), service));
@@ -605,9 +614,10 @@ fn respond<B>(
     request: &Request<B>,
     metrics: &Metrics,
     ready: &AtomicBool,
+    live: &LiveTable,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    if !matches!(path, "/metrics" | "/healthz") {
+    if !matches!(path, "/metrics" | "/healthz" | API_PATH) {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
@@ -624,6 +634,9 @@ fn respond<B>(
             plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         };
     }
+    if path == API_PATH {
+        return live_table(live);
+    }
     match metrics.try_render() {
         Ok(text) => {
             let mut response = Response::new(Full::new(Bytes::from(text)));
@@ -636,6 +649,27 @@ fn respond<B>(
         Err(err) => {
             log::error!("metrics: cannot render: {err}");
             plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n")
+        }
+    }
+}
+
+/// `GET /api/v1/connections`: the rows the last tick published, 503 before the first.
+fn live_table(live: &LiveTable) -> Response<Full<Bytes>> {
+    match live.to_json(crate::daemon::monotonic_ns()) {
+        None => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        Some(Ok(body)) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Some(Err(err)) => {
+            log::error!("live table: cannot serialize: {err}");
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot serialize the live table\n",
+            )
         }
     }
 }
@@ -1118,12 +1152,14 @@ mod tests {
         let metrics = Arc::new(Metrics::new(10, "9.9.9"));
         metrics.connection_opened(&psql());
         let ready = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(LiveTable::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(
             listener,
             Arc::clone(&metrics),
             Arc::clone(&ready),
             Protection::default(),
+            Arc::clone(&live),
             async move {
                 let _ = stopped.await;
             },
@@ -1150,6 +1186,18 @@ mod tests {
 
         let (status, _, _) = within("404", get(addr, "/nope")).await;
         assert_eq!(status, 404);
+
+        // The live table: 503 until the first tick publishes it, then the rows as JSON.
+        let (status, _, _) = within("live", get(addr, API_PATH)).await;
+        assert_eq!(status, 503);
+        live.publish(Vec::new(), 1);
+        let (status, head, body) = within("live", get(addr, API_PATH)).await;
+        assert_eq!((status, body.as_str()), (200, "[]"));
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
 
         // An idle client connection must not hold shutdown up.
         let mut idle = TcpStream::connect(addr).await.expect("connect");

@@ -29,7 +29,10 @@ use super::{
     protection::{basic_credentials, digest},
     *,
 };
-use crate::metrics::{Metrics, bind, serve};
+use crate::{
+    live::LiveTable,
+    metrics::{Metrics, bind, serve},
+};
 
 /// Low cost: these tests check behaviour, not bcrypt's speed.
 const COST: u32 = 4;
@@ -282,6 +285,7 @@ async fn endpoint(config: &WebConfig) -> (SocketAddr, tokio::sync::oneshot::Send
         metrics,
         ready,
         Protection::new(Some(config)),
+        Arc::new(LiveTable::default()),
         async move {
             let _ = stopped.await;
         },
