@@ -141,9 +141,16 @@ fn fetch_kernel(package: &str) -> Result<(PathBuf, String)> {
         let package = available_package(package)?;
         let download = vm_dir().join("downloads");
         fs::create_dir_all(&download)?;
-        run(Command::new("apt-get")
+        // Not `run`: it runs everything from the workspace root, and apt-get downloads into
+        // its current directory.
+        let status = Command::new("apt-get")
             .args(["download", "-q", &package])
-            .current_dir(&download))?;
+            .current_dir(&download)
+            .status()
+            .context("spawning apt-get download")?;
+        if !status.success() {
+            bail!("apt-get download {package} failed: {status}");
+        }
         let deb = fs::read_dir(&download)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| {
