@@ -31,7 +31,7 @@ use crate::{
     cli::{EventsDest, RunArgs},
     config::Glob,
     conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
-    decode::decode,
+    decode::{KernelEvent, decode},
     detectors::{Finding, Thresholds},
     discovery::{FoundConn, find_connections, sockets_in_every_netns, watched_unix_listeners},
     events::{ConnFields, Event, EventBody, EventSink},
@@ -188,6 +188,9 @@ struct Tracker {
     unix_generation: u32,
     /// TCP connections found at start-up that the kernel has not adopted yet.
     pending_adoption: HashSet<u64>,
+    /// Until the start-up scan: connections older than the daemon that the kernel adopted
+    /// first. Their opens wait for what the scan knows of them (age, state).
+    held_opens: Option<Vec<u64>>,
     adopting: bool,
     labels: FxHashMap<u64, ConnLabels>,
     diag: Option<DiagSocket>,
@@ -224,9 +227,22 @@ impl Tracker {
             }
         };
         let ts = event.header().ts_ns;
+        if let (Some(held), KernelEvent::Close(close)) = (&mut self.held_opens, &event) {
+            // Ended before the scan: its open goes first, as the kernel knew it.
+            let cookie = close.header.cookie;
+            if let Some(i) = held.iter().position(|&c| c == cookie) {
+                held.swap_remove(i);
+                self.opened(cookie, ts);
+            }
+        }
         let paths = &self.unix_paths;
         match self.table.apply(&event, &|hash| paths.get(&hash).cloned()) {
-            Change::Opened(cookie) => self.opened(cookie, ts),
+            Change::Opened(cookie) => match &mut self.held_opens {
+                Some(held) if self.table.get(cookie).is_some_and(|c| c.preexisting) => {
+                    held.push(cookie)
+                }
+                _ => self.opened(cookie, ts),
+            },
             Change::Refreshed(cookie) => {
                 self.pending_adoption.remove(&cookie);
                 self.refresh_owner(cookie);
@@ -366,21 +382,26 @@ impl Tracker {
             let mut conn = f.to_conn(now, proc_root, self.cmdline);
             conn.seeded = titles.get(&f.cookie).copied();
             from_titles += usize::from(conn.seeded.is_some());
-            if let Some(saved) = saved.remove(&f.cookie) {
-                restored += usize::from(saved.restore_into(&mut conn, now));
-            }
             if f.transport == Transport::Unix {
                 self.unix_paths.insert(
                     path_hash(f.remote.as_bytes(), f.remote.len()),
                     f.remote.clone(),
                 );
-            } else {
+            } else if self.table.get(f.cookie).is_none() {
                 self.pending_adoption.insert(f.cookie);
             }
             let cookie = conn.cookie;
-            if self.table.insert_found(conn) {
+            let new = self.table.insert_found(conn);
+            let known = self.table.get_mut(cookie).filter(|c| c.preexisting);
+            if let (Some(saved), Some(conn)) = (saved.remove(&cookie), known) {
+                restored += usize::from(saved.restore_into(conn, now));
+            }
+            if new {
                 self.opened(cookie, now);
             }
+        }
+        for cookie in self.held_opens.take().unwrap_or_default() {
+            self.opened(cookie, now);
         }
         log::info!(
             "start-up: {from_titles} connection states from process titles, {restored} \
@@ -790,6 +811,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         unix_paths: HashMap::new(),
         unix_generation: 1,
         pending_adoption: HashSet::new(),
+        held_opens: Some(Vec::new()),
         adopting: false,
         labels: FxHashMap::default(),
         diag: None,

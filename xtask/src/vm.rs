@@ -239,10 +239,13 @@ fn guest_script(kernel: &Kernel, binaries: &[(String, PathBuf)]) -> Result<Strin
         root_dir().join("tests").display(),
     );
     let second = kernel.expect_hooks.split_whitespace().nth(1);
+    // `TRACER_VM_TESTS=part` runs only the tests whose name contains it (for a rerun).
+    let only = std::env::var("TRACER_VM_TESTS").unwrap_or_default();
     let runs = TESTS
         .iter()
         .map(|t| (t, None))
-        .chain(kernel.forced_second_set.iter().map(|t| (t, second)));
+        .chain(kernel.forced_second_set.iter().map(|t| (t, second)))
+        .filter(|((file, test), _)| format!("{file}::{test}").contains(&only));
     for ((file, test), forced) in runs {
         let binary = binaries
             .iter()
