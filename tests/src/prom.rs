@@ -1,16 +1,24 @@
 //! The Prometheus side of the root tests: a minimal HTTP GET (the daemon's `/metrics` and
-//! `/healthz`, Prometheus's API), a real Prometheus server that scrapes the daemon, and
+//! `/healthz`, Prometheus's API) and its HTTPS twin with basic auth (the endpoint behind
+//! `--web-config`), a real Prometheus server that scrapes the daemon, and
 //! `promtool check metrics`.
 
 use std::{
     fs,
-    io::{Read, Write},
+    io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
+    path::Path,
     process::{Child, Command, ExitStatus, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use base64::Engine as _;
+use rustls::{
+    ClientConfig, ClientConnection, RootCertStore, StreamOwned,
+    pki_types::{CertificateDer, ServerName, pem::PemObject},
+};
 use serde_json::Value;
 
 use crate::{TempDir, free_port};
@@ -41,7 +49,11 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<HttpRespons
     stream
         .read_to_end(&mut raw)
         .with_context(|| format!("reading the answer to GET {path} from {addr}"))?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
+    let text = String::from_utf8_lossy(raw).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
         .with_context(|| format!("no end of headers in {text:?}"))?;
@@ -55,6 +67,57 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<HttpRespons
         headers: head.to_owned(),
         body: body.to_owned(),
     })
+}
+
+/// `GET path` on `addr` over HTTPS, verifying the server as `server_name` against the PEM
+/// CA certificate `ca`, with basic auth when `auth` is (user, password); each read bounded
+/// by `timeout`.
+pub fn https_get(
+    addr: &str,
+    ca: &Path,
+    server_name: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    timeout: Duration,
+) -> Result<HttpResponse> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("{}", ca.display()))? {
+        roots.add(cert?)?;
+    }
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let conn = ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from(server_name.to_owned())?,
+    )?;
+    let sock: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("bad address {addr}"))?;
+    let stream = TcpStream::connect_timeout(&sock, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut tls = StreamOwned::new(conn, stream);
+    let auth = auth.map_or(String::new(), |(user, password)| {
+        let pair = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        format!("Authorization: Basic {pair}\r\n")
+    });
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: {server_name}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .with_context(|| format!("TLS to {addr}"))?;
+    let mut raw = Vec::new();
+    match tls.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A peer that closes without close_notify after its whole answer.
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e).with_context(|| format!("reading GET {path} from {addr}")),
+    }
+    parse_response(&raw)
 }
 
 /// Percent-encodes a query-string value.
@@ -87,15 +150,18 @@ impl Prometheus {
     /// Starts Prometheus with one scrape job `job` on `target` (`ip:port`, path `/metrics`) and
     /// waits until `/-/ready` answers 200.
     pub fn start(job: &str, target: &str) -> Result<Self> {
+        Self::start_with_config(&format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: '{job}'\n    static_configs:\n      - targets: ['{target}']\n"
+        ))
+    }
+
+    /// Starts Prometheus with `config` as its prometheus.yml and waits until `/-/ready`
+    /// answers 200.
+    pub fn start_with_config(config_text: &str) -> Result<Self> {
         let dir = TempDir::new("prom")?;
         let config = dir.0.join("prometheus.yml");
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: '{job}'\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )?;
+        fs::write(&config, config_text)?;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let log = fs::File::create(dir.0.join("log"))?;
         let child = Command::new("/usr/bin/prometheus")
@@ -139,6 +205,17 @@ impl Prometheus {
     /// Prometheus's own log.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.0.join("log")).unwrap_or_default()
+    }
+
+    /// The scrape targets Prometheus knows (`/api/v1/targets`, `data.activeTargets`).
+    pub fn targets(&self) -> Result<Vec<Value>> {
+        let r = http_get(&self.addr, "/api/v1/targets", Duration::from_secs(5))?;
+        let v: Value = serde_json::from_str(&r.body)
+            .with_context(|| format!("targets: not JSON: {}", r.body))?;
+        Ok(v["data"]["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// Runs an instant PromQL query through `/api/v1/query`; returns `data.result`.

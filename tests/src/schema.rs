@@ -1,5 +1,6 @@
-//! Validation of events against the published event schema, `docs/events.schema.json`: the
-//! same file users get, so a test that validates real events keeps the docs honest.
+//! Validation against the published schemas: events against `docs/events.schema.json`, the
+//! live table (`GET /api/v1/connections`) against `docs/connections.schema.json`. The same
+//! files users get, so a test that validates real output keeps the docs honest.
 
 use std::{path::PathBuf, sync::OnceLock};
 
@@ -8,33 +9,45 @@ use serde_json::Value;
 
 /// Path of the event schema in the source tree.
 pub fn schema_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/events.schema.json")
+    doc_path("events.schema.json")
 }
 
-fn validator() -> Result<&'static Validator, String> {
-    static VALIDATOR: OnceLock<Result<Validator, String>> = OnceLock::new();
-    VALIDATOR
-        .get_or_init(|| {
-            let path = schema_path();
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            let schema: Value = serde_json::from_str(&text)
-                .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
-            jsonschema::meta::validate(&schema)
-                .map_err(|e| format!("{} is not a valid JSON Schema: {e}", path.display()))?;
-            jsonschema::draft202012::new(&schema)
-                .map_err(|e| format!("{} does not compile: {e}", path.display()))
-        })
+/// Path of the live-table schema in the source tree.
+pub fn connections_schema_path() -> PathBuf {
+    doc_path("connections.schema.json")
+}
+
+fn doc_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs")
+        .join(name)
+}
+
+/// Reads, checks against the meta-schema and compiles one schema file.
+pub fn load_schema(path: &PathBuf) -> Result<(Value, Validator), String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let schema: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    jsonschema::meta::validate(&schema)
+        .map_err(|e| format!("{} is not a valid JSON Schema: {e}", path.display()))?;
+    let validator = jsonschema::draft202012::new(&schema)
+        .map_err(|e| format!("{} does not compile: {e}", path.display()))?;
+    Ok((schema, validator))
+}
+
+fn cached(
+    cell: &'static OnceLock<Result<Validator, String>>,
+    path: PathBuf,
+) -> Result<&'static Validator, String> {
+    cell.get_or_init(|| load_schema(&path).map(|(_, v)| v))
         .as_ref()
         .map_err(Clone::clone)
 }
 
-/// Checks one event (one parsed line of the event stream) against `docs/events.schema.json`.
-/// The error lists every violation with its JSON pointer, and the event itself.
-pub fn validate_event(event: &Value) -> Result<(), String> {
-    let validator = validator()?;
+fn check(validator: &Validator, instance: &Value, file: &str, what: &str) -> Result<(), String> {
     let errors: Vec<String> = validator
-        .iter_errors(event)
+        .iter_errors(instance)
         .map(|e| {
             let at = e.instance_path().to_string();
             format!("  at {}: {e}", if at.is_empty() { "/" } else { &at })
@@ -44,8 +57,31 @@ pub fn validate_event(event: &Value) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "event does not match docs/events.schema.json:\n{}\nevent: {event}",
+            "{what} does not match docs/{file}:\n{}\n{what}: {instance}",
             errors.join("\n")
         ))
     }
+}
+
+/// Checks one event (one parsed line of the event stream) against `docs/events.schema.json`.
+/// The error lists every violation with its JSON pointer, and the event itself.
+pub fn validate_event(event: &Value) -> Result<(), String> {
+    static VALIDATOR: OnceLock<Result<Validator, String>> = OnceLock::new();
+    check(
+        cached(&VALIDATOR, schema_path())?,
+        event,
+        "events.schema.json",
+        "event",
+    )
+}
+
+/// Checks a body of `GET /api/v1/connections` against `docs/connections.schema.json`.
+pub fn validate_connections(body: &Value) -> Result<(), String> {
+    static VALIDATOR: OnceLock<Result<Validator, String>> = OnceLock::new();
+    check(
+        cached(&VALIDATOR, connections_schema_path())?,
+        body,
+        "connections.schema.json",
+        "live table",
+    )
 }

@@ -1083,8 +1083,14 @@ fn ss_unix(path: &str) -> BTreeMap<(&'static str, u32), usize> {
     ends
 }
 
+/// `tracer list` from the socket tables (never a daemon that may be listening).
 fn tracer_list(args: &[&str]) -> String {
-    let out = run_ok(Command::new(tracer_bin()).arg("list").args(args)).expect("tracer list");
+    let out = run_ok(
+        Command::new(tracer_bin())
+            .args(["list", "--metrics-addr", "off"])
+            .args(args),
+    )
+    .expect("tracer list");
     String::from_utf8(out.stdout).expect("utf-8")
 }
 

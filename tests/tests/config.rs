@@ -38,6 +38,14 @@ fn file_case(contents: &'static [u8], needle: &'static str) -> Case {
     }
 }
 
+/// `--web-config {config}` with `contents` as the web config (YAML).
+fn web_case(contents: &'static [u8], needle: &'static str) -> Case {
+    Case {
+        config: Some(contents),
+        ..case(&["run", "--web-config", CONFIG], needle)
+    }
+}
+
 fn cases() -> Vec<Case> {
     let mut non_utf8 = case(&["run", "--port"], "54\\xff");
     non_utf8.args.push(OsString::from_vec(b"54\xff".to_vec()));
@@ -79,6 +87,30 @@ fn cases() -> Vec<Case> {
         // The toml crate's message spans several lines; it must come out as one.
         file_case(b"port = [5432,\n", "line 1"),
         file_case(b"log_level = \"\xff\"\n", "UTF-8"),
+        case(&["run", "--cmdline", "none"], "'none'"),
+        file_case(b"cmdline = \"all\"\n", "cmdline 'all'"),
+        case(
+            &["run", "--web-config", "/nonexistent/web.yml"],
+            "web config /nonexistent/web.yml: cannot read",
+        ),
+        file_case(
+            b"web_config = \"/nonexistent/web.yml\"\n",
+            "web config /nonexistent/web.yml",
+        ),
+        web_case(b"tls_server_config: [\n", "web config"),
+        web_case(b"basic_auth_user:\n  a: b\n", "unknown field `basic_auth_user`"),
+        web_case(
+            b"basic_auth_users:\n  prometheus: secret\n",
+            "basic_auth_users.prometheus: not a bcrypt hash",
+        ),
+        web_case(
+            b"tls_server_config:\n  cert_file: /nonexistent/tls.crt\n  key_file: /nonexistent/tls.key\n",
+            "cert_file /nonexistent/tls.crt",
+        ),
+        web_case(
+            b"tls_server_config:\n  cert_file: /etc/passwd\n  key_file: /etc/passwd\n",
+            "no PEM certificate",
+        ),
     ]
 }
 

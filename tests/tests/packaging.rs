@@ -14,13 +14,14 @@ use std::{
 };
 
 use serde::Deserialize;
-use tests::{TempDir, Value, free_port, lines, require_root, tracer_bin};
+use tests::{TempDir, Value, free_port, lines, prom::https_get, require_root, tracer_bin};
 
 const UNIT: &str = "deploy/systemd/tracer.service";
 const CONTAINERFILE: &str = "deploy/container/Containerfile";
 const DAEMONSET: &str = "deploy/kubernetes/daemonset.yaml";
 const SCRAPE: &str = "deploy/kubernetes/prometheus-scrape.yaml";
 const PODMONITOR: &str = "deploy/kubernetes/podmonitor.yaml";
+const WEB_SECRET: &str = "deploy/kubernetes/web-config-secret.yaml";
 
 /// `nobody`: what the root tests run the daemon as.
 const NOBODY: u32 = 65534;
@@ -37,6 +38,8 @@ const RUN_FLAGS: &[&str] = &[
     "--idle-after",
     "--log-level",
     "--state-dir",
+    "--cmdline",
+    "--web-config",
     "--config",
 ];
 
@@ -689,17 +692,40 @@ fn daemonset_runs_in_the_host_namespaces_with_exactly_the_five_capabilities() {
             .unwrap_or_else(|| panic!("env {var} defined"));
         assert_eq!(def["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
     }
+    // Basic auth guards every path: the kubelet checks that the endpoint listens.
     for probe in ["livenessProbe", "readinessProbe"] {
-        let get = &c[probe]["httpGet"];
-        assert_eq!(get["path"], "/healthz", "{probe}");
-        assert!(
-            get["port"] == "metrics" || get["port"] == 9433,
-            "{probe} port"
-        );
+        let port = &c[probe]["tcpSocket"]["port"];
+        assert!(port == "metrics" || port == 9433, "{probe} port: {port}");
     }
     let annotations = &template["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
     assert_eq!(annotations["prometheus.io/port"], "9433");
+    assert_eq!(annotations["prometheus.io/scheme"], "https");
+
+    // The web config comes from the Secret web-config-secret.yaml defines, mounted where
+    // --web-config looks, with the files it names next to it.
+    let web_config = flag_value(&args, "--web-config").expect("--web-config");
+    let (dir, file) = web_config.rsplit_once('/').expect("an absolute path");
+    let mount = mounts
+        .iter()
+        .find(|m| m["mountPath"] == dir)
+        .unwrap_or_else(|| panic!("{dir} is mounted"));
+    assert_eq!(mount["readOnly"], true);
+    let volume = volumes
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the web config volume");
+    let secret_docs = yaml_documents(WEB_SECRET);
+    let secret = of_kind(&secret_docs, "Secret");
+    assert_eq!(volume["secret"]["secretName"], secret["metadata"]["name"]);
+    assert_eq!(secret["metadata"]["namespace"], ns);
+    let data = &secret["stringData"];
+    let text = data[file].as_str().expect("the web config in the Secret");
+    let config: Value = serde_yaml_ng::from_str(text).expect("web config YAML");
+    for key in ["cert_file", "key_file"] {
+        let name = config["tls_server_config"][key].as_str().expect(key);
+        assert!(data[name].is_string(), "{key} {name} is in the Secret");
+    }
 
     let res = &c["resources"];
     for (kind, resource, value) in [
@@ -785,6 +811,63 @@ fn scrape_config_and_podmonitor_select_the_tracer_pods_metrics_port() {
         .as_array()
         .expect("podMetricsEndpoints");
     assert!(endpoints.iter().any(|e| e["port"] == "metrics"));
+    // Both scrape over TLS with basic auth, verifying the name the certificate is made for.
+    for endpoint in endpoints {
+        assert_eq!(endpoint["scheme"], "https");
+        assert_eq!(
+            endpoint["tlsConfig"]["serverName"],
+            job["tls_config"]["server_name"]
+        );
+        assert!(endpoint["basicAuth"]["password"]["key"].is_string());
+    }
+    assert_eq!(job["scheme"], "https");
+    assert!(job["tls_config"]["ca_file"].is_string());
+    assert!(job["basic_auth"]["username"].is_string());
+    assert!(job["basic_auth"]["password_file"].is_string());
+}
+
+/// The template of the web config Secret, its placeholders replaced by real values, is a web
+/// config the daemon accepts; with a placeholder left in, it is refused.
+#[test]
+fn the_web_config_secret_template_is_accepted_once_filled_in() {
+    let docs = yaml_documents(WEB_SECRET);
+    let data = &of_kind(&docs, "Secret")["stringData"];
+    let dir = TempDir::new("web-secret").expect("temp dir");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["pgconn-tracer".to_owned()]).expect("certificate");
+    let hash = bcrypt::hash("pw", 4).expect("bcrypt");
+    let fill = |text: &str| {
+        text.replace("REPLACE_WITH_BCRYPT_HASH", &hash)
+            .replace("REPLACE_WITH_PEM_CERTIFICATE", certified.cert.pem().trim())
+            .replace(
+                "REPLACE_WITH_PEM_PRIVATE_KEY",
+                certified.signing_key.serialize_pem().trim(),
+            )
+    };
+    let mut config = None;
+    for (name, value) in data.as_object().expect("stringData") {
+        let text = value.as_str().expect("a string");
+        assert!(
+            text.contains("REPLACE_"),
+            "{name} has no placeholder: {text}"
+        );
+        let path = dir.0.join(name);
+        fs::write(&path, text).expect("write");
+        if name.ends_with(".yml") {
+            config = Some(path);
+        }
+    }
+    let config = config.expect("a .yml web config");
+    let err = tracer::web_config::WebConfig::load(&config).expect_err("placeholders refused");
+    assert!(
+        err.to_string().contains("REPLACE") || err.to_string().contains("no PEM"),
+        "{err}"
+    );
+    for (name, value) in data.as_object().expect("stringData") {
+        fs::write(dir.0.join(name), fill(value.as_str().expect("a string"))).expect("write");
+    }
+    let loaded = tracer::web_config::WebConfig::load(&config).expect("the filled-in template");
+    assert!(loaded.tls(), "the template turns TLS on");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1083,6 +1166,22 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
     let trace_dir = TempDir::new("pkg-strace-out").expect("temp dir");
     let events = dir.0.join("events.jsonl");
     let bin = tracer_bin();
+    // The metrics endpoint as deployments protect it: TLS and basic auth (the handshake and
+    // the bcrypt check on the blocking pool are paths of their own).
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    fs::write(dir.0.join("tls.crt"), certified.cert.pem()).expect("write");
+    fs::write(dir.0.join("tls.key"), certified.signing_key.serialize_pem()).expect("write");
+    let web_config = dir.0.join("web-config.yml");
+    fs::write(
+        &web_config,
+        format!(
+            "tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\n\
+             basic_auth_users:\n  prometheus: {}\n",
+            bcrypt::hash("pw", 4).expect("bcrypt")
+        ),
+    )
+    .expect("write");
 
     let mut cmd = Command::new("strace");
     // As systemd's StateDirectory= does: the state file is written every tick.
@@ -1097,7 +1196,9 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
             port,
             &events,
             &format!("127.0.0.1:{metrics_port}"),
-        ));
+        ))
+        .arg("--web-config")
+        .arg(&web_config);
     let mut daemon = Daemon::start(cmd, &dir.0);
     daemon.wait_for("ready", Duration::from_secs(60), |evs| {
         evs.iter().any(|e| e["type"] == "ready")
@@ -1114,12 +1215,28 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
         evs.iter()
             .any(|e| e["type"] == "open" && e["role"] == "client" && e["pid"] == me)
     });
-    if run_accepts("--metrics-addr") {
-        for path in ["/healthz", "/metrics"] {
-            let reply = http_get(metrics_port, path);
-            assert!(reply.starts_with("HTTP/1."), "{path}: {reply:?}");
-        }
+    let addr = format!("127.0.0.1:{metrics_port}");
+    let ca = dir.0.join("tls.crt");
+    let get = |path: &str, password: &str| {
+        https_get(
+            &addr,
+            &ca,
+            "localhost",
+            path,
+            Some(("prometheus", password)),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    };
+    for path in ["/healthz", "/metrics"] {
+        assert_eq!(get(path, "pw").status, 200, "{path}");
     }
+    assert_eq!(get("/metrics", "wrong").status, 401);
+    let plain = http_get(metrics_port, "/metrics");
+    assert!(
+        !plain.starts_with("HTTP/1."),
+        "plain HTTP answered: {plain:?}"
+    );
     let status = daemon.terminate(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     assert!(

@@ -74,8 +74,7 @@ pub struct SockMark {
 pub mod mark {
     /// The socket is in `SOCKS`.
     pub const TRACKED: u32 = 1;
-    /// Never a Postgres connection (a TCP socket on other ports, a socket pair, a datagram
-    /// socket, another family).
+    /// A Unix socket that is never a Postgres connection (a socket pair, a datagram socket).
     pub const NOT_POSTGRES: u32 = 2;
     /// A Unix stream socket whose path is not watched (yet).
     pub const UNIX_UNWATCHED: u32 = 3;

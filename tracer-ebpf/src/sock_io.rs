@@ -29,7 +29,9 @@ use crate::{
         LAST_RECV, NO_WAKEUP, SOCKS, WATCHED_UNIX, count_loss, emit, emit_with, mark,
         scratch_state, set_sock_mark, setting_value, sock_mark,
     },
-    sock_state::{emit_close, emit_open, emit_peer_closed, header, preexisting_state, tcp_role},
+    sock_state::{
+        emit_close, emit_open, emit_peer_closed, header, preexisting_state, settle_cookie, tcp_role,
+    },
     unix::{address_path_hash, unix_address},
     user_buf::{Buffer, current_syscall_buffer, head, read_user, tail8},
 };
@@ -65,7 +67,7 @@ pub fn on_io(sk: *const c_void, ret: i32, sending: bool) {
             },
             Some(mark) if mark.verdict == mark::NOT_POSTGRES => return,
             Some(mark) if mark.generation == setting_value(setting::UNIX_GENERATION) => return,
-            _ => match discover_unix(sk) {
+            _ => match discover_unix(sk, ret, sending) {
                 Some(state) => state,
                 None => return,
             },
@@ -81,6 +83,7 @@ pub fn on_io(sk: *const c_void, ret: i32, sending: bool) {
 fn on_tracked_io(sk: *const c_void, state: *mut SockState, ret: i32, sending: bool) {
     // SAFETY: the map value stays valid while this program runs.
     let state = unsafe { &mut *state };
+    settle_cookie(sk, state);
     if state.family == AF_UNIX {
         if ret == 0 && !sending && state.flags & SOCK_FLAG_PEER_CLOSED == 0 {
             // End of file: the peer closed its end.
@@ -267,8 +270,16 @@ fn scan_startup(state: &mut SockState, buffer: Buffer, len: u64, skip_first: u32
 /// A Unix socket without a mark, or judged against older watched paths: is it a Postgres
 /// connection? Not inlined: this runs about once per socket and keeps its stack out of the
 /// tracked-socket step's chain.
+///
+/// A connection on a watched path is tracked from its first I/O that moved bytes. There is
+/// no Unix connect hook, so that I/O also tells a new connection from one that existed
+/// before the probes: every new connection begins with the client's start-up packet
+/// (start-up, encryption or cancel request), whose first byte is the high byte of its
+/// length, 0; every later message begins with its type letter. An I/O that moved nothing
+/// (a non-blocking read of an idle backend, woken by a signal) does not track it: the
+/// start-up scan finds it as it is.
 #[inline(never)]
-fn discover_unix(sk: *const c_void) -> Option<*mut SockState> {
+fn discover_unix(sk: *const c_void, ret: i32, sending: bool) -> Option<*mut SockState> {
     let sock_type: u16 = read_at(sk, offset!(sock_type))?;
     // Socket pairs have no path (and connected stream sockets always have their peer).
     let address = (sock_type == SOCK_STREAM)
@@ -287,6 +298,11 @@ fn discover_unix(sk: *const c_void) -> Option<*mut SockState> {
         set_sock_mark(sk, mark::UNIX_UNWATCHED, generation);
         return None;
     };
+    if ret <= 0 {
+        // Unmarked: judged again at its next I/O, which only watched sockets pay.
+        return None;
+    }
+    let preexisting = !starts_connection(ret, sending, is_server);
     // SAFETY: `sk` is the hook's BTF socket argument.
     let cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     let key = sk as u64;
@@ -314,7 +330,14 @@ fn discover_unix(sk: *const c_void) -> Option<*mut SockState> {
     } else {
         role::CLIENT
     };
-    let tracked = track(sk, key, state, hash, 0);
+    let open_flags = if preexisting {
+        // Its start-up is behind it: the protocol reader picks up mid-stream.
+        state.flags = SOCK_FLAG_PREEXISTING;
+        OPEN_FLAG_PREEXISTING
+    } else {
+        0
+    };
+    let tracked = track(sk, key, state, hash, open_flags);
     if tracked.is_some() {
         set_sock_mark(sk, mark::TRACKED, 0);
     } else {
@@ -323,6 +346,26 @@ fn discover_unix(sk: *const c_void) -> Option<*mut SockState> {
         set_sock_mark(sk, mark::UNIX_UNWATCHED, generation);
     }
     tracked
+}
+
+/// Whether the first I/O seen on a Unix connection (`ret` > 0 bytes) is its start: the
+/// client's first packet, which begins with a zero byte (see `discover_unix`). An answer
+/// seen first means the start-up is behind it; data that cannot be read counts as a start.
+/// Not inlined: its buffer reads stay out of the discovery frame.
+#[inline(never)]
+fn starts_connection(ret: i32, sending: bool, is_server: bool) -> bool {
+    let to_server = sending != is_server;
+    if !to_server {
+        // A new connection's first bytes go to the server.
+        return false;
+    }
+    let Some(buffer) = current_syscall_buffer(sending) else {
+        return true;
+    };
+    match head::<1>(buffer, ret as u64) {
+        Some([first]) => first == 0,
+        None => true,
+    }
 }
 
 /// A TCP connection on a watched port that existed before the probes were attached. Not

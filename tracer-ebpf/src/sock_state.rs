@@ -143,8 +143,14 @@ fn maybe_track(sk: *const c_void, key: u64, new_state: i32) -> bool {
     let Some(state) = scratch_state() else {
         return true;
     };
-    // SAFETY: `sk` is the tracepoint's `struct sock *` argument, as the helper requires.
-    state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    // The server's child socket gets its cookie later: at SYN_RECV it is still being cloned
+    // from the listener, and on some kernels (6.1) its cookie is overwritten right after
+    // this transition (from the request socket's), so a cookie read now could be the
+    // listener's, shared by every child. See `settle_cookie`.
+    if sock_role == role::CLIENT {
+        // SAFETY: `sk` is the tracepoint's `struct sock *` argument, as the helper requires.
+        state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    }
     // SAFETY: helper without arguments.
     state.start_ns = unsafe { bpf_ktime_get_ns() };
     state.family = read_at(sk, offset!(sock_common_family)).unwrap_or(0);
@@ -167,6 +173,7 @@ fn on_tracked_change(
     old_state: i32,
     new_state: i32,
 ) {
+    settle_cookie(sk, state);
     match new_state {
         TCP_ESTABLISHED => {
             snapshot_addresses(sk, state);
@@ -192,6 +199,16 @@ fn on_tracked_change(
             on_close(sk, key, state, old_state);
         }
         _ => {}
+    }
+}
+
+/// Takes the cookie of a server's child socket once it is final (any transition after
+/// SYN_RECV, or its first I/O): every record carries it.
+#[inline(always)]
+pub fn settle_cookie(sk: *const c_void, state: &mut SockState) {
+    if state.cookie == 0 {
+        // SAFETY: `sk` is the hook's BTF socket argument.
+        state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
     }
 }
 

@@ -4,12 +4,16 @@
 //! Flags are parsed into `Option`s (so that "not given" is visible), the file into the same
 //! shape, and [`RunArgs`] takes each option from the flags, else the file, else the default.
 
-use std::{ffi::OsStr, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{ffi::OsStr, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand, builder::TypedValueParser, error::ErrorKind};
 
 pub use crate::config::EventsDest;
-use crate::config::{self, RunSettings, shown};
+use crate::{
+    config::{self, RunSettings, shown},
+    redact::CmdlineMode,
+    web_config::WebConfig,
+};
 
 /// The validated command line.
 #[derive(Clone, Debug)]
@@ -21,6 +25,7 @@ pub struct Cli {
 pub enum Command {
     Run(RunArgs),
     List(ListArgs),
+    Top(TopArgs),
     Check,
 }
 
@@ -43,6 +48,10 @@ pub struct RunArgs {
     pub max_label_sets: usize,
     pub max_connections: u32,
     pub state_dir: config::StateDirSetting,
+    /// What of a process's command line events carry.
+    pub cmdline: CmdlineMode,
+    /// `--web-config`, read and checked: TLS and basic auth of the metrics endpoint.
+    pub web_config: Option<Arc<WebConfig>>,
     /// The file the options were read from, if any.
     pub config: Option<PathBuf>,
 }
@@ -64,13 +73,16 @@ impl Default for RunArgs {
             max_label_sets: config::DEFAULT_MAX_LABEL_SETS,
             max_connections: config::DEFAULT_MAX_CONNECTIONS,
             state_dir: config::StateDirSetting::Default,
+            cmdline: CmdlineMode::default(),
+            web_config: None,
             config: None,
         }
     }
 }
 
 impl RunArgs {
-    /// Each option from `flags`, else from `file`, else the default.
+    /// Each option from `flags`, else from `file`, else the default. The web config file is
+    /// read by [`parse`], not here.
     pub fn merge(flags: RunSettings, file: RunSettings, config: Option<PathBuf>) -> Self {
         let d = Self::default();
         let mut ports = flags.ports.or(file.ports).unwrap_or(d.ports);
@@ -111,6 +123,8 @@ impl RunArgs {
                 .or(file.max_connections)
                 .unwrap_or(d.max_connections),
             state_dir: flags.state_dir.or(file.state_dir).unwrap_or(d.state_dir),
+            cmdline: flags.cmdline.or(file.cmdline).unwrap_or(d.cmdline),
+            web_config: None,
             config,
         }
     }
@@ -131,6 +145,16 @@ pub struct ListArgs {
     /// Sorted, without duplicates.
     pub ports: Vec<u16>,
     pub unix_socket_glob: String,
+    pub cmdline: CmdlineMode,
+    /// The daemon to ask first; `None`: `--metrics-addr off`, the socket tables only.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `tracer top`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopArgs {
+    /// The daemon's metrics address, where its live table is served.
+    pub metrics_addr: SocketAddr,
 }
 
 /// Why parsing stopped.
@@ -168,7 +192,9 @@ where
 {
     let raw = RawCli::try_parse_from(args).map_err(|err| {
         if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-            CliError::Usage("missing subcommand: run, list or check (see tracer --help)".into())
+            CliError::Usage(
+                "missing subcommand: run, list, top or check (see tracer --help)".into(),
+            )
         } else if err.use_stderr() {
             CliError::Usage(one_line(&err))
         } else {
@@ -183,7 +209,15 @@ where
                 None => RunSettings::default(),
             };
             let config = flags.config.clone();
-            Command::Run(RunArgs::merge(flags.into_settings(), file, config))
+            let flags = flags.into_settings();
+            let web_config = flags.web_config.clone().or_else(|| file.web_config.clone());
+            let mut args = RunArgs::merge(flags, file, config);
+            // Certificates, keys and hashes are checked now, before anything is attached.
+            args.web_config = web_config
+                .map(|path| WebConfig::load(&path).map(Arc::new))
+                .transpose()
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            Command::Run(args)
         }
         RawCommand::List(flags) => {
             let mut ports = if flags.ports.is_empty() {
@@ -199,8 +233,15 @@ where
                 unix_socket_glob: flags
                     .unix_socket_glob
                     .unwrap_or_else(|| config::DEFAULT_UNIX_SOCKET_GLOB.to_owned()),
+                cmdline: flags.cmdline.unwrap_or_default(),
+                metrics_addr: flags
+                    .metrics_addr
+                    .map_or(Some(config::DEFAULT_METRICS_ADDR), |m| m.0),
             })
         }
+        RawCommand::Top(flags) => Command::Top(TopArgs {
+            metrics_addr: flags.metrics_addr.unwrap_or(config::DEFAULT_METRICS_ADDR),
+        }),
         RawCommand::Check => Command::Check,
     };
     Ok(Cli { command })
@@ -237,9 +278,11 @@ struct RawCli {
 enum RawCommand {
     /// Attach the probes and stream connection events and metrics until SIGINT/SIGTERM.
     #[command(after_help = RUN_AFTER_HELP)]
-    Run(RunFlags),
+    Run(Box<RunFlags>),
     /// Print the Postgres connections open on this host right now, then exit.
     List(ListFlags),
+    /// Live terminal view of a running daemon's connections, by process or container.
+    Top(TopFlags),
     /// Check that this kernel and these privileges can `run`; one line per check.
     Check,
 }
@@ -308,6 +351,13 @@ struct RunFlags {
     /// $STATE_DIRECTORY, else /var/lib/tracer, when writable]
     #[arg(long, value_name = "DIR", value_parser = Checked(config::parse_state_dir))]
     state_dir: Option<config::StateDirSetting>,
+    /// Command lines in events: full, redacted (credentials replaced by <redacted>) or off
+    /// [default: redacted]
+    #[arg(long, value_name = "MODE", value_parser = Checked(config::parse_cmdline_mode))]
+    cmdline: Option<CmdlineMode>,
+    /// Prometheus exporter-toolkit web config (YAML: TLS, basic auth) for every HTTP endpoint
+    #[arg(long, value_name = "FILE", value_parser = Checked(config::parse_web_config))]
+    web_config: Option<PathBuf>,
 }
 
 impl RunFlags {
@@ -326,6 +376,8 @@ impl RunFlags {
             max_label_sets: self.max_label_sets,
             max_connections: self.max_connections,
             state_dir: self.state_dir,
+            cmdline: self.cmdline,
+            web_config: self.web_config,
         }
     }
 }
@@ -343,6 +395,25 @@ struct ListFlags {
     /// Unix-socket paths that count as Postgres [default: */.s.PGSQL.*]
     #[arg(long, value_name = "G", value_parser = Checked(config::parse_unix_socket_glob))]
     unix_socket_glob: Option<String>,
+    /// Command lines in --json: full, redacted or off [default: redacted]
+    #[arg(long, value_name = "MODE", value_parser = Checked(config::parse_cmdline_mode))]
+    cmdline: Option<CmdlineMode>,
+    /// The daemon to ask first (its live table has real states), or `off` for the socket
+    /// tables only [default: 127.0.0.1:9433]
+    #[arg(long, value_name = "ADDR", value_parser = Checked(parse_metrics_flag))]
+    metrics_addr: Option<MetricsAddr>,
+}
+
+#[derive(Debug, Args)]
+struct TopFlags {
+    /// The daemon's metrics address, IP:PORT or [IPv6]:PORT [default: 127.0.0.1:9433]
+    #[arg(long, value_name = "ADDR", value_parser = Checked(parse_daemon_addr))]
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// `tracer top` needs a daemon to draw: `off` is no address there.
+fn parse_daemon_addr(s: &str) -> Result<SocketAddr, String> {
+    config::parse_metrics_addr(s)?.ok_or_else(|| "top needs the daemon's IP:PORT".to_owned())
 }
 
 /// `Option<Option<_>>` means something else to clap; wrap the inner one.
@@ -486,6 +557,8 @@ mod tests {
         assert_eq!(a.log_level, log::LevelFilter::Info);
         assert_eq!(a.max_label_sets, 1000);
         assert_eq!(a.max_connections, 65_536);
+        assert_eq!(a.cmdline, CmdlineMode::Redacted);
+        assert_eq!(a.web_config, None);
         assert_eq!(a.config, None);
         assert_eq!(a, RunArgs::default());
     }
@@ -522,6 +595,8 @@ mod tests {
             "16",
             "--state-dir",
             "/tmp/tracer-state",
+            "--cmdline",
+            "full",
         ])
         .expect("parses");
         assert_eq!(
@@ -540,6 +615,8 @@ mod tests {
                 max_label_sets: 10,
                 max_connections: 16,
                 state_dir: config::StateDirSetting::Dir("/tmp/tracer-state".into()),
+                cmdline: CmdlineMode::Full,
+                web_config: None,
                 config: None,
             }
         );
@@ -681,10 +758,24 @@ mod tests {
                 &["/nonexistent/tracer.toml", "No such file"],
             ),
             (&["run", "--config", "/"], &["config /:"]),
+            (&["run", "--cmdline", "none"], &["'none'", "--cmdline"]),
+            (&["run", "--web-config", ""], &["--web-config", "empty"]),
+            (
+                &["run", "--web-config", "/nonexistent/web.yml"],
+                &["web config /nonexistent/web.yml", "cannot read"],
+            ),
+            (&["list", "--cmdline", "all"], &["'all'"]),
             (&["list", "--port", "0"], &["'0'"]),
             (&["list", "--unix-socket-glob", "[x"], &["'[x'"]),
             (&["list", "--stall-after", "5s"], &["--stall-after"]),
             (&["check", "--json"], &["--json"]),
+            (
+                &["list", "--metrics-addr", "9433"],
+                &["'9433'", "--metrics-addr"],
+            ),
+            (&["top", "--metrics-addr", "off"], &["'off'", "daemon"]),
+            (&["top", "--metrics-addr", "host:1"], &["'host:1'"]),
+            (&["top", "--json"], &["--json"]),
         ] {
             assert_bad(argv(args), needles);
         }
@@ -720,6 +811,8 @@ mod tests {
             (b"port = [5432,", &["line 1", "port = [5432,"]),
             (b"log_level = \"\xff\"", &["not valid UTF-8"]),
             (b"[[x]]\ny = 1\n", &["x"]),
+            (b"cmdline = \"none\"", &["cmdline 'none'"]),
+            (b"web_config = \"\"", &["web_config ''"]),
         ] {
             let file = ConfigFile::new(contents);
             let mut needles = needles.to_vec();
@@ -746,6 +839,7 @@ mod tests {
             &["run", "--help"],
             &["list", "--help"],
             &["check", "--help"],
+            &["top", "--help"],
             &["help", "run"],
         ] {
             let err = parse_os(argv(args)).expect_err("stops");
@@ -785,6 +879,9 @@ mod tests {
             "--max-connections <N>",
             "[default: 65536]",
             "--state-dir <DIR>",
+            "--cmdline <MODE>",
+            "[default: redacted]",
+            "--web-config <FILE>",
             "stall_after = \"5s\"",
         ] {
             assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
@@ -802,6 +899,8 @@ mod tests {
                 json: false,
                 ports: vec![5432, 6432],
                 unix_socket_glob: "*/.s.PGSQL.*".into(),
+                cmdline: CmdlineMode::Redacted,
+                metrics_addr: Some("127.0.0.1:9433".parse().expect("addr")),
             }
         );
         assert_eq!(
@@ -812,7 +911,10 @@ mod tests {
                 "7000,6000",
                 "--port=6000",
                 "--unix-socket-glob",
-                "/run/*"
+                "/run/*",
+                "--cmdline=off",
+                "--metrics-addr",
+                "off"
             ]))
             .expect("parses")
             {
@@ -823,6 +925,26 @@ mod tests {
                 json: true,
                 ports: vec![6000, 7000],
                 unix_socket_glob: "/run/*".into(),
+                cmdline: CmdlineMode::Off,
+                metrics_addr: None,
+            }
+        );
+        assert_eq!(
+            match parse_os(argv(&["top"])).expect("parses") {
+                Command::Top(a) => a,
+                other => panic!("{other:?}"),
+            },
+            TopArgs {
+                metrics_addr: "127.0.0.1:9433".parse().expect("addr"),
+            }
+        );
+        assert_eq!(
+            match parse_os(argv(&["top", "--metrics-addr", "[::1]:9500"])).expect("parses") {
+                Command::Top(a) => a,
+                other => panic!("{other:?}"),
+            },
+            TopArgs {
+                metrics_addr: "[::1]:9500".parse().expect("addr"),
             }
         );
         assert!(matches!(

@@ -13,6 +13,8 @@ use std::{
 use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
+use crate::redact::CmdlineMode;
+
 pub const DEFAULT_PORTS: [u16; 2] = [5432, 6432];
 /// libpq's socket files are `<dir>/.s.PGSQL.<port>`.
 pub const DEFAULT_UNIX_SOCKET_GLOB: &str = "*/.s.PGSQL.*";
@@ -54,6 +56,18 @@ pub fn parse_events(s: &str) -> Result<EventsDest, String> {
         "-" => Ok(EventsDest::Stdout),
         path => Ok(EventsDest::File(path.into())),
     }
+}
+
+pub fn parse_cmdline_mode(s: &str) -> Result<CmdlineMode, String> {
+    CmdlineMode::parse(s)
+}
+
+/// A web config file name (checked later, by [`crate::web_config::WebConfig::load`]).
+pub fn parse_web_config(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("empty file name".into());
+    }
+    Ok(PathBuf::from(s))
 }
 
 pub fn parse_port(s: &str) -> Result<u16, String> {
@@ -404,6 +418,8 @@ pub struct RunSettings {
     pub max_label_sets: Option<usize>,
     pub max_connections: Option<u32>,
     pub state_dir: Option<StateDirSetting>,
+    pub cmdline: Option<CmdlineMode>,
+    pub web_config: Option<PathBuf>,
 }
 
 /// The file as written; values are checked by [`FileConfig::validate`] so that errors can
@@ -424,6 +440,8 @@ struct FileConfig {
     max_label_sets: Option<Spanned<u64>>,
     max_connections: Option<Spanned<u64>>,
     state_dir: Option<Spanned<String>>,
+    cmdline: Option<Spanned<String>>,
+    web_config: Option<Spanned<String>>,
 }
 
 /// `port = 5432` or `port = [5432, 6432]`.
@@ -566,6 +584,8 @@ impl FileConfig {
                 )?
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             state_dir: at.check("state_dir", self.state_dir, parse_state_dir)?,
+            cmdline: at.check("cmdline", self.cmdline, parse_cmdline_mode)?,
+            web_config: at.check("web_config", self.web_config, parse_web_config)?,
         })
     }
 }
@@ -851,6 +871,8 @@ mod tests {
             max_label_sets = 50
             max_connections = 4096
             state_dir = "off"
+            cmdline = "off"
+            web_config = "/etc/tracer/web-config.yml"
         "#;
         let got = parse_file(Path::new("t.toml"), text).expect("valid");
         assert_eq!(
@@ -869,6 +891,8 @@ mod tests {
                 max_label_sets: Some(50),
                 max_connections: Some(4096),
                 state_dir: Some(StateDirSetting::Off),
+                cmdline: Some(CmdlineMode::Off),
+                web_config: Some("/etc/tracer/web-config.yml".into()),
             }
         );
     }

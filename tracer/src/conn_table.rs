@@ -1,11 +1,9 @@
 //! The connections the daemon knows about: a pure state machine fed with kernel events.
 //! It reads no clock and touches no kernel; `apply` says what changed.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tracer_common::{
     AF_INET6, AF_UNIX, OPEN_FLAG_PREEXISTING, ProcInfo, SockState, closed_by, proto, role,
@@ -194,7 +192,7 @@ pub enum Change {
 
 #[derive(Default)]
 pub struct ConnTable {
-    conns: HashMap<u64, Conn>,
+    conns: FxHashMap<u64, Conn>,
 }
 
 fn ip_from_wire(family: u16, raw: &[u8; 16]) -> IpAddr {
@@ -234,12 +232,23 @@ impl ConnTable {
     }
 
     /// Adds a connection found outside the kernel (at start-up); false if already known.
-    pub fn insert_found(&mut self, conn: Conn) -> bool {
-        if self.conns.contains_key(&conn.cookie) {
-            return false;
+    ///
+    /// One the kernel adopted first, from I/O between the probes' attach and the scan, is
+    /// also older than the daemon: it learns what the scan knows and the kernel cannot (how
+    /// old it is, when data last moved, the state seeded from its process title).
+    pub fn insert_found(&mut self, found: Conn) -> bool {
+        let Some(known) = self.conns.get_mut(&found.cookie) else {
+            self.conns.insert(found.cookie, found);
+            return true;
+        };
+        if known.preexisting {
+            known.born_ns = known.born_ns.min(found.born_ns);
+            known.found_to_server_ns = found.found_to_server_ns;
+            known.found_from_server_ns = found.found_from_server_ns;
+            known.peer_closed_ns = known.peer_closed_ns.or(found.peer_closed_ns);
+            known.seeded = known.seeded.or(found.seeded);
         }
-        self.conns.insert(conn.cookie, conn);
-        true
+        false
     }
 
     /// Removes a connection whose end was noticed outside the kernel (Unix sockets).
@@ -499,6 +508,52 @@ mod tests {
         });
         assert_eq!(table.apply(&peer, &paths), Change::Untracked);
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn found_connections_complete_the_ones_the_kernel_adopted_first() {
+        let mut table = ConnTable::default();
+        let mut adopted = open_v4(8);
+        adopted.flags = OPEN_FLAG_PREEXISTING;
+        adopted.header.ts_ns = 9_000;
+        adopted.start_ns = 9_000;
+        let mut fresh = open_v4(9);
+        fresh.start_ns = 9_500;
+        table.apply(&KernelEvent::Open(adopted), &paths);
+        table.apply(&KernelEvent::Open(fresh), &paths);
+        let found = |cookie| {
+            let mut conn = Conn::new(
+                cookie,
+                Role::Client,
+                Transport::Tcp,
+                "127.0.0.1:40000".into(),
+                "127.0.0.1:5432".into(),
+                Owner::from_wire(&proc(5, "worker")),
+                10_000,
+            );
+            conn.preexisting = true;
+            conn.born_ns = 1_000;
+            conn.found_to_server_ns = 2_000;
+            conn.seeded = Some(Seeded {
+                state: crate::detectors::ConnState::IdleInTransaction,
+                known_ns: 2_000,
+            });
+            conn
+        };
+        assert!(!table.insert_found(found(8)));
+        assert!(!table.insert_found(found(9)));
+        let adopted = table.get(8).expect("adopted");
+        assert_eq!(
+            (adopted.born_ns, adopted.found_to_server_ns),
+            (1_000, 2_000),
+            "the scan's age and timings"
+        );
+        assert!(adopted.seeded.is_some(), "the process title's state");
+        assert_eq!(adopted.sock_key, 0xffff_0008, "still the kernel's");
+        // Opened after the probes: the kernel's account stands.
+        let fresh = table.get(9).expect("fresh");
+        assert!(!fresh.preexisting);
+        assert_eq!((fresh.born_ns, fresh.seeded), (9_500, None));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
+use rustc_hash::FxHashMap;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -30,18 +31,21 @@ use crate::{
     cli::{EventsDest, RunArgs},
     config::Glob,
     conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
-    decode::decode,
+    decode::{KernelEvent, decode},
     detectors::{Finding, Thresholds},
     discovery::{FoundConn, find_connections, sockets_in_every_netns, watched_unix_listeners},
     events::{ConnFields, Event, EventBody, EventSink},
+    live::{LiveConn, LiveTable},
     metrics::{self, ConnLabels, ConnSnapshot, Metrics, PoolerServerLabels, short_container_id},
     owners::start_ticks,
     pooler::Relations,
     probes::{KernelLosses, Probes},
     proc_title,
     process::{ProcessDetails, read_details},
+    redact::CmdlineMode,
     sockdiag::{DiagSocket, TCP_CLOSE_WAIT, TCP_ESTABLISHED},
     state_file::{KeptState, SavedConn, StateFile},
+    web_config::Protection,
 };
 
 /// Lines that may wait for a slow event reader before events are dropped (and counted).
@@ -124,8 +128,9 @@ fn clock_ticks() -> u64 {
     u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
 }
 
-/// What `/proc` says of `owner`, unless its pid now names another process.
-fn owner_details(owner: &Owner) -> ProcessDetails {
+/// What `/proc` says of `owner` (its command line as `cmdline` allows), unless its pid now
+/// names another process.
+fn owner_details(owner: &Owner, cmdline: CmdlineMode) -> ProcessDetails {
     let proc_root = Path::new("/proc");
     if owner.pid == 0 {
         return ProcessDetails::default();
@@ -141,7 +146,7 @@ fn owner_details(owner: &Owner) -> ProcessDetails {
             _ => return ProcessDetails::default(),
         }
     }
-    read_details(proc_root, owner.pid)
+    read_details(proc_root, owner.pid, cmdline)
 }
 
 /// Metric labels of a connection. A server's `remote` drops the client's ephemeral port,
@@ -172,16 +177,23 @@ struct Tracker {
     clock: Clock,
     sink: EventSink,
     metrics: Arc<Metrics>,
+    /// What `GET /api/v1/connections` serves, republished every tick.
+    live: Arc<LiveTable>,
     limits: Thresholds,
     ports: Vec<u16>,
     unix_glob: Glob,
+    /// What of an owner's command line events carry.
+    cmdline: CmdlineMode,
     /// Watched Unix socket paths by their hash.
     unix_paths: HashMap<u64, String>,
     unix_generation: u32,
     /// TCP connections found at start-up that the kernel has not adopted yet.
     pending_adoption: HashSet<u64>,
+    /// Until the start-up scan: connections older than the daemon that the kernel adopted
+    /// first. Their opens wait for what the scan knows of them (age, state).
+    held_opens: Option<Vec<u64>>,
     adopting: bool,
-    labels: HashMap<u64, ConnLabels>,
+    labels: FxHashMap<u64, ConnLabels>,
     diag: Option<DiagSocket>,
     decode_errors: u64,
     untracked: u64,
@@ -197,6 +209,9 @@ struct Tracker {
     state: Option<KeptState>,
     /// Both ends of connections on this host, and pooler links.
     relations: Relations,
+    /// Something the state file holds changed since it was written (a record, the kernel's
+    /// live state of a connection, a verdict): an idle table is not encoded again.
+    state_dirty: bool,
 }
 
 impl Tracker {
@@ -205,6 +220,7 @@ impl Tracker {
     }
 
     fn handle_record(&mut self, bytes: &[u8]) {
+        self.state_dirty = true;
         let event = match decode(bytes) {
             Ok(event) => event,
             Err(err) => {
@@ -214,9 +230,22 @@ impl Tracker {
             }
         };
         let ts = event.header().ts_ns;
+        if let (Some(held), KernelEvent::Close(close)) = (&mut self.held_opens, &event) {
+            // Ended before the scan: its open goes first, as the kernel knew it.
+            let cookie = close.header.cookie;
+            if let Some(i) = held.iter().position(|&c| c == cookie) {
+                held.swap_remove(i);
+                self.opened(cookie, ts);
+            }
+        }
         let paths = &self.unix_paths;
         match self.table.apply(&event, &|hash| paths.get(&hash).cloned()) {
-            Change::Opened(cookie) => self.opened(cookie, ts),
+            Change::Opened(cookie) => match &mut self.held_opens {
+                Some(held) if self.table.get(cookie).is_some_and(|c| c.preexisting) => {
+                    held.push(cookie)
+                }
+                _ => self.opened(cookie, ts),
+            },
             Change::Refreshed(cookie) => {
                 self.pending_adoption.remove(&cookie);
                 self.refresh_owner(cookie);
@@ -279,7 +308,7 @@ impl Tracker {
         let Some(conn) = self.table.get_mut(cookie) else {
             return;
         };
-        conn.details = owner_details(&conn.owner);
+        conn.details = owner_details(&conn.owner, self.cmdline);
         let Some(conn) = self.table.get(cookie) else {
             return;
         };
@@ -301,7 +330,7 @@ impl Tracker {
 
     fn refresh_owner(&mut self, cookie: u64) {
         if let Some(conn) = self.table.get_mut(cookie) {
-            conn.details = owner_details(&conn.owner);
+            conn.details = owner_details(&conn.owner, self.cmdline);
         }
     }
 
@@ -313,6 +342,7 @@ impl Tracker {
         bytes_received: u64,
         closed_by: ClosedBy,
     ) {
+        self.state_dirty = true;
         self.pending_adoption.remove(&conn.cookie);
         let view = conn.view();
         for finding in conn.episodes.close(&view, end_ns) {
@@ -396,24 +426,29 @@ impl Tracker {
             .unwrap_or_default();
         let (mut from_titles, mut restored) = (0, 0);
         for f in found {
-            let mut conn = f.to_conn(now, proc_root);
+            let mut conn = f.to_conn(now, proc_root, self.cmdline);
             conn.seeded = titles.get(&f.cookie).copied();
             from_titles += usize::from(conn.seeded.is_some());
-            if let Some(saved) = saved.remove(&f.cookie) {
-                restored += usize::from(saved.restore_into(&mut conn, now));
-            }
             if f.transport == Transport::Unix {
                 self.unix_paths.insert(
                     path_hash(f.remote.as_bytes(), f.remote.len()),
                     f.remote.clone(),
                 );
-            } else {
+            } else if self.table.get(f.cookie).is_none() {
                 self.pending_adoption.insert(f.cookie);
             }
             let cookie = conn.cookie;
-            if self.table.insert_found(conn) {
+            let new = self.table.insert_found(conn);
+            let known = self.table.get_mut(cookie).filter(|c| c.preexisting);
+            if let (Some(saved), Some(conn)) = (saved.remove(&cookie), known) {
+                restored += usize::from(saved.restore_into(conn, now));
+            }
+            if new {
                 self.opened(cookie, now);
             }
+        }
+        for cookie in self.held_opens.take().unwrap_or_default() {
+            self.opened(cookie, now);
         }
         log::info!(
             "start-up: {from_titles} connection states from process titles, {restored} \
@@ -454,12 +489,13 @@ impl Tracker {
     /// table (encoding costs about 2.5 us per connection), and always at shutdown (`force`).
     fn save_state(&mut self, now: u64, force: bool) {
         let every = (self.table.len() / STATE_CONNS_PER_TICK).clamp(1, STATE_MAX_TICKS) as u64;
-        if !force && !self.ticks.is_multiple_of(every) {
+        if !force && (!self.state_dirty || !self.ticks.is_multiple_of(every)) {
             return;
         }
         if let Some(state) = self.state.as_mut() {
             state.save(self.table.iter(), now);
         }
+        self.state_dirty = false;
     }
 
     /// Looks for Postgres's listening Unix sockets; true when the set changed.
@@ -530,6 +566,7 @@ impl Tracker {
         };
         let mut findings = Vec::new();
         let mut ended_unseen = false;
+        let mut changed = false;
         for conn in self.table.iter_mut() {
             if conn.sock_key != 0 {
                 match live_states
@@ -538,6 +575,7 @@ impl Tracker {
                     .filter(|live| live.cookie == conn.cookie)
                 {
                     Some(live) => {
+                        changed |= conn.live != live;
                         conn.live = live;
                         if live.flags & SOCK_FLAG_PEER_CLOSED != 0 {
                             conn.peer_closed_ns.get_or_insert(now);
@@ -557,6 +595,7 @@ impl Tracker {
         }
         self.reconcile_needed |= ended_unseen;
         self.relations.refresh_proxies(&self.table);
+        self.state_dirty |= changed || !findings.is_empty();
         for (cookie, finding) in findings {
             if let Some(conn) = self.table.get(cookie) {
                 self.report(conn, now, finding);
@@ -589,6 +628,7 @@ impl Tracker {
             .collect();
         self.metrics.set_open(&snapshot);
         self.metrics.set_pooler_servers(&self.pooler_servers());
+        self.publish_live(now);
         self.save_state(now, false);
     }
 
@@ -612,6 +652,19 @@ impl Tracker {
             *counts.entry(labels).or_insert(0) += 1;
         }
         counts
+    }
+
+    /// Hands the HTTP worker this tick's rows (when wanted, see [`LiveTable::wanted`]); it
+    /// serves them until the next publish.
+    fn publish_live(&self, now: u64) {
+        if self.live.wanted(self.table.len(), now) {
+            let rows = self
+                .table
+                .iter()
+                .map(|c| LiveConn::new(self.fields(c), c, now))
+                .collect();
+            self.live.publish(rows, now);
+        }
     }
 
     /// Unix sockets have no close hook: a tracked one missing from the socket table closed.
@@ -813,12 +866,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .context("polling the ring buffer")?;
     let metrics = Arc::new(Metrics::new(args.max_label_sets, env!("CARGO_PKG_VERSION")));
     let ready = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(LiveTable::default());
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = metrics_listener.map(|listener| {
         tokio::spawn(metrics::serve(
             listener,
             metrics.clone(),
             ready.clone(),
+            Protection::new(args.web_config.as_deref()),
+            live.clone(),
             async move {
                 let _ = metrics_stopped.await;
             },
@@ -830,6 +886,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         clock: Clock::new(),
         sink: EventSink::start(output, EVENT_QUEUE_CAPACITY, args.format),
         metrics: metrics.clone(),
+        live: live.clone(),
         limits: Thresholds {
             stall_after: args.stall_after,
             idle_in_transaction_after: args.idle_in_transaction_after,
@@ -838,11 +895,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
         ports: ports.clone(),
         unix_glob: unix_glob.clone(),
+        cmdline: args.cmdline,
         unix_paths: HashMap::new(),
         unix_generation: 1,
         pending_adoption: HashSet::new(),
+        held_opens: Some(Vec::new()),
         adopting: false,
-        labels: HashMap::new(),
+        labels: FxHashMap::default(),
         diag: None,
         decode_errors: 0,
         untracked: 0,
@@ -852,6 +911,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         last_tick_ns: 0,
         state: kept,
         relations: Relations::default(),
+        state_dirty: true,
     };
 
     // Watch the Unix sockets Postgres listens on, then seed the connections that already
@@ -880,6 +940,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             unix_socket_glob: args.unix_socket_glob.clone(),
         },
     );
+    tracker.publish_live(monotonic_ns());
     ready.store(true, Ordering::SeqCst);
     log::info!(
         "ready: watching TCP ports {ports:?} and Unix sockets {:?}; {} connections already open",
@@ -925,6 +986,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         std::process::exit(0);
     });
     ready.store(false, Ordering::SeqCst);
+    live.withdraw();
     // Whatever the kernel already queued is still reported.
     drain(ring.get_mut(), &mut tracker, usize::MAX);
     report_losses(&probes, &mut tracker, &mut reported);

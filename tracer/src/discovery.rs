@@ -9,6 +9,7 @@ use crate::{
     conn_table::{Conn, Owner, Role, Transport},
     owners::{process_age_s, socket_owners},
     process::read_details,
+    redact::CmdlineMode,
     sockdiag::{self, DiagError, TCP_CLOSE_WAIT, TCP_LISTEN, TcpSocket, UnixConnection, UnixRole},
 };
 
@@ -42,8 +43,8 @@ impl FoundConn {
     }
 
     /// The connection as the daemon tracks it, at monotonic time `now` (ns): owner from
-    /// `/proc`, timings and age turned into timestamps.
-    pub fn to_conn(&self, now: u64, proc_root: &Path) -> Conn {
+    /// `/proc` (its command line as `cmdline` allows), timings and age turned into timestamps.
+    pub fn to_conn(&self, now: u64, proc_root: &Path, cmdline: CmdlineMode) -> Conn {
         let pid = self.pid().unwrap_or(0);
         let comm = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
             .map(|c| c.trim_end().to_owned())
@@ -73,7 +74,7 @@ impl FoundConn {
             conn.peer_closed_ns = Some(now);
         }
         if pid != 0 {
-            conn.details = read_details(proc_root, pid);
+            conn.details = read_details(proc_root, pid, cmdline);
         }
         conn
     }

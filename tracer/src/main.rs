@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use tracer::{check, cli, daemon, list, privileges};
+use tracer::{check, cli, daemon, list, privileges, top};
 
 fn main() -> ExitCode {
     // Everything is parsed and validated (config file included) before anything is attached.
@@ -51,7 +51,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        cli::Command::List(args) => match list::run(&args, &mut std::io::stdout().lock()) {
+        cli::Command::List(args) => {
+            match list::run(&args, &mut std::io::stdout().lock(), &mut std::io::stderr()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("tracer: {}", check::one_line(&format!("{err:#}")));
+                    ExitCode::from(1)
+                }
+            }
+        }
+        cli::Command::Top(args) => match top::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("tracer: {}", check::one_line(&format!("{err:#}")));

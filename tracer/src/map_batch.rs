@@ -1,8 +1,8 @@
 //! Reading a whole BPF hash map in batches (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6+), which aya
 //! does not offer: one system call per few thousand entries instead of two per entry.
 
+use rustc_hash::FxHashMap;
 use std::{
-    collections::HashMap,
     hash::Hash,
     io,
     os::fd::{AsRawFd as _, BorrowedFd},
@@ -29,12 +29,12 @@ struct BatchAttr {
 
 /// Every entry of the hash map behind `fd`. `K` and `V` must be the map's exact key and
 /// value types (plain `repr(C)` data, valid for any bit pattern: `aya::Pod`).
-pub fn read_all<K, V>(fd: BorrowedFd<'_>) -> io::Result<HashMap<K, V>>
+pub fn read_all<K, V>(fd: BorrowedFd<'_>) -> io::Result<FxHashMap<K, V>>
 where
     K: aya::Pod + Eq + Hash,
     V: aya::Pod,
 {
-    let mut out = HashMap::new();
+    let mut out = FxHashMap::default();
     let mut keys: Vec<K> = Vec::with_capacity(BATCH);
     let mut values: Vec<V> = Vec::with_capacity(BATCH);
     // The hash table's batch token is a bucket index (u32); 8 bytes leave room.

@@ -1,6 +1,8 @@
 //! Prometheus metrics: owns the registry (names, types and labels of the SPEC's "Metrics"
-//! section), the cap on connection label sets, and the HTTP endpoint serving `/metrics` and
-//! `/healthz`.
+//! section), the cap on connection label sets, and the HTTP endpoint serving `/metrics`,
+//! `/healthz` and the live table (`/api/v1/connections`, see [`crate::live`]); TLS and basic
+//! auth from `--web-config` are applied to every connection and request by
+//! [`crate::web_config::Protection`], before any route is looked at.
 //!
 //! Counters and the duration histogram move as connections open, stall and close. Every gauge
 //! is rebuilt each tick from the full set of open connections ([`Metrics::set_open`]), so the
@@ -10,7 +12,6 @@
 
 use std::{
     borrow::Cow,
-    collections::{HashMap, HashSet},
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -38,10 +39,14 @@ use prometheus::{
     GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder, core::Collector,
 };
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
+
+use crate::live::{API_PATH, LiveTable};
+use crate::web_config::Protection;
 
 /// The labels of every connection metric. No pid, port or conn_id: those are in events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -143,9 +148,9 @@ struct LabelSets {
     max: usize,
     /// Label sets that got in under the cap. Never shrinks: a label set's counters must not
     /// move to the overflow set half-way through its life.
-    admitted: HashSet<ConnLabels>,
+    admitted: FxHashSet<ConnLabels>,
     /// Label sets (overflow sets included) whose gauge series the last `set_open` exported.
-    exported: HashSet<ConnLabels>,
+    exported: FxHashSet<ConnLabels>,
 }
 
 impl LabelSets {
@@ -330,8 +335,8 @@ impl Metrics {
             ),
             label_sets: Mutex::new(LabelSets {
                 max: max_label_sets,
-                admitted: HashSet::new(),
-                exported: HashSet::new(),
+                admitted: FxHashSet::default(),
+                exported: FxHashSet::default(),
             }),
             registry,
         };
@@ -420,7 +425,7 @@ impl Metrics {
     /// series.
     pub fn set_open(&self, snapshot: &[ConnSnapshot<'_>]) {
         let mut sets = self.label_sets();
-        let mut current: HashMap<Cow<'_, ConnLabels>, Aggregate> = HashMap::new();
+        let mut current: FxHashMap<Cow<'_, ConnLabels>, Aggregate> = FxHashMap::default();
         for conn in snapshot {
             let (labels, _) = sets.resolve(conn.labels);
             let agg = current.entry(labels).or_default();
@@ -474,7 +479,7 @@ impl Metrics {
 
     /// Replaces `pgconn_pooler_server_connections` (called each tick). Its label sets are
     /// bounded by the poolers' server connections, so they need no cap.
-    pub fn set_pooler_servers(&self, counts: &HashMap<PoolerServerLabels, i64>) {
+    pub fn set_pooler_servers(&self, counts: &std::collections::HashMap<PoolerServerLabels, i64>) {
         self.pooler_servers.reset();
         for (l, count) in counts {
             self.pooler_servers
@@ -532,7 +537,8 @@ impl Metrics {
 
 /// Connections the endpoint serves at once; more wait in the listen backlog.
 const MAX_HTTP_CONNECTIONS: usize = 32;
-/// A client that has not sent its request headers by then is dropped (slowloris).
+/// A client that has not finished its TLS handshake, or sent its request headers, by then is
+/// dropped (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for responses in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -547,12 +553,15 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `GET /metrics` (200, text format) and `GET /healthz` (200 `ok` once `ready`, 503
-/// before) until `shutdown` resolves; then stops accepting and lets responses in flight finish
-/// (at most [`DRAIN_TIMEOUT`]).
+/// before) and `GET /api/v1/connections` (the `live` table) behind `protection` until
+/// `shutdown` resolves; then stops accepting and lets responses in flight finish (at most
+/// [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    protection: Protection,
+    live: Arc<LiveTable>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
@@ -577,12 +586,37 @@ pub async fn serve(
         };
         let metrics = Arc::clone(&metrics);
         let ready = Arc::clone(&ready);
-        let service = service_fn(move |request: Request<Incoming>| {
-            let response = respond(&request, &metrics, &ready);
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let guard = protection.for_connection();
+        let (http, watcher) = (http.clone(), graceful.watcher());
+        let live = Arc::clone(&live);
         tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(HEADER_READ_TIMEOUT, guard.handshake(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        log::debug!("metrics endpoint: TLS handshake failed: {err}");
+                        return;
+                    }
+                    Err(_) => {
+                        log::debug!("metrics endpoint: TLS handshake timed out");
+                        return;
+                    }
+                };
+            let service = service_fn(move |request: Request<Incoming>| {
+                let (metrics, ready, guard, live) = (
+                    Arc::clone(&metrics),
+                    Arc::clone(&ready),
+                    guard.clone(),
+                    Arc::clone(&live),
+                );
+                async move {
+                    if let Some(refused) = guard.refuse(&request).await {
+                        return Ok::<_, Infallible>(refused);
+                    }
+                    Ok(respond(&request, &metrics, &ready, &live))
+                }
+            });
+            let connection = watcher.watch(http.serve_connection(TokioIo::new(stream), service));
             if let Err(err) = connection.await {
                 log::debug!("metrics endpoint: connection ended with an error: {err}");
             }
@@ -617,9 +651,10 @@ fn respond<B>(
     request: &Request<B>,
     metrics: &Metrics,
     ready: &AtomicBool,
+    live: &LiveTable,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    if !matches!(path, "/metrics" | "/healthz") {
+    if !matches!(path, "/metrics" | "/healthz" | API_PATH) {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
@@ -636,6 +671,9 @@ fn respond<B>(
             plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         };
     }
+    if path == API_PATH {
+        return live_table(live);
+    }
     match metrics.try_render() {
         Ok(text) => {
             let mut response = Response::new(Full::new(Bytes::from(text)));
@@ -648,6 +686,27 @@ fn respond<B>(
         Err(err) => {
             log::error!("metrics: cannot render: {err}");
             plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n")
+        }
+    }
+}
+
+/// `GET /api/v1/connections`: the rows the last tick published, 503 before the first.
+fn live_table(live: &LiveTable) -> Response<Full<Bytes>> {
+    match live.to_json(crate::daemon::monotonic_ns()) {
+        None => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        Some(Ok(body)) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Some(Err(err)) => {
+            log::error!("live table: cannot serialize: {err}");
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot serialize the live table\n",
+            )
         }
     }
 }
@@ -1130,11 +1189,14 @@ mod tests {
         let metrics = Arc::new(Metrics::new(10, "9.9.9"));
         metrics.connection_opened(&psql());
         let ready = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(LiveTable::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(
             listener,
             Arc::clone(&metrics),
             Arc::clone(&ready),
+            Protection::default(),
+            Arc::clone(&live),
             async move {
                 let _ = stopped.await;
             },
@@ -1161,6 +1223,18 @@ mod tests {
 
         let (status, _, _) = within("404", get(addr, "/nope")).await;
         assert_eq!(status, 404);
+
+        // The live table: 503 until the first tick publishes it, then the rows as JSON.
+        let (status, _, _) = within("live", get(addr, API_PATH)).await;
+        assert_eq!(status, 503);
+        live.publish(Vec::new(), 1);
+        let (status, head, body) = within("live", get(addr, API_PATH)).await;
+        assert_eq!((status, body.as_str()), (200, "[]"));
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
 
         // An idle client connection must not hold shutdown up.
         let mut idle = TcpStream::connect(addr).await.expect("connect");

@@ -336,7 +336,7 @@ impl Probes {
     /// The kernel's live state of every tracked connection, by `SOCKS` key, read in batches
     /// (a few system calls for the whole table instead of one per connection: the idle tick
     /// of a host with 20,000 pooled connections must cost next to nothing).
-    pub fn sock_states(&self) -> Result<std::collections::HashMap<u64, SockState>> {
+    pub fn sock_states(&self) -> Result<rustc_hash::FxHashMap<u64, SockState>> {
         let map = self
             .ebpf
             .map("SOCKS")

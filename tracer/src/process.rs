@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::redact::{self, CmdlineMode};
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Container {
     pub container_id: Option<String>,
@@ -102,51 +104,24 @@ pub fn cgroup_path(proc_cgroup: &str) -> Option<String> {
     }
 }
 
-/// Hides SQL given on a command line (`psql -c '...'`, `--command=...`): events never carry
-/// query text, which can hold secrets.
-pub fn redact_sql(args: &[String]) -> Vec<String> {
-    let is_psql = args.first().is_some_and(|a| {
-        a.rsplit('/')
-            .next()
-            .is_some_and(|name| name.starts_with("psql"))
-    });
-    if !is_psql {
-        return args.to_vec();
-    }
-    let mut out = Vec::with_capacity(args.len());
-    let mut hide_next = false;
-    for arg in args {
-        if hide_next {
-            out.push("<sql>".to_owned());
-            hide_next = false;
-        } else if arg == "-c" || arg == "--command" {
-            out.push(arg.clone());
-            hide_next = true;
-        } else if arg.starts_with("--command=") {
-            out.push("--command=<sql>".to_owned());
-        } else if arg.len() > 2 && arg.starts_with("-c") {
-            out.push("-c<sql>".to_owned());
-        } else {
-            out.push(arg.clone());
-        }
-    }
-    out
-}
-
-/// Reads what `/proc` knows of `pid`. A process that already exited yields `None` fields.
-pub fn read_details(proc_root: &Path, pid: u32) -> ProcessDetails {
+/// Reads what `/proc` knows of `pid`, its command line as `cmdline` allows (see
+/// [`crate::redact`]). A process that already exited yields `None` fields.
+pub fn read_details(proc_root: &Path, pid: u32, cmdline: CmdlineMode) -> ProcessDetails {
     let dir = proc_root.join(pid.to_string());
     let exe = std::fs::read_link(dir.join("exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
-    let cmdline = std::fs::read(dir.join("cmdline")).ok().and_then(|raw| {
-        let text: Vec<String> = raw
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        (!text.is_empty()).then(|| redact_sql(&text).join(" "))
-    });
+    let cmdline = match cmdline {
+        CmdlineMode::Off => None,
+        mode => std::fs::read(dir.join("cmdline")).ok().and_then(|raw| {
+            let args: Vec<String> = raw
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            redact::cmdline(&args, mode)
+        }),
+    };
     let cgroup = std::fs::read_to_string(dir.join("cgroup"))
         .ok()
         .and_then(|c| cgroup_path(&c));
@@ -263,34 +238,6 @@ mod tests {
     }
 
     #[test]
-    fn sql_on_a_psql_command_line_is_hidden() {
-        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            redact_sql(&args(&[
-                "/usr/bin/psql",
-                "-h",
-                "db",
-                "-c",
-                "select secret",
-                "-X"
-            ])),
-            args(&["/usr/bin/psql", "-h", "db", "-c", "<sql>", "-X"])
-        );
-        assert_eq!(
-            redact_sql(&args(&["psql", "--command=select 1"])),
-            args(&["psql", "--command=<sql>"])
-        );
-        assert_eq!(
-            redact_sql(&args(&["psql", "-cselect 1"])),
-            args(&["psql", "-c<sql>"])
-        );
-        assert_eq!(
-            redact_sql(&args(&["python3", "-c", "print(1)"])),
-            args(&["python3", "-c", "print(1)"])
-        );
-    }
-
-    #[test]
     fn picks_v2_path_then_systemd_v1() {
         assert_eq!(
             cgroup_path("0::/system.slice/x.service\n").as_deref(),
@@ -310,13 +257,25 @@ mod tests {
         let root = std::env::temp_dir().join(format!("tracer-proc-{}", std::process::id()));
         let dir = root.join("77");
         std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join("cmdline"), b"psql\0-c\0select 1\0").expect("write");
+        std::fs::write(
+            dir.join("cmdline"),
+            b"psql\0postgresql://u:SECRET@db/app\0-c\0select 1\0",
+        )
+        .expect("write");
         std::fs::write(dir.join("cgroup"), format!("0::/docker/{ID}\n")).expect("write");
-        let d = read_details(&root, 77);
-        assert_eq!(d.cmdline.as_deref(), Some("psql -c <sql>"), "SQL hidden");
+        let d = read_details(&root, 77, CmdlineMode::Redacted);
+        assert_eq!(
+            d.cmdline.as_deref(),
+            Some("psql postgresql://u:<redacted>@db/app -c <sql>"),
+            "SQL hidden, password redacted"
+        );
+        assert_eq!(read_details(&root, 77, CmdlineMode::Off).cmdline, None);
         assert_eq!(d.container.container_id.as_deref(), Some(ID));
         assert_eq!(d.exe, None);
-        assert_eq!(read_details(&root, 78), ProcessDetails::default());
+        assert_eq!(
+            read_details(&root, 78, CmdlineMode::Redacted),
+            ProcessDetails::default()
+        );
         std::fs::remove_dir_all(root).expect("cleanup");
     }
 }

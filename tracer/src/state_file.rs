@@ -332,16 +332,19 @@ impl StateDir {
     /// Replaces the file atomically (a temporary file renamed over it), so a crash at any
     /// point leaves the old or the new file, never half of one. No fsync: the file only
     /// matters within this boot, and a daemon crash does not lose the page cache.
-    pub fn save(&self, bytes: &[u8]) -> io::Result<()> {
+    pub fn save(&self, write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> io::Result<()> {
         let temp = self.dir.join(TEMP_NAME);
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&temp)?;
-        file.write_all(bytes)?;
-        drop(file);
+        // Streamed: a table of 20,000 connections is never held in memory as one string.
+        let mut out = io::BufWriter::new(file);
+        write(&mut out)?;
+        out.flush()?;
+        drop(out);
         fs::rename(&temp, self.path())
     }
 }
@@ -350,8 +353,6 @@ impl StateDir {
 pub struct KeptState {
     dir: StateDir,
     boot_id: String,
-    /// Hash of the last bytes written: an unchanged table is not written again.
-    last_written: u64,
     /// A failed write was logged; the next ones are not, until one succeeds.
     failing: bool,
 }
@@ -373,7 +374,6 @@ impl KeptState {
                 Ok(Self {
                     dir,
                     boot_id,
-                    last_written: 0,
                     failing: false,
                 })
             });
@@ -392,28 +392,21 @@ impl KeptState {
         self.dir.load(&self.boot_id)
     }
 
-    /// Writes what is known of `conns` at `now`, unless it is what was last written.
+    /// Writes what is known of `conns` at `now` (the caller writes only when something
+    /// changed).
     pub fn save<'a>(&mut self, conns: impl Iterator<Item = &'a Conn>, now: u64) {
-        use std::hash::{Hash as _, Hasher as _};
-        let file = StateFile::of(&self.boot_id, conns, now);
-        let bytes = match serde_json::to_vec(&file) {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                log::warn!("encoding the state file: {err}");
-                return;
-            }
+        let mut conns: Vec<&Conn> = conns.collect();
+        conns.sort_by_key(|c| c.cookie);
+        let file = StateFileOut {
+            format: FORMAT,
+            boot_id: &self.boot_id,
+            connections: SavedSeq { conns, now },
         };
-        let mut hasher = std::hash::DefaultHasher::new();
-        bytes.hash(&mut hasher);
-        let hash = hasher.finish();
-        if hash == self.last_written {
-            return;
-        }
-        match self.dir.save(&bytes) {
-            Ok(()) => {
-                self.last_written = hash;
-                self.failing = false;
-            }
+        let written = self
+            .dir
+            .save(|out| serde_json::to_writer(out, &file).map_err(io::Error::other));
+        match written {
+            Ok(()) => self.failing = false,
             Err(err) => {
                 if !self.failing {
                     log::warn!("writing {}: {err}", self.dir.path().display());
@@ -421,6 +414,25 @@ impl KeptState {
                 self.failing = true;
             }
         }
+    }
+}
+
+/// [`StateFile`] as written: the same fields, each connection converted as it is encoded.
+#[derive(Serialize)]
+struct StateFileOut<'a> {
+    format: u32,
+    boot_id: &'a str,
+    connections: SavedSeq<'a>,
+}
+
+struct SavedSeq<'a> {
+    conns: Vec<&'a Conn>,
+    now: u64,
+}
+
+impl Serialize for SavedSeq<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.conns.iter().map(|c| SavedConn::of(c, self.now)))
     }
 }
 

@@ -14,6 +14,8 @@ need_root() {
 PKGS=(postgresql pgbouncer libbpf-tools bpftool prometheus python3-psycopg2
       llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 libcap2-bin strace openssl
       openjdk-17-jdk-headless libpostgresql-jdbc-java
+      # tmux: the root tests drive and read `tracer top` in a real terminal.
+      tmux
       # The VM tier (cargo xtask vm-test): qemu, and what virtme-ng needs in the guest.
       qemu-system-x86 kmod busybox-static)
 missing=()

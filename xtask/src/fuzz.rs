@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, root_dir, run};
 
 /// The targets in `fuzz/fuzz_targets/`.
-pub const TARGETS: [&str; 2] = ["decode", "protocol"];
+pub const TARGETS: [&str; 3] = ["decode", "protocol", "cmdline"];
 
 fn has_cargo_fuzz() -> bool {
     cargo()

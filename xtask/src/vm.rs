@@ -141,9 +141,16 @@ fn fetch_kernel(package: &str) -> Result<(PathBuf, String)> {
         let package = available_package(package)?;
         let download = vm_dir().join("downloads");
         fs::create_dir_all(&download)?;
-        run(Command::new("apt-get")
+        // Not `run`: it runs everything from the workspace root, and apt-get downloads into
+        // its current directory.
+        let status = Command::new("apt-get")
             .args(["download", "-q", &package])
-            .current_dir(&download))?;
+            .current_dir(&download)
+            .status()
+            .context("spawning apt-get download")?;
+        if !status.success() {
+            bail!("apt-get download {package} failed: {status}");
+        }
         let deb = fs::read_dir(&download)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| {
@@ -232,10 +239,13 @@ fn guest_script(kernel: &Kernel, binaries: &[(String, PathBuf)]) -> Result<Strin
         root_dir().join("tests").display(),
     );
     let second = kernel.expect_hooks.split_whitespace().nth(1);
+    // `TRACER_VM_TESTS=part` runs only the tests whose name contains it (for a rerun).
+    let only = std::env::var("TRACER_VM_TESTS").unwrap_or_default();
     let runs = TESTS
         .iter()
         .map(|t| (t, None))
-        .chain(kernel.forced_second_set.iter().map(|t| (t, second)));
+        .chain(kernel.forced_second_set.iter().map(|t| (t, second)))
+        .filter(|((file, test), _)| format!("{file}::{test}").contains(&only));
     for ((file, test), forced) in runs {
         let binary = binaries
             .iter()

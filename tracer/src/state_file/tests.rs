@@ -209,8 +209,8 @@ fn the_directory_is_private_locked_and_replaced_atomically() {
     assert_eq!(second.kind(), io::ErrorKind::WouldBlock);
 
     let file = StateFile::of("boot-a", [&conn(17, Transport::Tcp)].into_iter(), 1);
-    dir.save(&serde_json::to_vec(&file).expect("encode"))
-        .expect("save");
+    let bytes = serde_json::to_vec(&file).expect("encode");
+    dir.save(|out| out.write_all(&bytes)).expect("save");
     let meta = fs::metadata(dir.path()).expect("file");
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(dir.load("boot-a"), Some(file));
@@ -224,4 +224,16 @@ fn the_directory_is_private_locked_and_replaced_atomically() {
         "unlocked on drop"
     );
     let _ = fs::remove_dir_all(&path);
+}
+
+#[test]
+fn the_streamed_file_reads_back_as_the_table_it_was_written_from() {
+    let path = temp_dir("stream");
+    let mut kept = KeptState::open(&StateDirSetting::Dir(path.join("state")))
+        .expect("open")
+        .expect("kept");
+    let conns = [conn(9, Transport::Tcp), conn(3, Transport::Unix)];
+    kept.save(conns.iter(), 40 * S);
+    let expected = StateFile::of(&kept.boot_id, conns.iter(), 40 * S);
+    assert_eq!(kept.load(), Some(expected));
 }

@@ -1,0 +1,416 @@
+//! The live table: the daemon's open connections as `GET /api/v1/connections` serves them.
+//! Owns the row the API serves ([`LiveConn`]: the event fields plus live figures and the
+//! verdicts that hold), the snapshot the tick publishes for the HTTP worker ([`LiveTable`]),
+//! and the reading side `tracer list` and `tracer top` use ([`Row`], [`fetch`]).
+//!
+//! The tick builds the rows once a second and swaps them in behind a mutex held only for the
+//! swap; a request clones the `Arc` and serializes on the HTTP worker, so requests never
+//! touch the connection table and never delay the main loop. Building costs about 1 us per
+//! connection: above [`ALWAYS_PUBLISHED`] connections the tick rebuilds only while someone
+//! reads the table, or when the last rows are [`MAX_STALE`] old.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{
+    Request, StatusCode,
+    body::Bytes,
+    header::{ACCEPT, HOST},
+};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    conn_table::Conn,
+    detectors::{ConnState, LeakReason},
+    events::ConnFields,
+};
+
+/// Where the live table is served, on the metrics address.
+pub const API_PATH: &str = "/api/v1/connections";
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// `linked` as a reader sees it (the daemon writes [`crate::events::Linked`]): on the
+/// pooler's server connection it names the client it serves (`pid`, `comm`, `container_id`
+/// when that client is on this host); on a client connection, the server connection
+/// (`backend_pid`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Linked {
+    pub conn_id: String,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub comm: Option<String>,
+    #[serde(default)]
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub backend_pid: Option<u32>,
+    #[serde(default)]
+    pub remote: Option<String>,
+}
+
+/// One object of `GET /api/v1/connections`: the event field names, then what holds now.
+#[derive(Clone, Debug, Serialize)]
+pub struct LiveConn {
+    /// The event fields, `peer_conn_id`, `backend_pid` and `linked` included.
+    #[serde(flatten)]
+    pub conn: ConnFields,
+    /// Found open at start-up (then `age_s` is a lower bound).
+    pub preexisting: bool,
+    pub age_s: f64,
+    /// Since any bytes last moved either way.
+    pub idle_s: f64,
+    /// How long the request in flight has waited for an answer; null when none is in flight.
+    pub waiting_s: Option<f64>,
+    /// The request in flight has waited `stall_after` (a `stall` event was sent).
+    pub stalled: bool,
+    /// The leak verdict that holds (a `leak` event was sent), or null.
+    pub leak: Option<LeakReason>,
+    /// Payload bytes so far, from the owner's point of view.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl LiveConn {
+    /// The row of `conn` at `now`, with its event fields as the daemon reports them
+    /// (`fields`: the joins with other connections are the daemon's).
+    pub fn new(fields: ConnFields, conn: &Conn, now: u64) -> Self {
+        let view = conn.view();
+        Self {
+            conn: fields,
+            preexisting: conn.preexisting,
+            age_s: secs(now.saturating_sub(conn.born_ns)),
+            idle_s: secs(now.saturating_sub(view.last_activity_ns())),
+            waiting_s: view
+                .outstanding()
+                .then(|| secs(now.saturating_sub(view.to_server_ns))),
+            stalled: conn.episodes.stalled(),
+            leak: conn.episodes.leak(),
+            bytes_sent: conn.live.bytes_sent,
+            bytes_received: conn.live.bytes_received,
+        }
+    }
+}
+
+/// Up to this many connections the rows are rebuilt every tick (a few ms at most).
+pub const ALWAYS_PUBLISHED: usize = 4096;
+/// Above it, rows are rebuilt every tick while the table was read this recently...
+pub const READ_RECENTLY: Duration = Duration::from_secs(30);
+/// ...and otherwise at least this often, so a first reader gets rows at most this old.
+pub const MAX_STALE: Duration = Duration::from_secs(10);
+
+/// The rows the last tick published; `None` until the daemon is ready.
+#[derive(Default)]
+pub struct LiveTable {
+    rows: Mutex<Option<Published>>,
+    /// When the table was last read (monotonic ns; 0: never).
+    read_ns: AtomicU64,
+}
+
+struct Published {
+    rows: Arc<Vec<LiveConn>>,
+    at_ns: u64,
+}
+
+impl LiveTable {
+    /// Whether the tick at `now` should rebuild the rows of `conns` connections.
+    pub fn wanted(&self, conns: usize, now: u64) -> bool {
+        let within = |since: u64, limit: Duration| {
+            since != 0 && now.saturating_sub(since) < limit.as_nanos() as u64
+        };
+        let published = self
+            .rows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, |p| p.at_ns);
+        conns <= ALWAYS_PUBLISHED
+            || within(self.read_ns.load(Ordering::Relaxed), READ_RECENTLY)
+            || !within(published, MAX_STALE)
+    }
+
+    pub fn publish(&self, rows: Vec<LiveConn>, now: u64) {
+        let published = Published {
+            rows: Arc::new(rows),
+            at_ns: now,
+        };
+        // A holder that panicked leaves a whole value behind: keep going.
+        *self.rows.lock().unwrap_or_else(PoisonError::into_inner) = Some(published);
+    }
+
+    /// Back to "not ready" (shutdown).
+    pub fn withdraw(&self) {
+        *self.rows.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// The last rows, read at `now`.
+    pub fn snapshot(&self, now: u64) -> Option<Arc<Vec<LiveConn>>> {
+        self.read_ns.store(now.max(1), Ordering::Relaxed);
+        self.rows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|p| Arc::clone(&p.rows))
+    }
+
+    /// The API's body at `now`, or `None` before the first publish.
+    pub fn to_json(&self, now: u64) -> Option<Result<Vec<u8>, serde_json::Error>> {
+        self.snapshot(now).map(|rows| serde_json::to_vec(&*rows))
+    }
+}
+
+/// An API row as a reader sees it: what `tracer list` and `tracer top` show. Fields a
+/// daemon does not send take their defaults, so an older or newer daemon still reads.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Row {
+    pub conn_id: String,
+    pub role: String,
+    pub transport: String,
+    pub local: String,
+    pub remote: String,
+    pub pid: u32,
+    pub comm: String,
+    pub cmdline: Option<String>,
+    pub container_id: Option<String>,
+    pub state: Option<ConnState>,
+    pub age_s: f64,
+    pub idle_s: Option<f64>,
+    pub waiting_s: Option<f64>,
+    pub stalled: bool,
+    pub leak: Option<LeakReason>,
+    pub peer_conn_id: Option<String>,
+    pub backend_pid: Option<u32>,
+    pub linked: Option<Linked>,
+}
+
+impl Row {
+    /// One object of the live table; an object that does not read (a field of another type)
+    /// reads as an empty row rather than hiding the others.
+    pub fn read(object: &serde_json::Map<String, serde_json::Value>) -> Self {
+        Self::deserialize(object).unwrap_or_default()
+    }
+
+    pub fn state(&self) -> ConnState {
+        self.state.unwrap_or(ConnState::Unknown)
+    }
+
+    /// Short (12-hex) container id, as `docker ps` shows it.
+    pub fn short_container(&self) -> Option<&str> {
+        self.container_id
+            .as_deref()
+            .map(|id| id.get(..12).unwrap_or(id))
+    }
+}
+
+/// Why the live table could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no daemon answers at {addr}: {cause}")]
+    Unreachable {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error("no answer from {addr} within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("{addr} does not answer HTTP/1: {cause}")]
+    Http {
+        addr: SocketAddr,
+        cause: hyper::Error,
+    },
+    #[error("the daemon at {addr} answered {status} for {API_PATH}")]
+    Status {
+        addr: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("the daemon at {addr} sent a live table that is not a JSON array of objects: {cause}")]
+    Body {
+        addr: SocketAddr,
+        cause: serde_json::Error,
+    },
+}
+
+/// How long a reader waits for the daemon's answer.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `GET /api/v1/connections` from the daemon at `addr`: the rows as sent (for `--json`).
+pub async fn fetch(
+    addr: SocketAddr,
+) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, FetchError> {
+    match tokio::time::timeout(FETCH_TIMEOUT, fetch_now(addr)).await {
+        Ok(result) => result,
+        Err(_) => Err(FetchError::Timeout {
+            addr,
+            timeout: FETCH_TIMEOUT,
+        }),
+    }
+}
+
+async fn fetch_now(
+    addr: SocketAddr,
+) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, FetchError> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|cause| FetchError::Unreachable { addr, cause })?;
+    let http = |cause| FetchError::Http { addr, cause };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
+    tokio::spawn(async move {
+        // Ends when the response is read and `sender` is dropped.
+        let _ = connection.await;
+    });
+    let request = Request::get(API_PATH)
+        .header(HOST, addr.to_string())
+        .header(ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .expect("a static request is valid");
+    let response = sender.send_request(request).await.map_err(http)?;
+    let status = response.status();
+    if status != StatusCode::OK {
+        return Err(FetchError::Status { addr, status });
+    }
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(http)?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|cause| FetchError::Body { addr, cause })
+}
+
+/// Rows typed for display, from what [`fetch`] returned.
+pub fn typed(rows: &[serde_json::Map<String, serde_json::Value>]) -> Vec<Row> {
+    rows.iter().map(Row::read).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn_table::{Owner, Role, Transport};
+
+    fn conn() -> Conn {
+        let mut conn = Conn::new(
+            77,
+            Role::Client,
+            Transport::Tcp,
+            "127.0.0.1:40000".into(),
+            "127.0.0.1:5432".into(),
+            Owner {
+                pid: 1234,
+                uid: 1000,
+                cgroup_id: 1,
+                comm: "python3".into(),
+                start_boottime_ns: 0,
+            },
+            1_000_000_000,
+        );
+        conn.born_ns = 1_000_000_000;
+        conn
+    }
+
+    #[test]
+    fn a_row_has_the_event_fields_links_and_live_figures() {
+        let mut conn = conn();
+        // Sent at 3 s, answered at 2 s: a request in flight since 3 s.
+        conn.live.last_send_ns = 3_000_000_000;
+        conn.live.last_recv_ns = 2_000_000_000;
+        conn.live.bytes_sent = 10;
+        let row = serde_json::to_value(LiveConn::new(ConnFields::new(&conn), &conn, 5_500_000_000))
+            .expect("json");
+        assert_eq!(row["conn_id"], "77");
+        assert_eq!(row["pid"], 1234);
+        assert_eq!(row["state"], "active");
+        assert_eq!(row["age_s"], 4.5);
+        assert_eq!(row["idle_s"], 2.5);
+        assert_eq!(row["waiting_s"], 2.5);
+        assert_eq!(row["stalled"], false);
+        assert_eq!(row["bytes_sent"], 10);
+        for key in ["leak", "peer_conn_id", "backend_pid", "linked"] {
+            assert!(
+                row.get(key).is_some_and(serde_json::Value::is_null),
+                "{key}"
+            );
+        }
+
+        // Answered: nothing waits.
+        conn.live.last_recv_ns = 4_000_000_000;
+        let row = serde_json::to_value(LiveConn::new(ConnFields::new(&conn), &conn, 5_500_000_000))
+            .expect("json");
+        assert!(row["waiting_s"].is_null());
+        assert_eq!(row["idle_s"], 1.5);
+    }
+
+    #[test]
+    fn the_table_is_not_ready_until_published() {
+        let table = LiveTable::default();
+        assert!(table.to_json(1).is_none());
+        table.publish(
+            vec![LiveConn::new(
+                ConnFields::new(&conn()),
+                &conn(),
+                2_000_000_000,
+            )],
+            2_000_000_000,
+        );
+        let body = table
+            .to_json(2_000_000_000)
+            .expect("published")
+            .expect("json");
+        let rows: Vec<serde_json::Map<String, serde_json::Value>> =
+            serde_json::from_slice(&body).expect("an array of objects");
+        let typed = typed(&rows);
+        assert_eq!(typed.len(), 1);
+        assert_eq!(
+            (typed[0].pid, typed[0].comm.as_str(), typed[0].state()),
+            (1234, "python3", ConnState::Unknown)
+        );
+        table.withdraw();
+        assert!(table.to_json(3_000_000_000).is_none());
+    }
+
+    #[test]
+    fn large_tables_are_rebuilt_while_read_and_never_older_than_max_stale() {
+        const S: u64 = 1_000_000_000;
+        let big = ALWAYS_PUBLISHED + 1;
+        let table = LiveTable::default();
+        assert!(table.wanted(big, 100 * S), "never published");
+        assert!(table.wanted(ALWAYS_PUBLISHED, 100 * S));
+        table.publish(Vec::new(), 100 * S);
+        assert!(table.wanted(ALWAYS_PUBLISHED, 101 * S), "small: every tick");
+        assert!(!table.wanted(big, 101 * S), "nobody reads it");
+        assert!(table.wanted(big, 110 * S), "{MAX_STALE:?} old");
+        // Read: rebuilt every tick while reads continue, READ_RECENTLY after the last.
+        table.snapshot(101 * S);
+        assert!(table.wanted(big, 102 * S));
+        table.publish(Vec::new(), 102 * S);
+        assert!(table.wanted(big, 103 * S));
+        assert!(table.wanted(big, 130 * S));
+        table.publish(Vec::new(), 130 * S);
+        assert!(!table.wanted(big, 131 * S));
+    }
+
+    #[test]
+    fn rows_read_links_when_a_daemon_sends_them() {
+        let row: Row = serde_json::from_str(
+            r#"{"conn_id":"9","pid":5,"state":"idle_in_transaction","leak":"idle_in_transaction",
+               "linked":{"conn_id":"3","pid":42,"comm":"worker","container_id":null,"remote":"127.0.0.1:5000"},
+               "future_field":1}"#,
+        )
+        .expect("reads");
+        assert_eq!(row.state(), ConnState::IdleInTransaction);
+        assert_eq!(row.leak, Some(LeakReason::IdleInTransaction));
+        let linked = row.linked.expect("linked");
+        assert_eq!((linked.conn_id.as_str(), linked.pid), ("3", Some(42)));
+    }
+}
