@@ -965,8 +965,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
             }
             _ = tick.tick() => {
-                // Records sent without waking the reader (pooler links) are in first.
-                tracker.backlog = !drain(ring.get_mut(), &mut tracker, DRAIN_BATCH);
+                // Records sent without waking the reader (pooler links) are in first, all
+                // of them: while any wait, the kernel wakes the reader for no record (it
+                // wakes only a reader that has caught up), so the tick is what keeps up with
+                // a busy pooler's links (two per pooled transaction). The ring's size bounds
+                // this work.
+                drain(ring.get_mut(), &mut tracker, usize::MAX);
+                tracker.backlog = false;
                 // Losses first: they trigger the check for missed closes, which must run
                 // before the detectors see the missed ones as idle.
                 report_losses(&probes, &mut tracker, &mut reported);

@@ -77,6 +77,10 @@ pub const TESTS: &[(&str, &str)] = &[
         "foundation",
         "sigterm_under_load_exits_zero_quickly_and_detaches_everything",
     ),
+    (
+        "pooler",
+        "transaction_pooling_names_the_client_behind_every_server_connection",
+    ),
 ];
 
 const VIRTME_NG: &str = "virtme-ng==1.42";
