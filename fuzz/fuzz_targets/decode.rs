@@ -63,6 +63,11 @@ fuzz_target!(|data: &[u8]| {
                 };
                 assert_eq!(closed.bytes_sent, c.bytes_sent);
             }
+            Change::Linked { cookie: c, .. } => {
+                assert_eq!(c, cookie);
+                assert!(open.contains(&c));
+                assert_eq!(table.len(), before);
+            }
             Change::Untracked => {
                 assert!(!open.contains(&cookie));
                 assert_eq!(table.len(), before);
