@@ -36,6 +36,9 @@ pub struct Relations {
     by_addr: HashMap<(String, String), u64>,
     /// Unix connections' peers (both directions), from sock_diag.
     unix_peer: HashMap<u64, u64>,
+    /// Open connections whose peer has closed already: the peer's `conn_id`, so that their
+    /// later events (their own close above all) still name it.
+    closed_peer: HashMap<u64, u64>,
     /// Server connection -> client connection it serves, and back.
     client_of: HashMap<u64, u64>,
     server_of: HashMap<u64, u64>,
@@ -66,6 +69,12 @@ impl Relations {
     }
 
     pub fn closed(&mut self, conn: &Conn) {
+        // A peer that closed first is gone: only an open one keeps this connection's name.
+        if self.closed_peer.remove(&conn.cookie).is_none()
+            && let Some(peer) = self.peer(conn)
+        {
+            self.closed_peer.insert(peer, conn.cookie);
+        }
         let key = (conn.local.clone(), conn.remote.clone());
         if self.by_addr.get(&key) == Some(&conn.cookie) {
             self.by_addr.remove(&key);
@@ -177,6 +186,7 @@ impl Relations {
                 .filter(|&p| p != conn.cookie),
             Transport::Unix => self.unix_peer.get(&conn.cookie).copied(),
         }
+        .or_else(|| self.closed_peer.get(&conn.cookie).copied())
     }
 
     /// A process that relays between connections: a pooler (or another proxy).
@@ -400,8 +410,12 @@ mod tests {
         assert_eq!(peer(&h, 21), Some(11));
         assert_eq!(peer(&h, 31), Some(41));
         assert_eq!(peer(&h, 41), Some(31));
+        // A close names the peer even when the peer closed first (a backend that exits
+        // before its client's socket is gone), and leaves nothing behind.
         h.close(41);
-        assert_eq!(peer(&h, 31), None);
+        assert_eq!(peer(&h, 31), Some(41));
+        h.close(31);
+        assert!(h.rel.closed_peer.is_empty());
     }
 
     #[test]
