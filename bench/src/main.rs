@@ -224,7 +224,7 @@ fn main() -> Result<()> {
         }
         // What bpf_stats accounts to any program on these hooks, even an empty one: its own
         // two clock reads per run. The target is about what the tracer adds above it.
-        let floor = match tracer::probes::Probes::attach_stats_floor() {
+        let floor = match tracer::kernel::probes::Probes::attach_stats_floor() {
             Ok(attached) => {
                 let figure = untracked::measure(
                     untracked::stats_of(std::process::id()),

@@ -8,10 +8,10 @@ use std::{
 };
 
 use tracer::{
-    conn_table::{Change, ConnTable},
-    decode::decode,
-    detectors::Thresholds,
-    events::{ConnFields, Event, EventBody},
+    export::events::{ConnFields, Event, EventBody},
+    kernel::decode::decode,
+    model::conn_table::{Change, ConnTable},
+    model::detectors::Thresholds,
 };
 use tracer_common::{
     AF_INET, ConnClose, ConnOpen, ConnOwner, EventHeader, ProcInfo, closed_by, kind, role,
@@ -141,10 +141,10 @@ pub fn proc_details_us(iterations: u32) -> f64 {
     let pid = std::process::id();
     let start = Instant::now();
     for _ in 0..iterations {
-        black_box(tracer::process::read_details(
+        black_box(tracer::host::process::read_details(
             Path::new("/proc"),
             pid,
-            tracer::redact::CmdlineMode::Redacted,
+            tracer::host::redact::CmdlineMode::Redacted,
         ));
     }
     start.elapsed().as_secs_f64() * 1e6 / f64::from(iterations)

@@ -5,9 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use tracer::{
-    conn_table::{Change, ConnTable},
-    decode::{DecodeError, KernelEvent, decode},
-};
+    model::conn_table::{Change, ConnTable},
+    kernel::decode::{DecodeError, KernelEvent, decode}};
 use tracer_common::{ConnClose, ConnOpen, ConnOwner, ConnPeerClosed, EventHeader, kind};
 
 fn expected_size(record_kind: u32) -> Option<usize> {

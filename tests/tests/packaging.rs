@@ -57,7 +57,7 @@ fn read(rel: &str) -> String {
 
 /// The capabilities `tracer run` checks for, as the unit spells them (`CAP_BPF`, ...).
 fn required_caps() -> BTreeSet<String> {
-    tracer::privileges::REQUIRED
+    tracer::kernel::privileges::REQUIRED
         .iter()
         .map(|(_, name)| (*name).to_owned())
         .collect()
@@ -858,7 +858,8 @@ fn the_web_config_secret_template_is_accepted_once_filled_in() {
         }
     }
     let config = config.expect("a .yml web config");
-    let err = tracer::web_config::WebConfig::load(&config).expect_err("placeholders refused");
+    let err =
+        tracer::export::web_config::WebConfig::load(&config).expect_err("placeholders refused");
     assert!(
         err.to_string().contains("REPLACE") || err.to_string().contains("no PEM"),
         "{err}"
@@ -866,7 +867,8 @@ fn the_web_config_secret_template_is_accepted_once_filled_in() {
     for (name, value) in data.as_object().expect("stringData") {
         fs::write(dir.0.join(name), fill(value.as_str().expect("a string"))).expect("write");
     }
-    let loaded = tracer::web_config::WebConfig::load(&config).expect("the filled-in template");
+    let loaded =
+        tracer::export::web_config::WebConfig::load(&config).expect("the filled-in template");
     assert!(loaded.tls(), "the template turns TLS on");
 }
 

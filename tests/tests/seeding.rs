@@ -589,10 +589,11 @@ fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
     for c in &clients {
         let backend = c.backend_pids[0];
         wait_for_pg_state(&pg, backend, "idle in transaction");
-        let title = tracer::proc_title::read_title(Path::new("/proc"), backend).expect("title");
+        let title =
+            tracer::host::proc_title::read_title(Path::new("/proc"), backend).expect("title");
         assert_eq!(
-            tracer::proc_title::parse(&title).map(|t| t.activity),
-            Some(tracer::proc_title::Activity::Unset),
+            tracer::host::proc_title::parse(&title).map(|t| t.activity),
+            Some(tracer::host::proc_title::Activity::Unset),
             "the title shows no state: {title:?}"
         );
     }

@@ -4,6 +4,8 @@
 //! Every parser returns a short reason; the caller (clap for flags, [`load`] for the file)
 //! puts it on one line together with the option and the bad value.
 
+pub mod cli;
+
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -13,7 +15,7 @@ use std::{
 use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
-use crate::redact::CmdlineMode;
+use crate::host::redact::CmdlineMode;
 
 pub const DEFAULT_PORTS: [u16; 2] = [5432, 6432];
 /// libpq's socket files are `<dir>/.s.PGSQL.<port>`.
@@ -62,7 +64,7 @@ pub fn parse_cmdline_mode(s: &str) -> Result<CmdlineMode, String> {
     CmdlineMode::parse(s)
 }
 
-/// A web config file name (checked later, by [`crate::web_config::WebConfig::load`]).
+/// A web config file name (checked later, by [`crate::export::web_config::WebConfig::load`]).
 pub fn parse_web_config(s: &str) -> Result<PathBuf, String> {
     if s.is_empty() {
         return Err("empty file name".into());
@@ -85,10 +87,10 @@ fn port_in_range(p: i128) -> Result<u16, String> {
 }
 
 /// `--format`: `json` or `text`.
-pub fn parse_format(s: &str) -> Result<crate::events::EventFormat, String> {
+pub fn parse_format(s: &str) -> Result<crate::export::events::EventFormat, String> {
     match s {
-        "json" => Ok(crate::events::EventFormat::Json),
-        "text" => Ok(crate::events::EventFormat::Text),
+        "json" => Ok(crate::export::events::EventFormat::Json),
+        "text" => Ok(crate::export::events::EventFormat::Text),
         _ => Err("expected json or text".into()),
     }
 }
@@ -414,7 +416,7 @@ pub struct RunSettings {
     pub close_wait_after: Option<Duration>,
     pub idle_after: Option<Duration>,
     pub log_level: Option<log::LevelFilter>,
-    pub format: Option<crate::events::EventFormat>,
+    pub format: Option<crate::export::events::EventFormat>,
     pub max_label_sets: Option<usize>,
     pub max_connections: Option<u32>,
     pub state_dir: Option<StateDirSetting>,
@@ -887,7 +889,7 @@ mod tests {
                 close_wait_after: Some(Duration::from_secs(120)),
                 idle_after: Some(Duration::from_secs(3600)),
                 log_level: Some(log::LevelFilter::Debug),
-                format: Some(crate::events::EventFormat::Text),
+                format: Some(crate::export::events::EventFormat::Text),
                 max_label_sets: Some(50),
                 max_connections: Some(4096),
                 state_dir: Some(StateDirSetting::Off),

@@ -6,6 +6,8 @@
 //! to run the detectors, notice Unix-socket closes and refresh the gauges. The kernel sends
 //! nothing per query, so the cost does not grow with traffic.
 
+pub mod state_file;
+
 use std::{
     collections::{HashMap, HashSet},
     fs::OpenOptions,
@@ -28,24 +30,28 @@ use tokio::{
 use tracer_common::{SOCK_FLAG_PEER_CLOSED, path_hash};
 
 use crate::{
-    cli::{EventsDest, RunArgs},
     config::Glob,
-    conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
-    decode::{KernelEvent, decode},
-    detectors::{Finding, Thresholds},
-    discovery::{FoundConn, find_connections, sockets_in_every_netns, watched_unix_listeners},
-    events::{ConnFields, Event, EventBody, EventSink},
-    live::{LiveConn, LiveTable},
-    metrics::{self, ConnLabels, ConnSnapshot, Metrics, PoolerServerLabels, short_container_id},
-    owners::start_ticks,
-    pooler::Relations,
-    probes::{KernelLosses, Probes},
-    proc_title,
-    process::{ProcessDetails, read_details},
-    redact::CmdlineMode,
-    sockdiag::{DiagSocket, TCP_CLOSE_WAIT, TCP_ESTABLISHED},
-    state_file::{KeptState, SavedConn, StateFile},
-    web_config::Protection,
+    config::cli::{EventsDest, RunArgs},
+    daemon::state_file::{KeptState, SavedConn, StateFile},
+    export::events::{ConnFields, Event, EventBody, EventSink},
+    export::live::{LiveConn, LiveTable},
+    export::metrics::{
+        self, ConnLabels, ConnSnapshot, Metrics, PoolerServerLabels, short_container_id,
+    },
+    export::web_config::Protection,
+    host::discovery::{
+        FoundConn, find_connections, sockets_in_every_netns, watched_unix_listeners,
+    },
+    host::owners::start_ticks,
+    host::proc_title,
+    host::process::{ProcessDetails, read_details},
+    host::redact::CmdlineMode,
+    host::sockdiag::{DiagSocket, TCP_CLOSE_WAIT, TCP_ESTABLISHED},
+    kernel::decode::{KernelEvent, decode},
+    kernel::probes::{KernelLosses, Probes},
+    model::conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
+    model::detectors::{Finding, Thresholds},
+    model::pooler::Relations,
 };
 
 /// Lines that may wait for a slow event reader before events are dropped (and counted).

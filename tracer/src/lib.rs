@@ -1,35 +1,16 @@
 //! tracer: an eBPF connection tracer and leak detector for PostgreSQL clients.
 //!
-//! Data flows through the modules in this order: `probes` (load and attach the kernel
-//! programs) -> `daemon` (ring buffer reading and wiring) -> `decode` (bytes to kernel
-//! events) -> `conn_table` (connection state) -> `process` (owner details, containers;
-//! `redact` decides what of a command line may be shown) -> `pooler` (who is connected to
-//! whom: both ends on this host, pooler links) -> `events` (the JSON stream) and `live` (the
-//! live table the metrics endpoint serves, which `list` and `top` read).
+//! The modules follow the data, in pipeline order: `kernel` (load and attach the kernel
+//! programs, decode their records) -> `daemon` (the ring reader, start-up seeding, the tick,
+//! the state kept across restarts) -> `model` (the connection table, detectors, pairings) ->
+//! `host` (owners, containers, socket tables and process titles the probes cannot see) ->
+//! `export` (events, metrics, the live table). `config` turns flags and the TOML file into the
+//! daemon's settings; `cmd` holds the other commands (`check`, `list`, `top`).
 
-pub mod btf;
-pub mod check;
-pub mod cli;
+pub mod cmd;
 pub mod config;
-pub mod conn_table;
 pub mod daemon;
-pub mod decode;
-pub mod detectors;
-pub mod discovery;
-pub mod events;
-pub mod list;
-pub mod live;
-mod map_batch;
-pub mod metrics;
-pub mod owners;
-pub mod pooler;
-pub mod privileges;
-pub mod probes;
-pub mod proc_title;
-pub mod process;
-pub mod redact;
-pub mod sockdiag;
-pub mod state_file;
-pub mod text;
-pub mod top;
-pub mod web_config;
+pub mod export;
+pub mod host;
+pub mod kernel;
+pub mod model;

@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use tracer::{check, cli, daemon, list, privileges, top};
+use tracer::{cmd::check, cmd::list, cmd::top, config::cli, daemon, kernel::privileges};
 
 fn main() -> ExitCode {
     // Everything is parsed and validated (config file included) before anything is attached.

@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand, builder::TypedValueParser, error::ErrorKind
 pub use crate::config::EventsDest;
 use crate::{
     config::{self, RunSettings, shown},
-    redact::CmdlineMode,
-    web_config::WebConfig,
+    export::web_config::WebConfig,
+    host::redact::CmdlineMode,
 };
 
 /// The validated command line.
@@ -44,7 +44,7 @@ pub struct RunArgs {
     pub idle_after: Duration,
     pub log_level: log::LevelFilter,
     /// Event stream format.
-    pub format: crate::events::EventFormat,
+    pub format: crate::export::events::EventFormat,
     pub max_label_sets: usize,
     pub max_connections: u32,
     pub state_dir: config::StateDirSetting,
@@ -69,7 +69,7 @@ impl Default for RunArgs {
             close_wait_after: config::DEFAULT_CLOSE_WAIT_AFTER,
             idle_after: config::DEFAULT_IDLE_AFTER,
             log_level: config::DEFAULT_LOG_LEVEL,
-            format: crate::events::EventFormat::Json,
+            format: crate::export::events::EventFormat::Json,
             max_label_sets: config::DEFAULT_MAX_LABEL_SETS,
             max_connections: config::DEFAULT_MAX_CONNECTIONS,
             state_dir: config::StateDirSetting::Default,
@@ -338,7 +338,7 @@ struct RunFlags {
     /// Event stream format: json (one object per line) or text (one readable line per
     /// event) [default: json]
     #[arg(long, value_name = "FMT", value_parser = Checked(config::parse_format))]
-    format: Option<crate::events::EventFormat>,
+    format: Option<crate::export::events::EventFormat>,
     /// Cap on Prometheus label sets; the rest go to comm="~other" [default: 1000]
     #[arg(long, value_name = "N", allow_hyphen_values = true,
           value_parser = Checked(config::parse_max_label_sets))]
@@ -611,7 +611,7 @@ mod tests {
                 close_wait_after: Duration::from_secs(120),
                 idle_after: Duration::from_secs(3600),
                 log_level: log::LevelFilter::Trace,
-                format: crate::events::EventFormat::Text,
+                format: crate::export::events::EventFormat::Text,
                 max_label_sets: 10,
                 max_connections: 16,
                 state_dir: config::StateDirSetting::Dir("/tmp/tracer-state".into()),

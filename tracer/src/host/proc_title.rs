@@ -11,9 +11,9 @@
 use std::{collections::HashMap, net::SocketAddr, path::Path};
 
 use crate::{
-    conn_table::{Role, Transport},
-    detectors::{ConnState, Seeded},
-    discovery::FoundConn,
+    host::discovery::FoundConn,
+    model::conn_table::{Role, Transport},
+    model::detectors::{ConnState, Seeded},
 };
 
 const PREFIX: &str = "postgres: ";

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::redact::{self, CmdlineMode};
+use crate::host::redact::{self, CmdlineMode};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Container {
@@ -105,7 +105,7 @@ pub fn cgroup_path(proc_cgroup: &str) -> Option<String> {
 }
 
 /// Reads what `/proc` knows of `pid`, its command line as `cmdline` allows (see
-/// [`crate::redact`]). A process that already exited yields `None` fields.
+/// [`crate::host::redact`]). A process that already exited yields `None` fields.
 pub fn read_details(proc_root: &Path, pid: u32, cmdline: CmdlineMode) -> ProcessDetails {
     let dir = proc_root.join(pid.to_string());
     let exe = std::fs::read_link(dir.join("exe"))

@@ -1,5 +1,5 @@
 //! `tracer top`: a live terminal view of a running daemon's connections. Reads the daemon's
-//! live table every second ([`crate::live::fetch`]), keeps the viewer's choices (keys) in a
+//! live table every second ([`crate::export::live::fetch`]), keeps the viewer's choices (keys) in a
 //! [`model::View`], and draws what the pure [`model`] makes of both with ratatui ([`draw`]).
 
 mod draw;
@@ -17,8 +17,8 @@ use ratatui::{
 };
 
 use crate::{
-    cli::TopArgs,
-    live::{self, Row, typed},
+    config::cli::TopArgs,
+    export::live::{self, Row, typed},
 };
 use model::{GroupKey, LineKind, View};
 
@@ -263,7 +263,7 @@ mod tests {
     use ratatui::crossterm::event::KeyEvent;
 
     use super::*;
-    use crate::detectors::ConnState;
+    use crate::model::detectors::ConnState;
 
     fn row(conn_id: &str, pid: u32, comm: &str) -> Row {
         Row {

@@ -16,8 +16,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    conn_table::{ClosedBy, Conn, Role, Transport},
-    detectors::{ConnState, LeakReason},
+    model::conn_table::{ClosedBy, Conn, Role, Transport},
+    model::detectors::{ConnState, LeakReason},
 };
 
 /// The fields every connection event carries.
@@ -182,7 +182,7 @@ pub enum EventFormat {
     /// One JSON object per line (the SPEC's event stream).
     #[default]
     Json,
-    /// One readable line per event (`crate::text`).
+    /// One readable line per event (`crate::export::text`).
     Text,
 }
 
@@ -190,7 +190,7 @@ impl Event {
     pub fn line(&self, format: EventFormat) -> String {
         match format {
             EventFormat::Json => self.to_line(),
-            EventFormat::Text => crate::text::line(self),
+            EventFormat::Text => crate::export::text::line(self),
         }
     }
 }
@@ -276,7 +276,7 @@ fn write_lines(mut output: Box<dyn Write + Send>, lines: Receiver<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn_table::Owner;
+    use crate::model::conn_table::Owner;
     use std::sync::Mutex;
 
     fn conn() -> Conn {

@@ -22,8 +22,8 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::{
-    conn_table::{Conn, ConnTable, Role, Transport},
-    events::{ConnFields, Linked},
+    export::events::{ConnFields, Linked},
+    model::conn_table::{Conn, ConnTable, Role, Transport},
 };
 
 /// The kernel's largest pid (`PID_MAX_LIMIT` on 64-bit): BackendKeyData claiming a bigger
@@ -290,7 +290,7 @@ impl Relations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn_table::Owner;
+    use crate::model::conn_table::Owner;
 
     fn conn(cookie: u64, role: Role, pid: u32, local: &str, remote: &str) -> Conn {
         Conn::new(

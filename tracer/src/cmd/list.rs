@@ -10,14 +10,14 @@ use std::{io::Write, path::Path};
 use serde::Serialize;
 
 use crate::{
-    cli::ListArgs,
     config::Glob,
-    detectors::Seeded,
-    discovery::{FoundConn, find_connections},
-    events::ConnFields,
-    live::{self, Row, typed},
-    proc_title,
-    redact::CmdlineMode,
+    config::cli::ListArgs,
+    export::events::ConnFields,
+    export::live::{self, Row, typed},
+    host::discovery::{FoundConn, find_connections},
+    host::proc_title,
+    host::redact::CmdlineMode,
+    model::detectors::Seeded,
 };
 
 /// One line of `tracer list --json`: the event field names.

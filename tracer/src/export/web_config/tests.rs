@@ -30,8 +30,8 @@ use super::{
     *,
 };
 use crate::{
-    live::LiveTable,
-    metrics::{Metrics, bind, serve},
+    export::live::LiveTable,
+    export::metrics::{Metrics, bind, serve},
 };
 
 /// Low cost: these tests check behaviour, not bcrypt's speed.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::{detectors::LeakReason, live::Linked};
+use crate::{export::live::Linked, model::detectors::LeakReason};
 
 fn row(conn_id: &str, pid: u32, comm: &str, state: ConnState) -> Row {
     Row {

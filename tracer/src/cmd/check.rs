@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::{btf::VMLINUX_BTF, privileges, probes::Probes, sockdiag};
+use crate::{host::sockdiag, kernel::btf::VMLINUX_BTF, kernel::privileges, kernel::probes::Probes};
 
 pub struct Check {
     pub name: &'static str,
@@ -130,7 +130,7 @@ pub fn run_checks() -> Vec<Check> {
 
 /// Whether Postgres's process titles can seed the state of connections found at start-up.
 fn process_titles() -> Check {
-    let (ok, detail) = crate::proc_title::check_line(Path::new("/proc"));
+    let (ok, detail) = crate::host::proc_title::check_line(Path::new("/proc"));
     Check {
         name: "process_title",
         ok,

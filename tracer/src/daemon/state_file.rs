@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{StateDirSetting, default_state_dir},
-    conn_table::{Conn, Owner, Role, Transport},
-    detectors::{ConnState, Episodes, LeakReason, Seeded},
-    process::{Container, ProcessDetails},
+    host::process::{Container, ProcessDetails},
+    model::conn_table::{Conn, Owner, Role, Transport},
+    model::detectors::{ConnState, Episodes, LeakReason, Seeded},
 };
 
 pub const FILE_NAME: &str = "state.json";

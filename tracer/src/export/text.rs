@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::events::Event;
+use crate::export::events::Event;
 
 fn str_of<'v>(e: &'v Value, key: &str) -> &'v str {
     e[key].as_str().unwrap_or("")
@@ -129,9 +129,9 @@ pub fn line(event: &Event) -> String {
 mod tests {
     use super::*;
     use crate::{
-        conn_table::{Conn, Owner, Role, Transport},
-        detectors::LeakReason,
-        events::{ConnFields, EventBody, Linked},
+        export::events::{ConnFields, EventBody, Linked},
+        model::conn_table::{Conn, Owner, Role, Transport},
+        model::detectors::LeakReason,
     };
     use std::time::{Duration, SystemTime};
 

@@ -1,8 +1,8 @@
 //! Prometheus metrics: owns the registry (names, types and labels of the SPEC's "Metrics"
 //! section), the cap on connection label sets, and the HTTP endpoint serving `/metrics`,
-//! `/healthz` and the live table (`/api/v1/connections`, see [`crate::live`]); TLS and basic
+//! `/healthz` and the live table (`/api/v1/connections`, see [`crate::export::live`]); TLS and basic
 //! auth from `--web-config` are applied to every connection and request by
-//! [`crate::web_config::Protection`], before any route is looked at.
+//! [`crate::export::web_config::Protection`], before any route is looked at.
 //!
 //! Counters and the duration histogram move as connections open, stall and close. Every gauge
 //! is rebuilt each tick from the full set of open connections ([`Metrics::set_open`]), so the
@@ -45,8 +45,8 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
-use crate::live::{API_PATH, LiveTable};
-use crate::web_config::Protection;
+use crate::export::live::{API_PATH, LiveTable};
+use crate::export::web_config::Protection;
 
 /// The labels of every connection metric. No pid, port or conn_id: those are in events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -1,7 +1,7 @@
 //! The state file's format, merge rules and directory handling.
 
 use super::*;
-use crate::detectors::{Finding, Thresholds};
+use crate::model::detectors::{Finding, Thresholds};
 use std::time::Duration;
 use tracer_common::protocol::TX_IN_TRANSACTION;
 

@@ -6,11 +6,13 @@
 use std::{collections::HashMap, net::SocketAddr, path::Path};
 
 use crate::{
-    conn_table::{Conn, Owner, Role, Transport},
-    owners::{process_age_s, socket_owners},
-    process::read_details,
-    redact::CmdlineMode,
-    sockdiag::{self, DiagError, TCP_CLOSE_WAIT, TCP_LISTEN, TcpSocket, UnixConnection, UnixRole},
+    host::owners::{process_age_s, socket_owners},
+    host::process::read_details,
+    host::redact::CmdlineMode,
+    host::sockdiag::{
+        self, DiagError, TCP_CLOSE_WAIT, TCP_LISTEN, TcpSocket, UnixConnection, UnixRole,
+    },
+    model::conn_table::{Conn, Owner, Role, Transport},
 };
 
 /// One connection found in the socket tables.
@@ -315,7 +317,7 @@ pub fn watched_unix_listeners(watched: &dyn Fn(&str) -> bool) -> Result<Vec<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sockdiag::{TcpInfoTimes, UnixSocket};
+    use crate::host::sockdiag::{TcpInfoTimes, UnixSocket};
 
     fn tcp(local: &str, remote: &str, state: u8, inode: u64) -> TcpSocket {
         TcpSocket {

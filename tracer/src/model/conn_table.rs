@@ -10,9 +10,9 @@ use tracer_common::{
 };
 
 use crate::{
-    decode::KernelEvent,
-    detectors::{ConnView, Episodes, Seeded},
-    process::ProcessDetails,
+    host::process::ProcessDetails,
+    kernel::decode::KernelEvent,
+    model::detectors::{ConnView, Episodes, Seeded},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -180,7 +180,7 @@ pub enum Change {
     /// An event for a connection the table does not know (its open was lost): counted.
     Untracked,
     /// The owner's thread paired the connection with `linked` (0: it went idle): for the
-    /// pooler model (`crate::pooler`).
+    /// pooler model (`crate::model::pooler`).
     Linked {
         cookie: u64,
         linked: u64,
@@ -535,7 +535,7 @@ mod tests {
             conn.born_ns = 1_000;
             conn.found_to_server_ns = 2_000;
             conn.seeded = Some(Seeded {
-                state: crate::detectors::ConnState::IdleInTransaction,
+                state: crate::model::detectors::ConnState::IdleInTransaction,
                 known_ns: 2_000,
             });
             conn

@@ -1523,7 +1523,7 @@ mod tests {
             assert!(ci.last_data_sent_ms < 5_000 && si.last_data_recv_ms < 5_000);
             assert!(ci.last_ack_recv_ms < 5_000);
 
-            let owners = crate::owners::socket_owners(std::path::Path::new("/proc"));
+            let owners = crate::host::owners::socket_owners(std::path::Path::new("/proc"));
             for inode in [c.inode, s.inode, l.inode] {
                 assert!(
                     owners

@@ -15,7 +15,7 @@ use std::os::fd::AsFd as _;
 
 use tracer_common::{KernelOffsets, SockState, loss, path_hash, setting};
 
-use crate::btf::KernelBtf;
+use crate::kernel::btf::KernelBtf;
 
 /// How a program attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,7 +345,7 @@ impl Probes {
             aya::maps::Map::HashMap(data) => data,
             _ => return Err(anyhow!("map SOCKS is not a hash map")),
         };
-        crate::map_batch::read_all::<u64, SockState>(data.fd().as_fd())
+        crate::kernel::map_batch::read_all::<u64, SockState>(data.fd().as_fd())
             .context("reading the kernel's connection table")
     }
 

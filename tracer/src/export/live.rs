@@ -28,9 +28,9 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    conn_table::Conn,
-    detectors::{ConnState, LeakReason},
-    events::ConnFields,
+    export::events::ConnFields,
+    model::conn_table::Conn,
+    model::detectors::{ConnState, LeakReason},
 };
 
 /// Where the live table is served, on the metrics address.
@@ -40,7 +40,7 @@ fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-/// `linked` as a reader sees it (the daemon writes [`crate::events::Linked`]): on the
+/// `linked` as a reader sees it (the daemon writes [`crate::export::events::Linked`]): on the
 /// pooler's server connection it names the client it serves (`pid`, `comm`, `container_id`
 /// when that client is on this host); on a client connection, the server connection
 /// (`backend_pid`).
@@ -297,7 +297,7 @@ pub fn typed(rows: &[serde_json::Map<String, serde_json::Value>]) -> Vec<Row> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn_table::{Owner, Role, Transport};
+    use crate::model::conn_table::{Owner, Role, Transport};
 
     fn conn() -> Conn {
         let mut conn = Conn::new(

@@ -1,0 +1,7 @@
+//! The connection model, pure logic without IO: the table of connections (`conn_table`),
+//! the stall and leak detectors (`detectors`), and how connections pair up: both ends on this
+//! host, pooler links (`pooler`).
+
+pub mod conn_table;
+pub mod detectors;
+pub mod pooler;
