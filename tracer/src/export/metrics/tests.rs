@@ -1,0 +1,528 @@
+use std::{io::Write as _, process::Stdio};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::*;
+
+fn labels(role: &'static str, comm: &str, remote: &str) -> ConnLabels {
+    ConnLabels {
+        role,
+        comm: comm.to_owned(),
+        container: String::new(),
+        remote: remote.to_owned(),
+    }
+}
+
+fn psql() -> ConnLabels {
+    labels("client", "psql", "127.0.0.1:5432")
+}
+
+fn snap<'a>(labels: &'a ConnLabels, state: &'static str) -> ConnSnapshot<'a> {
+    ConnSnapshot {
+        labels,
+        state,
+        age_s: 0.0,
+        idle_s: 0.0,
+        stalled: false,
+        leak_reason: None,
+    }
+}
+
+const PSQL: &str = r#"comm="psql",container="",remote="127.0.0.1:5432",role="client""#;
+
+/// The exposition sorts label names, so `reason` lands between `container` and `remote`.
+fn psql_leak(reason: &str, value: u32) -> String {
+    format!(
+        "pgconn_leak_suspected_connections{{comm=\"psql\",container=\"\",reason=\"{reason}\",remote=\"127.0.0.1:5432\",role=\"client\"}} {value}"
+    )
+}
+
+#[track_caller]
+fn assert_line(text: &str, line: &str) {
+    assert!(
+        text.lines().any(|l| l == line),
+        "missing line {line:?} in:\n{text}"
+    );
+}
+
+fn lines_starting<'t>(text: &'t str, prefix: &str) -> Vec<&'t str> {
+    text.lines().filter(|l| l.starts_with(prefix)).collect()
+}
+
+#[test]
+fn open_connection_exports_every_state_and_reason() {
+    let metrics = Metrics::new(100, "1.2.3");
+    let psql = psql();
+    metrics.connection_opened(&psql);
+    metrics.set_open(&[ConnSnapshot {
+        age_s: 12.5,
+        idle_s: 3.0,
+        ..snap(&psql, "idle")
+    }]);
+    let text = metrics.render();
+
+    for state in STATES {
+        let value = if state == "idle" { 1 } else { 0 };
+        assert_line(
+            &text,
+            &format!("pgconn_open_connections{{{PSQL},state=\"{state}\"}} {value}"),
+        );
+    }
+    assert_eq!(lines_starting(&text, "pgconn_open_connections{").len(), 6);
+    for reason in LEAK_REASONS {
+        assert_line(&text, &psql_leak(reason, 0));
+    }
+    assert_line(
+        &text,
+        &format!("pgconn_connections_opened_total{{{PSQL}}} 1"),
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_oldest_connection_age_seconds{{{PSQL}}} 12.5"),
+    );
+    assert_line(&text, &format!("pgconn_max_idle_seconds{{{PSQL}}} 3"));
+    assert_line(&text, &format!("pgconn_stalled_connections{{{PSQL}}} 0"));
+    assert_line(&text, &format!("pgconn_stalls_total{{{PSQL}}} 0"));
+    assert_line(&text, &format!("pgconn_bytes_sent_total{{{PSQL}}} 0"));
+    assert_line(&text, "pgconn_tracer_tracked_connections 1");
+    assert_line(&text, r#"pgconn_tracer_build_info{version="1.2.3"} 1"#);
+    assert_line(&text, "# TYPE pgconn_open_connections gauge");
+    assert_line(&text, "# TYPE pgconn_connections_opened_total counter");
+    assert_line(&text, "# TYPE pgconn_tracer_build_info gauge");
+}
+
+#[test]
+fn gauges_follow_ticks_and_disappear_after_close_while_counters_stay() {
+    let metrics = Metrics::new(100, "1.2.3");
+    let psql = psql();
+    let app = labels("client", "app", "10.0.0.5:6432");
+    metrics.connection_opened(&psql);
+    metrics.connection_opened(&psql);
+    metrics.connection_opened(&app);
+    metrics.stall_started(&psql);
+    metrics.set_open(&[
+        ConnSnapshot {
+            age_s: 100.0,
+            idle_s: 40.0,
+            leak_reason: Some("idle_in_transaction"),
+            ..snap(&psql, "idle_in_transaction")
+        },
+        ConnSnapshot {
+            age_s: 7.0,
+            idle_s: 6.0,
+            stalled: true,
+            ..snap(&psql, "active")
+        },
+        snap(&app, "idle"),
+    ]);
+    let text = metrics.render();
+    let psql_state =
+        |state: &str, n: u32| format!("pgconn_open_connections{{{PSQL},state=\"{state}\"}} {n}");
+    assert_line(&text, &psql_state("idle_in_transaction", 1));
+    assert_line(&text, &psql_state("active", 1));
+    assert_line(&text, &psql_state("idle", 0));
+    assert_line(&text, &psql_leak("idle_in_transaction", 1));
+    assert_line(&text, &psql_leak("idle", 0));
+    assert_line(
+        &text,
+        &format!("pgconn_oldest_connection_age_seconds{{{PSQL}}} 100"),
+    );
+    assert_line(&text, &format!("pgconn_max_idle_seconds{{{PSQL}}} 40"));
+    assert_line(&text, &format!("pgconn_stalled_connections{{{PSQL}}} 1"));
+    assert_line(&text, &format!("pgconn_stalls_total{{{PSQL}}} 1"));
+    assert_line(
+        &text,
+        &format!("pgconn_connections_opened_total{{{PSQL}}} 2"),
+    );
+    assert_line(&text, "pgconn_tracer_tracked_connections 3");
+    assert_eq!(lines_starting(&text, "pgconn_open_connections{").len(), 12);
+
+    // Both psql connections close; app stays open.
+    metrics.connection_closed(&psql, "peer", 42.0, 100, 200);
+    metrics.connection_closed(&psql, "made-up", 0.005, 1, 2);
+    metrics.set_open(&[snap(&app, "idle")]);
+    let text = metrics.render();
+    for gauge in [
+        "pgconn_open_connections{",
+        "pgconn_leak_suspected_connections{",
+        "pgconn_oldest_connection_age_seconds{",
+        "pgconn_max_idle_seconds{",
+        "pgconn_stalled_connections{",
+    ] {
+        let psql_lines: Vec<_> = lines_starting(&text, gauge)
+            .into_iter()
+            .filter(|l| l.contains(r#"comm="psql""#))
+            .collect();
+        assert!(psql_lines.is_empty(), "psql gauge left: {psql_lines:?}");
+    }
+    assert_eq!(lines_starting(&text, "pgconn_open_connections{").len(), 6);
+    assert_line(
+        &text,
+        r#"pgconn_open_connections{comm="app",container="",remote="10.0.0.5:6432",role="client",state="idle"} 1"#,
+    );
+    assert_line(&text, "pgconn_tracer_tracked_connections 1");
+    assert_line(
+        &text,
+        &format!("pgconn_connections_opened_total{{{PSQL}}} 2"),
+    );
+    assert_line(&text, &format!("pgconn_stalls_total{{{PSQL}}} 1"));
+    assert_line(
+        &text,
+        &format!("pgconn_connections_closed_total{{closed_by=\"peer\",{PSQL}}} 1"),
+    );
+    // An out-of-set closed_by is counted as unknown.
+    assert_line(
+        &text,
+        &format!("pgconn_connections_closed_total{{closed_by=\"unknown\",{PSQL}}} 1"),
+    );
+    assert!(!text.contains("made-up"));
+    assert_line(&text, &format!("pgconn_bytes_sent_total{{{PSQL}}} 101"));
+    assert_line(&text, &format!("pgconn_bytes_received_total{{{PSQL}}} 202"));
+    assert_line(
+        &text,
+        &format!("pgconn_connection_duration_seconds_count{{{PSQL}}} 2"),
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_connection_duration_seconds_sum{{{PSQL}}} 42.005"),
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"0.01\"}} 1"),
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"30\"}} 1"),
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"60\"}} 2"),
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"86400\"}} 2"),
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"+Inf\"}} 2"),
+    );
+
+    // Nothing open: no gauge series of any connection label set.
+    metrics.set_open(&[]);
+    let text = metrics.render();
+    assert!(lines_starting(&text, "pgconn_open_connections{").is_empty());
+    assert!(lines_starting(&text, "pgconn_max_idle_seconds{").is_empty());
+    assert_line(&text, "pgconn_tracer_tracked_connections 0");
+}
+
+#[test]
+fn label_sets_beyond_the_cap_fold_into_other_and_are_counted() {
+    let metrics = Metrics::new(2, "1.2.3");
+    let a = labels("client", "a", "db:5432");
+    let b = labels("client", "b", "db:5432");
+    let c = labels("client", "c", "db:5432");
+    let d = labels("server", "postgres", "10.0.0.9:40000");
+    for l in [&a, &b, &c, &d, &a, &c] {
+        metrics.connection_opened(l);
+    }
+    // c and d arrive once the cap is reached: c twice, d once.
+    metrics.stall_started(&c);
+    metrics.set_open(&[
+        snap(&a, "idle"),
+        snap(&c, "active"),
+        snap(&c, "idle"),
+        snap(&d, "idle"),
+    ]);
+    metrics.connection_closed(&c, "local", 1.0, 10, 20);
+    let text = metrics.render();
+
+    const OTHER_CLIENT: &str = r#"comm="~other",container="",remote="",role="client""#;
+    const OTHER_SERVER: &str = r#"comm="~other",container="",remote="",role="server""#;
+    assert_line(&text, "pgconn_tracer_label_sets_overflow_total 3");
+    assert_line(
+        &text,
+        r#"pgconn_connections_opened_total{comm="a",container="",remote="db:5432",role="client"} 2"#,
+    );
+    assert_line(
+        &text,
+        r#"pgconn_connections_opened_total{comm="b",container="",remote="db:5432",role="client"} 1"#,
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_connections_opened_total{{{OTHER_CLIENT}}} 2"),
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_connections_opened_total{{{OTHER_SERVER}}} 1"),
+    );
+    assert_line(&text, &format!("pgconn_stalls_total{{{OTHER_CLIENT}}} 1"));
+    assert_line(
+        &text,
+        &format!("pgconn_connections_closed_total{{closed_by=\"local\",{OTHER_CLIENT}}} 1"),
+    );
+    assert_line(
+        &text,
+        &format!("pgconn_bytes_sent_total{{{OTHER_CLIENT}}} 10"),
+    );
+    for state in ["active", "idle"] {
+        assert_line(
+            &text,
+            &format!("pgconn_open_connections{{{OTHER_CLIENT},state=\"{state}\"}} 1"),
+        );
+    }
+    assert_line(
+        &text,
+        &format!("pgconn_open_connections{{{OTHER_SERVER},state=\"idle\"}} 1"),
+    );
+    assert!(!text.contains(r#"comm="c""#), "c must be folded:\n{text}");
+    assert!(
+        !text.contains(r#"comm="postgres""#),
+        "d must be folded:\n{text}"
+    );
+    // a, ~other/client, ~other/server: 3 label sets with gauges.
+    assert_eq!(lines_starting(&text, "pgconn_open_connections{").len(), 18);
+
+    // An admitted label set stays admitted after all its connections are gone.
+    metrics.set_open(&[]);
+    metrics.connection_opened(&b);
+    let text = metrics.render();
+    assert_line(
+        &text,
+        r#"pgconn_connections_opened_total{comm="b",container="",remote="db:5432",role="client"} 2"#,
+    );
+    assert_line(&text, "pgconn_tracer_label_sets_overflow_total 3");
+}
+
+#[test]
+fn zero_cap_folds_everything() {
+    let metrics = Metrics::new(0, "1.2.3");
+    metrics.connection_opened(&psql());
+    let text = metrics.render();
+    assert_line(
+        &text,
+        r#"pgconn_connections_opened_total{comm="~other",container="",remote="",role="client"} 1"#,
+    );
+    assert_line(&text, "pgconn_tracer_label_sets_overflow_total 1");
+    assert!(!text.contains("psql"));
+}
+
+fn weird() -> ConnLabels {
+    labels("client", "we\"ird\\na\nme", "/run/post\"gres/.s.PGSQL.5432")
+}
+
+#[test]
+fn label_values_are_escaped() {
+    let metrics = Metrics::new(10, "1.2.3");
+    let weird = weird();
+    metrics.connection_opened(&weird);
+    metrics.set_open(&[ConnSnapshot {
+        age_s: f64::INFINITY,
+        idle_s: f64::NAN,
+        ..snap(&weird, "idle")
+    }]);
+    let text = metrics.render();
+    assert_line(
+        &text,
+        r#"pgconn_connections_opened_total{comm="we\"ird\\na\nme",container="",remote="/run/post\"gres/.s.PGSQL.5432",role="client"} 1"#,
+    );
+    // Non-finite inputs never reach the exposition (`inf`/`NaN` there are invalid).
+    assert_line(
+        &text,
+        r#"pgconn_oldest_connection_age_seconds{comm="we\"ird\\na\nme",container="",remote="/run/post\"gres/.s.PGSQL.5432",role="client"} 0"#,
+    );
+    // The raw newline inside comm must not split a sample line.
+    for line in text.lines() {
+        assert!(
+            line.starts_with("# ") || line.starts_with("pgconn_"),
+            "broken line {line:?}"
+        );
+    }
+}
+
+#[test]
+fn losses_start_at_zero_and_accumulate() {
+    let metrics = Metrics::new(10, "1.2.3");
+    let text = metrics.render();
+    for location in LOSS_WHERE {
+        assert_line(
+            &text,
+            &format!("pgconn_tracer_events_lost_total{{where=\"{location}\"}} 0"),
+        );
+    }
+    metrics.events_lost("kernel_ring", 5);
+    metrics.events_lost("kernel_ring", 7);
+    metrics.events_lost("decode", 1);
+    let text = metrics.render();
+    assert_line(
+        &text,
+        r#"pgconn_tracer_events_lost_total{where="kernel_ring"} 12"#,
+    );
+    assert_line(
+        &text,
+        r#"pgconn_tracer_events_lost_total{where="decode"} 1"#,
+    );
+    assert_line(
+        &text,
+        r#"pgconn_tracer_events_lost_total{where="user_queue"} 0"#,
+    );
+}
+
+#[test]
+fn short_container_ids() {
+    let full = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    assert_eq!(short_container_id(Some(full)), "0123456789ab");
+    assert_eq!(short_container_id(Some("abc")), "abc");
+    assert_eq!(short_container_id(None), "");
+}
+
+const PROMTOOL: &str = "/usr/bin/promtool";
+
+#[test]
+fn promtool_accepts_the_exposition() {
+    if !std::path::Path::new(PROMTOOL).exists() {
+        eprintln!("skipped: {PROMTOOL} missing (apt-get install prometheus)");
+        return;
+    }
+    let metrics = Metrics::new(3, "1.2.3");
+    let (psql, weird) = (psql(), weird());
+    let server = labels("server", "postgres", "[::1]:51000");
+    let extra = labels("client", "extra", "db:5432");
+    for l in [&psql, &weird, &server, &extra] {
+        metrics.connection_opened(l);
+    }
+    metrics.stall_started(&psql);
+    metrics.set_open(&[
+        ConnSnapshot {
+            age_s: 30.0,
+            idle_s: 29.5,
+            stalled: true,
+            leak_reason: Some("idle"),
+            ..snap(&psql, "active")
+        },
+        snap(&weird, "unknown"),
+        snap(&extra, "close_wait"),
+    ]);
+    metrics.connection_closed(&server, "reset", 3.5, 10, 20);
+    metrics.events_lost("user_queue", 3);
+    let text = metrics.render();
+
+    let mut child = std::process::Command::new(PROMTOOL)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("wait for promtool");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool: {}\n{report}\n--- input:\n{text}",
+        out.status
+    );
+}
+
+/// A one-shot HTTP/1.1 GET; returns (status, headers, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a full response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, head.to_owned(), body.to_owned())
+}
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(5), future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn endpoint_serves_health_metrics_and_stops_on_shutdown() {
+    let listener = bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let metrics = Arc::new(Metrics::new(10, "9.9.9"));
+    metrics.connection_opened(&psql());
+    let ready = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(LiveTable::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        Arc::clone(&metrics),
+        Arc::clone(&ready),
+        Protection::default(),
+        Arc::clone(&live),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let (status, _, body) = within("healthz", get(addr, "/healthz")).await;
+    assert_eq!((status, body.as_str()), (503, "not ready\n"));
+    ready.store(true, Ordering::Release);
+    let (status, _, body) = within("healthz", get(addr, "/healthz")).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    let (status, head, body) = within("metrics", get(addr, "/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert_line(&body, r#"pgconn_tracer_build_info{version="9.9.9"} 1"#);
+    assert_line(
+        &body,
+        &format!("pgconn_connections_opened_total{{{PSQL}}} 1"),
+    );
+
+    let (status, _, _) = within("404", get(addr, "/nope")).await;
+    assert_eq!(status, 404);
+
+    // The live table: 503 until the first tick publishes it, then the rows as JSON.
+    let (status, _, _) = within("live", get(addr, API_PATH)).await;
+    assert_eq!(status, 503);
+    live.publish(Vec::new(), 1);
+    let (status, head, body) = within("live", get(addr, API_PATH)).await;
+    assert_eq!((status, body.as_str()), (200, "[]"));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+
+    // An idle client connection must not hold shutdown up.
+    let mut idle = TcpStream::connect(addr).await.expect("connect");
+    tokio::task::yield_now().await;
+    stop.send(()).expect("server still running");
+    let result = within("serve to return", server).await.expect("join");
+    assert!(result.is_ok(), "{result:?}");
+    let mut buf = [0_u8; 16];
+    let n = within("idle connection closed", idle.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "idle connection got data after shutdown");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "listener still accepting after shutdown"
+    );
+}
