@@ -34,10 +34,9 @@ use crate::{
     config::cli::{EventsDest, RunArgs},
     daemon::state_file::{KeptState, SavedConn, StateFile},
     export::events::{ConnFields, Event, EventBody, EventSink},
+    export::http,
     export::live::{LiveConn, LiveTable},
-    export::metrics::{
-        self, ConnLabels, ConnSnapshot, Metrics, PoolerServerLabels, short_container_id,
-    },
+    export::metrics::{ConnLabels, ConnSnapshot, Metrics, PoolerServerLabels, short_container_id},
     export::web_config::Protection,
     host::discovery::{
         FoundConn, find_connections, sockets_in_every_netns, watched_unix_listeners,
@@ -857,7 +856,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let output = open_events(&args.events)?;
     let kept = KeptState::open(&args.state_dir)?;
     let metrics_listener = match args.metrics_addr {
-        Some(addr) => Some(metrics::bind(addr).await?),
+        Some(addr) => Some(http::bind(addr).await?),
         None => None,
     };
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -875,7 +874,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let live = Arc::new(LiveTable::default());
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = metrics_listener.map(|listener| {
-        tokio::spawn(metrics::serve(
+        tokio::spawn(http::serve(
             listener,
             metrics.clone(),
             ready.clone(),

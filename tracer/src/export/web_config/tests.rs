@@ -31,7 +31,10 @@ use super::{
 };
 use crate::{
     export::live::LiveTable,
-    export::metrics::{Metrics, bind, serve},
+    export::{
+        http::{bind, serve},
+        metrics::Metrics,
+    },
 };
 
 /// Low cost: these tests check behaviour, not bcrypt's speed.
