@@ -1,3 +1,6 @@
+use crate::host::redact::CmdlineMode;
+use std::path::Path;
+
 use super::*;
 
 #[test]
