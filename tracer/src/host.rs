@@ -9,3 +9,4 @@ pub mod proc_title;
 pub mod process;
 pub mod redact;
 pub mod sockdiag;
+pub mod unix_pairs;

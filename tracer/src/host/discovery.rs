@@ -9,9 +9,8 @@ use crate::{
     host::owners::{process_age_s, socket_owners},
     host::process::read_details,
     host::redact::CmdlineMode,
-    host::sockdiag::{
-        self, DiagError, TCP_CLOSE_WAIT, TCP_LISTEN, TcpSocket, UnixConnection, UnixRole,
-    },
+    host::sockdiag::{self, DiagError, TCP_CLOSE_WAIT, TCP_LISTEN, TcpSocket},
+    host::unix_pairs::{UnixConnection, UnixRole, unix_connections},
     model::conn_table::{Conn, Owner, Role, Transport},
 };
 
@@ -228,7 +227,7 @@ pub fn find_connections(
     let (tcp, unix) = sockets_in_every_netns(proc_root)?;
     let owners = socket_owners(proc_root);
     let mut found = tcp_connections(&tcp, ports, &owners, &|pid| process_age_s(proc_root, pid));
-    let pairs = sockdiag::unix_connections(&unix);
+    let pairs = unix_connections(&unix);
     found.extend(unix_found(&pairs, unix_watched, &owners, &|pid| {
         process_uid(proc_root, pid)
     }));

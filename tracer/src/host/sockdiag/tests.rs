@@ -1,4 +1,6 @@
 use super::*;
+use crate::host::unix_pairs::*;
+use std::collections::HashSet;
 
 // ---- building answers the way the kernel does ----
 
