@@ -751,10 +751,13 @@ fn real_tcp_sockets_match_fstat_so_cookie_proc_and_ss() {
             eprintln!("ss not installed: skipping the comparison with ss");
             continue;
         };
+        // This connection's two ends and its listener: not every socket that shares an
+        // address with them (another one of the host may reuse the client's port for
+        // another peer, or linger in TIME_WAIT from an earlier test).
         let ours = |local: &SocketAddr, remote: &SocketAddr| {
-            [local, remote]
-                .iter()
-                .any(|a| **a == server_addr || **a == client_addr)
+            (*local, *remote) == (server_addr, client_addr)
+                || (*local, *remote) == (client_addr, server_addr)
+                || (*local == server_addr && remote.port() == 0)
         };
         let from_ss: HashSet<_> = ss.into_iter().filter(|(l, r, _)| ours(l, r)).collect();
         let from_diag: HashSet<_> = tcp_sockets()
