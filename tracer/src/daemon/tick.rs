@@ -1,0 +1,338 @@
+//! The tick, once a second: the kernel's live state in, Unix listeners and missed closes
+//! checked, the detectors run, gauges and the live table rebuilt; and losses reported.
+
+use super::*;
+
+impl Tracker {
+    /// Looks for Postgres's listening Unix sockets; true when the set changed.
+    pub(super) fn refresh_unix_listeners(&mut self) -> Option<Vec<String>> {
+        let glob = self.unix_glob.clone();
+        match watched_unix_listeners(&|p| glob.matches(p)) {
+            Ok(paths) => {
+                let mut changed = false;
+                for path in &paths {
+                    let hash = path_hash(path.as_bytes(), path.len());
+                    if self.unix_paths.insert(hash, path.clone()).is_none() {
+                        changed = true;
+                    }
+                }
+                changed.then_some(paths)
+            }
+            Err(err) => {
+                log::warn!("listing Unix sockets: {err}");
+                None
+            }
+        }
+    }
+
+    pub(super) fn tick(&mut self, probes: &mut Probes) {
+        if self.backlog {
+            // Kernel records are still queued: judge nothing until they are in, or a
+            // connection whose close is queued would look idle (or, after losses, gone).
+            return;
+        }
+        self.ticks += 1;
+        let now = monotonic_ns();
+        if self.last_tick_ns != 0
+            && now.saturating_sub(self.last_tick_ns) > 3 * TICK.as_nanos() as u64
+        {
+            // The daemon did not run for a while (stopped, starved): check for missed closes.
+            self.reconcile_needed = true;
+        }
+        self.last_tick_ns = now;
+
+        if self.ticks.is_multiple_of(UNIX_LISTENER_REFRESH_TICKS)
+            && self.refresh_unix_listeners().is_some()
+        {
+            self.unix_generation += 1;
+            let paths: Vec<String> = self.unix_paths.values().cloned().collect();
+            if let Err(err) = probes.set_watched_unix(&paths, self.unix_generation) {
+                log::warn!("updating watched Unix paths: {err:#}");
+            }
+        }
+        if self.adopting && self.pending_adoption.is_empty() {
+            self.adopting = false;
+            if let Err(err) = probes.set_adopt_tcp(false) {
+                log::warn!("{err:#}");
+            }
+        }
+        self.close_gone_unix(probes, now);
+        if self.reconcile_needed || self.ticks.is_multiple_of(RECONCILE_TICKS) {
+            self.reconcile_needed = false;
+            self.close_gone_tcp(probes, now);
+        }
+
+        // Live state, detectors, gauges.
+        let live_states = match probes.sock_states() {
+            Ok(states) => states,
+            Err(err) => {
+                log::warn!("{err:#}");
+                return;
+            }
+        };
+        let mut findings = Vec::new();
+        let mut ended_unseen = false;
+        let mut changed = false;
+        for conn in self.table.iter_mut() {
+            if conn.sock_key != 0 {
+                match live_states
+                    .get(&conn.sock_key)
+                    .copied()
+                    .filter(|live| live.cookie == conn.cookie)
+                {
+                    Some(live) => {
+                        changed |= conn.live != live;
+                        conn.live = live;
+                        if live.flags & SOCK_FLAG_PEER_CLOSED != 0 {
+                            conn.peer_closed_ns.get_or_insert(now);
+                        }
+                    }
+                    None => {
+                        // The kernel has let go of it: it ended and its close record is
+                        // queued or was lost. No verdict on it; the next check settles it.
+                        ended_unseen = true;
+                        continue;
+                    }
+                }
+            }
+            for finding in conn.episodes.evaluate(&conn.view(), now, &self.limits) {
+                findings.push((conn.cookie, finding));
+            }
+        }
+        self.reconcile_needed |= ended_unseen;
+        self.relations.refresh_proxies(&self.table);
+        self.state_dirty |= changed || !findings.is_empty();
+        for (cookie, finding) in findings {
+            if let Some(conn) = self.table.get(cookie) {
+                self.report(conn, now, finding);
+            }
+        }
+        let mut fallback = HashMap::new();
+        for conn in self.table.iter() {
+            if !self.labels.contains_key(&conn.cookie) {
+                fallback.insert(conn.cookie, labels_of(conn));
+            }
+        }
+        let snapshot: Vec<ConnSnapshot<'_>> = self
+            .table
+            .iter()
+            .filter_map(|conn| {
+                let labels = self
+                    .labels
+                    .get(&conn.cookie)
+                    .or_else(|| fallback.get(&conn.cookie))?;
+                let view = conn.view();
+                Some(ConnSnapshot {
+                    labels,
+                    state: view.state().as_str(),
+                    age_s: secs(now.saturating_sub(conn.born_ns)),
+                    idle_s: secs(now.saturating_sub(view.last_activity_ns())),
+                    stalled: conn.episodes.stalled(),
+                    leak_reason: conn.episodes.leak().map(|r| r.as_str()),
+                })
+            })
+            .collect();
+        self.metrics.set_open(&snapshot);
+        self.metrics.set_pooler_servers(&self.pooler_servers());
+        self.publish_live(now);
+        self.save_state(now, false);
+    }
+
+    /// `pgconn_pooler_server_connections`: each pooler's server connections by state and
+    /// by the client holding them.
+    pub(super) fn pooler_servers(&self) -> HashMap<PoolerServerLabels, i64> {
+        let mut counts = HashMap::new();
+        for (server, client, app) in self.relations.server_connections(&self.table) {
+            let labels = PoolerServerLabels {
+                comm: server.owner.comm.clone(),
+                state: server.view().state().as_str(),
+                client_comm: app.map(|a| a.owner.comm.clone()).unwrap_or_default(),
+                client_container: short_container_id(
+                    app.and_then(|a| a.details.container.container_id.as_deref()),
+                ),
+                client_ip: client
+                    .and_then(|c| c.remote.parse::<std::net::SocketAddr>().ok())
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default(),
+            };
+            *counts.entry(labels).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Hands the HTTP worker this tick's rows (when wanted, see [`LiveTable::wanted`]); it
+    /// serves them until the next publish.
+    pub(super) fn publish_live(&self, now: u64) {
+        if self.live.wanted(self.table.len(), now) {
+            let rows = self
+                .table
+                .iter()
+                .map(|c| LiveConn::new(self.fields(c), c, now))
+                .collect();
+            self.live.publish(rows, now);
+        }
+    }
+
+    /// Unix sockets have no close hook: a tracked one missing from the socket table closed.
+    pub(super) fn close_gone_unix(&mut self, probes: &mut Probes, now: u64) {
+        let unix: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|c| c.transport == Transport::Unix)
+            .map(|c| c.cookie)
+            .collect();
+        if unix.is_empty() {
+            return;
+        }
+        if self.diag.is_none() {
+            self.diag = DiagSocket::open()
+                .map_err(|e| log::warn!("sock_diag: {e}"))
+                .ok();
+        }
+        let Some(diag) = self.diag.as_mut() else {
+            return;
+        };
+        let sockets = match diag.unix_sockets() {
+            Ok(sockets) => sockets,
+            Err(err) => {
+                log::warn!("listing Unix sockets: {err}");
+                return;
+            }
+        };
+        let alive: HashSet<u64> = sockets.iter().map(|s| s.cookie).collect();
+        // Both ends of a Unix connection on this host: sock_diag names each one's peer inode.
+        let by_inode: HashMap<u64, u64> = sockets.iter().map(|s| (s.inode, s.cookie)).collect();
+        let tracked: HashSet<u64> = unix.iter().copied().collect();
+        let pairs: Vec<(u64, u64)> = sockets
+            .iter()
+            .filter(|s| tracked.contains(&s.cookie))
+            .filter_map(|s| {
+                let peer = *by_inode.get(&s.peer_inode?)?;
+                tracked.contains(&peer).then_some((s.cookie, peer))
+            })
+            .collect();
+        self.relations.set_unix_peers(pairs);
+        for cookie in unix.into_iter().filter(|c| !alive.contains(c)) {
+            let Some(mut conn) = self.table.remove(cookie) else {
+                continue;
+            };
+            if conn.sock_key != 0 {
+                if let Some(live) = probes
+                    .sock_state(conn.sock_key)
+                    .filter(|l| l.cookie == cookie)
+                {
+                    conn.live = live;
+                }
+                let _ = probes.forget_sock(conn.sock_key, cookie);
+            }
+            let owner_alive = Path::new("/proc").join(conn.owner.pid.to_string()).exists();
+            // No Unix close hook says who closed: the peer when we saw its end of file; the
+            // owner when it still runs; otherwise it closed or exited, we cannot tell which.
+            let closed_by =
+                if conn.live.flags & SOCK_FLAG_PEER_CLOSED != 0 || conn.peer_closed_ns.is_some() {
+                    ClosedBy::Peer
+                } else if conn.owner.pid != 0 && owner_alive {
+                    ClosedBy::Local
+                } else {
+                    ClosedBy::Unknown
+                };
+            let (sent, received) = (conn.live.bytes_sent, conn.live.bytes_received);
+            self.closed(&mut conn, now, sent, received, closed_by);
+        }
+    }
+
+    /// TCP connections whose close record was lost (ring full) would stay open forever and
+    /// turn into false leaks: any that the socket tables no longer list are closed here.
+    pub(super) fn close_gone_tcp(&mut self, probes: &mut Probes, now: u64) {
+        let tcp: Vec<(u64, u64)> = self
+            .table
+            .iter()
+            .filter(|c| c.transport == Transport::Tcp)
+            .map(|c| (c.cookie, c.sock_key))
+            .collect();
+        if tcp.is_empty() {
+            return;
+        }
+        let alive: HashSet<u64> = match sockets_in_every_netns(Path::new("/proc")) {
+            Ok((sockets, _)) => sockets.into_iter().map(|s| s.cookie).collect(),
+            Err(err) => {
+                log::warn!("listing TCP sockets: {err}");
+                return;
+            }
+        };
+        for (cookie, key) in tcp {
+            if alive.contains(&cookie) {
+                continue;
+            }
+            // Still in the kernel table: its close record is on its way, not lost.
+            if key != 0 && probes.sock_state(key).is_some_and(|s| s.cookie == cookie) {
+                continue;
+            }
+            let Some(mut conn) = self.table.remove(cookie) else {
+                continue;
+            };
+            log::debug!("connection {cookie} is gone without a close record");
+            let (sent, received) = (conn.live.bytes_sent, conn.live.bytes_received);
+            self.closed(&mut conn, now, sent, received, ClosedBy::Unknown);
+        }
+    }
+
+    pub(super) fn report_lost(&self, count: u64, location: &'static str) {
+        if count > 0 {
+            self.metrics.events_lost(location, count);
+            self.sink.send(&Event::at(
+                SystemTime::now(),
+                EventBody::Lost { count, location },
+            ));
+        }
+    }
+}
+
+/// Loss counters already reported, so each `lost` event carries only the new losses.
+#[derive(Default)]
+pub(super) struct Reported {
+    kernel: KernelLosses,
+    /// Queue drops carried by `lost` events so far.
+    queue: u64,
+    /// Queue drops added to the metric so far.
+    queue_metric: u64,
+    decode: u64,
+}
+
+pub(super) fn report_losses(probes: &Probes, tracker: &mut Tracker, reported: &mut Reported) {
+    match probes.losses() {
+        Ok(now) => {
+            if now != reported.kernel {
+                tracker.reconcile_needed = true;
+            }
+            tracker.report_lost(now.ring_full - reported.kernel.ring_full, "kernel_ring");
+            tracker.report_lost(now.table_full - reported.kernel.table_full, "kernel_table");
+            reported.kernel = now;
+        }
+        Err(err) => log::warn!("reading kernel loss counters: {err:#}"),
+    }
+    // The metric follows drops live; the `lost` event waits until the queue takes events
+    // again and then carries every drop since the last one it reported (refused `lost`
+    // events included: they are events lost too).
+    let dropped = tracker.sink.dropped();
+    if dropped > reported.queue_metric {
+        tracker
+            .metrics
+            .events_lost("user_queue", dropped - reported.queue_metric);
+        reported.queue_metric = dropped;
+    }
+    if dropped > reported.queue {
+        let lost = Event::at(
+            SystemTime::now(),
+            EventBody::Lost {
+                count: dropped - reported.queue,
+                location: "user_queue",
+            },
+        );
+        if tracker.sink.send(&lost) {
+            reported.queue = dropped;
+        }
+    }
+    tracker.report_lost(tracker.decode_errors - reported.decode, "decode");
+    reported.decode = tracker.decode_errors;
+}
