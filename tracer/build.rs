@@ -1,5 +1,5 @@
 //! Builds the kernel programs (`tracer-ebpf`) for the BPF target and leaves the object in
-//! OUT_DIR, where `probes.rs` embeds it. Uses the stable toolchain with RUSTC_BOOTSTRAP for
+//! OUT_DIR, where `kernel/probes.rs` embeds it. Uses the stable toolchain with RUSTC_BOOTSTRAP for
 //! `-Z build-std=core`, so no nightly toolchain is needed; `TRACER_EBPF_TOOLCHAIN` names
 //! another rustup toolchain (container images often have only a versioned one).
 fn main() -> anyhow::Result<()> {
