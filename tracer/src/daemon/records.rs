@@ -143,16 +143,9 @@ impl Tracker {
         let duration_ns = end_ns.saturating_sub(conn.born_ns);
         let fields = self.fields(conn);
         self.relations.closed(conn);
-        let closed_by_str = match closed_by {
-            ClosedBy::Local => "local",
-            ClosedBy::Peer => "peer",
-            ClosedBy::Reset => "reset",
-            ClosedBy::Exit => "exit",
-            ClosedBy::Unknown => "unknown",
-        };
         self.metrics.connection_closed(
             &labels,
-            closed_by_str,
+            closed_by,
             secs(duration_ns),
             bytes_sent,
             bytes_received,

@@ -124,11 +124,11 @@ impl Tracker {
                 let view = conn.view();
                 Some(ConnSnapshot {
                     labels,
-                    state: view.state().as_str(),
+                    state: view.state(),
                     age_s: secs(now.saturating_sub(conn.born_ns)),
                     idle_s: secs(now.saturating_sub(view.last_activity_ns())),
                     stalled: conn.episodes.stalled(),
-                    leak_reason: conn.episodes.leak().map(|r| r.as_str()),
+                    leak_reason: conn.episodes.leak(),
                 })
             })
             .collect();

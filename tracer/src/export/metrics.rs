@@ -18,6 +18,11 @@ use prometheus::{
 };
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::model::{
+    conn_table::ClosedBy,
+    detectors::{ConnState, LeakReason},
+};
+
 /// The labels of every connection metric. No pid, port or conn_id: those are in events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ConnLabels {
@@ -76,21 +81,7 @@ pub fn short_container_id(full: Option<&str>) -> String {
     }
 }
 
-pub const STATES: [&str; 6] = [
-    "active",
-    "idle",
-    "idle_in_transaction",
-    "idle_in_transaction_aborted",
-    "close_wait",
-    "unknown",
-];
-pub const LEAK_REASONS: [&str; 3] = ["close_wait", "idle_in_transaction", "idle"];
-pub const CLOSED_BY: [&str; 5] = ["local", "peer", "reset", "exit", "unknown"];
 pub const LOSS_WHERE: [&str; 4] = ["kernel_ring", "kernel_table", "user_queue", "decode"];
-
-/// Index of `"unknown"` in [`STATES`] and [`CLOSED_BY`]: where out-of-set values are counted.
-const UNKNOWN_STATE: usize = 5;
-const UNKNOWN_CLOSED_BY: &str = "unknown";
 
 /// Connection lifetimes span from a failed handshake (milliseconds) to pooled connections that
 /// live for days; the buckets cover that range with one bucket per order of magnitude or
@@ -104,13 +95,12 @@ const CONN_LABEL_NAMES: [&str; 4] = ["role", "comm", "container", "remote"];
 /// One open connection as the detectors see it at a tick.
 pub struct ConnSnapshot<'a> {
     pub labels: &'a ConnLabels,
-    /// One of [`STATES`]; anything else is exported as `unknown`.
-    pub state: &'static str,
+    pub state: ConnState,
     pub age_s: f64,
     pub idle_s: f64,
     pub stalled: bool,
-    /// One of [`LEAK_REASONS`] while a leak verdict holds.
-    pub leak_reason: Option<&'static str>,
+    /// While a leak verdict holds.
+    pub leak_reason: Option<LeakReason>,
 }
 
 /// Which label sets may appear, and which have gauge series right now.
@@ -140,11 +130,11 @@ impl LabelSets {
 /// Gauge values of one label set at a tick.
 #[derive(Default)]
 struct Aggregate {
-    states: [i64; STATES.len()],
+    states: [i64; ConnState::ALL.len()],
     oldest_age_s: f64,
     max_idle_s: f64,
     stalled: i64,
-    leaks: [i64; LEAK_REASONS.len()],
+    leaks: [i64; LeakReason::ALL.len()],
 }
 
 /// Every metric the tracer exports, in one registry.
@@ -352,24 +342,19 @@ impl Metrics {
         self.stalls_total.with_label_values(&values).inc_by(0);
     }
 
-    /// Counts a closed connection. `closed_by` outside [`CLOSED_BY`] is counted as `unknown`.
+    /// Counts a closed connection.
     pub fn connection_closed(
         &self,
         labels: &ConnLabels,
-        closed_by: &str,
+        closed_by: ClosedBy,
         duration_s: f64,
         bytes_sent: u64,
         bytes_received: u64,
     ) {
         let (labels, _) = self.label_sets().resolve(labels);
-        let closed_by = if CLOSED_BY.contains(&closed_by) {
-            closed_by
-        } else {
-            UNKNOWN_CLOSED_BY
-        };
         let values = labels.values();
         self.closed_total
-            .with_label_values(&labels.values_with(closed_by))
+            .with_label_values(&labels.values_with(closed_by.as_str()))
             .inc();
         self.duration
             .with_label_values(&values)
@@ -399,19 +384,12 @@ impl Metrics {
         for conn in snapshot {
             let (labels, _) = sets.resolve(conn.labels);
             let agg = current.entry(labels).or_default();
-            let state = STATES
-                .iter()
-                .position(|s| *s == conn.state)
-                .unwrap_or(UNKNOWN_STATE);
-            agg.states[state] += 1;
+            agg.states[conn.state as usize] += 1;
             agg.oldest_age_s = agg.oldest_age_s.max(seconds(conn.age_s));
             agg.max_idle_s = agg.max_idle_s.max(seconds(conn.idle_s));
             agg.stalled += i64::from(conn.stalled);
             if let Some(reason) = conn.leak_reason {
-                match LEAK_REASONS.iter().position(|r| *r == reason) {
-                    Some(i) => agg.leaks[i] += 1,
-                    None => log::debug!("metrics: leak reason {reason:?} is not exported"),
-                }
+                agg.leaks[reason as usize] += 1;
             }
         }
 
@@ -423,14 +401,14 @@ impl Metrics {
             keep
         });
         for (labels, agg) in &current {
-            for (state, count) in STATES.iter().zip(agg.states) {
+            for (state, count) in ConnState::ALL.iter().zip(agg.states) {
                 self.open_connections
-                    .with_label_values(&labels.values_with(state))
+                    .with_label_values(&labels.values_with(state.as_str()))
                     .set(count);
             }
-            for (reason, count) in LEAK_REASONS.iter().zip(agg.leaks) {
+            for (reason, count) in LeakReason::ALL.iter().zip(agg.leaks) {
                 self.leak_suspected
-                    .with_label_values(&labels.values_with(reason))
+                    .with_label_values(&labels.values_with(reason.as_str()))
                     .set(count);
             }
             let values = labels.values();
@@ -466,15 +444,15 @@ impl Metrics {
 
     fn remove_gauges(&self, labels: &ConnLabels) {
         // A series that is already gone is fine: removal is all that is wanted.
-        for state in STATES {
+        for state in ConnState::ALL {
             let _ = self
                 .open_connections
-                .remove_label_values(&labels.values_with(state));
+                .remove_label_values(&labels.values_with(state.as_str()));
         }
-        for reason in LEAK_REASONS {
+        for reason in LeakReason::ALL {
             let _ = self
                 .leak_suspected
-                .remove_label_values(&labels.values_with(reason));
+                .remove_label_values(&labels.values_with(reason.as_str()));
         }
         let values = labels.values();
         let _ = self.oldest_age.remove_label_values(&values);

@@ -40,6 +40,25 @@ pub enum ClosedBy {
 }
 
 impl ClosedBy {
+    pub const ALL: [ClosedBy; 5] = [
+        Self::Local,
+        Self::Peer,
+        Self::Reset,
+        Self::Exit,
+        Self::Unknown,
+    ];
+
+    /// The name in events (`closed_by`) and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Peer => "peer",
+            Self::Reset => "reset",
+            Self::Exit => "exit",
+            Self::Unknown => "unknown",
+        }
+    }
+
     fn from_wire(value: u8) -> Self {
         match value {
             closed_by::LOCAL => Self::Local,

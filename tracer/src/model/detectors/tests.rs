@@ -307,3 +307,18 @@ fn episodes_reported_before_end_on_close() {
         ]
     );
 }
+
+/// The metrics index their per-state and per-reason counts by discriminant.
+#[test]
+fn the_vocabularies_list_every_value_in_declaration_order() {
+    for (i, state) in ConnState::ALL.iter().enumerate() {
+        assert_eq!(*state as usize, i, "{state:?}");
+    }
+    for (i, reason) in LeakReason::ALL.iter().enumerate() {
+        assert_eq!(*reason as usize, i, "{reason:?}");
+    }
+    let names: Vec<_> = crate::model::conn_table::ClosedBy::ALL
+        .map(|c| c.as_str())
+        .to_vec();
+    assert_eq!(names, ["local", "peer", "reset", "exit", "unknown"]);
+}
