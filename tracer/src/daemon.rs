@@ -175,10 +175,7 @@ fn labels_of(conn: &Conn) -> ConnLabels {
         _ => conn.remote.clone(),
     };
     ConnLabels {
-        role: match conn.role {
-            Role::Client => "client",
-            Role::Server => "server",
-        },
+        role: conn.role.as_str(),
         comm: conn.owner.comm.clone(),
         container: short_container_id(conn.details.container.container_id.as_deref()),
         remote,

@@ -22,6 +22,16 @@ pub enum Role {
     Server,
 }
 
+impl Role {
+    /// The name in events (`role`) and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
