@@ -36,6 +36,18 @@ pub mod closed_by {
     pub const EXIT: u8 = 4;
 }
 
+/// The names user space finds the kernel programs' maps and globals by: the `static`s of
+/// `tracer-ebpf/src/maps.rs` are named the same (aya names a map after its static).
+pub mod map_name {
+    pub const PORTS: &str = "PORTS";
+    pub const SOCKS: &str = "SOCKS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOSSES: &str = "LOSSES";
+    pub const OFFSETS: &str = "OFFSETS";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const WATCHED_UNIX: &str = "WATCHED_UNIX";
+}
+
 /// TCP states (`include/net/tcp_states.h`), as `inet_sock_set_state`, `skc_state` and
 /// sock_diag report them; Unix sockets report the same numbers to sock_diag.
 pub mod tcp_state {

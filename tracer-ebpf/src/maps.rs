@@ -1,4 +1,5 @@
-//! Maps and load-time settings shared by the programs.
+//! Maps and load-time settings shared by the programs. User space finds them by the names in
+//! `tracer_common::map_name`: a static renamed here must be renamed there.
 
 use aya_ebpf::{
     Global,

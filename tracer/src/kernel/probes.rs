@@ -13,7 +13,7 @@ use aya::{
 };
 use std::os::fd::AsFd as _;
 
-use tracer_common::{KernelOffsets, SockState, loss, path_hash, setting};
+use tracer_common::{KernelOffsets, SockState, loss, map_name, path_hash, setting};
 
 use crate::kernel::btf::KernelBtf;
 
@@ -221,7 +221,7 @@ impl KernelFacts {
         }
         loader
             .btf(Some(&self.btf))
-            .override_global("OFFSETS", &self.offsets, true);
+            .override_global(map_name::OFFSETS, &self.offsets, true);
         loader
     }
 }
@@ -245,12 +245,12 @@ impl Probes {
         let facts = KernelFacts::read()?;
         let mut ebpf = facts
             .loader()
-            .map_max_entries("SOCKS", max_connections)
+            .map_max_entries(map_name::SOCKS, max_connections)
             .load(OBJECT)
             .context("loading the eBPF object")?;
 
         let mut port_map: Array<&mut MapData, u8> = Array::try_from(
-            ebpf.map_mut("PORTS")
+            ebpf.map_mut(map_name::PORTS)
                 .ok_or_else(|| anyhow!("map PORTS missing from the object"))?,
         )?;
         for &port in ports {
@@ -328,7 +328,7 @@ impl Probes {
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
-            .take_map("EVENTS")
+            .take_map(map_name::EVENTS)
             .ok_or_else(|| anyhow!("map EVENTS missing or already taken"))?;
         Ok(RingBuf::try_from(map)?)
     }
@@ -339,7 +339,7 @@ impl Probes {
     pub fn sock_states(&self) -> Result<rustc_hash::FxHashMap<u64, SockState>> {
         let map = self
             .ebpf
-            .map("SOCKS")
+            .map(map_name::SOCKS)
             .ok_or_else(|| anyhow!("map SOCKS missing"))?;
         let data: &MapData = match map {
             aya::maps::Map::HashMap(data) => data,
@@ -352,7 +352,7 @@ impl Probes {
     /// The kernel's live state of a tracked connection.
     pub fn sock_state(&self, key: u64) -> Option<SockState> {
         let map: HashMap<&MapData, u64, SockState> =
-            HashMap::try_from(self.ebpf.map("SOCKS")?).ok()?;
+            HashMap::try_from(self.ebpf.map(map_name::SOCKS)?).ok()?;
         map.get(&key, 0).ok()
     }
 
@@ -361,7 +361,7 @@ impl Probes {
     pub fn forget_sock(&mut self, key: u64, cookie: u64) -> Result<()> {
         let mut map: HashMap<&mut MapData, u64, SockState> = HashMap::try_from(
             self.ebpf
-                .map_mut("SOCKS")
+                .map_mut(map_name::SOCKS)
                 .ok_or_else(|| anyhow!("map SOCKS missing"))?,
         )?;
         if map.get(&key, 0).is_ok_and(|s| s.cookie == cookie) {
@@ -374,7 +374,7 @@ impl Probes {
     pub fn set_watched_unix(&mut self, paths: &[String], generation: u32) -> Result<()> {
         let mut map: HashMap<&mut MapData, u64, u8> = HashMap::try_from(
             self.ebpf
-                .map_mut("WATCHED_UNIX")
+                .map_mut(map_name::WATCHED_UNIX)
                 .ok_or_else(|| anyhow!("map WATCHED_UNIX missing"))?,
         )?;
         let wanted: Vec<u64> = paths
@@ -404,7 +404,7 @@ impl Probes {
     fn set(&mut self, index: u32, value: u32) -> Result<()> {
         let mut map: Array<&mut MapData, u32> = Array::try_from(
             self.ebpf
-                .map_mut("SETTINGS")
+                .map_mut(map_name::SETTINGS)
                 .ok_or_else(|| anyhow!("map SETTINGS missing"))?,
         )?;
         map.set(index, value, 0)
@@ -415,7 +415,7 @@ impl Probes {
     pub fn losses(&self) -> Result<KernelLosses> {
         let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
             self.ebpf
-                .map("LOSSES")
+                .map(map_name::LOSSES)
                 .ok_or_else(|| anyhow!("map LOSSES missing"))?,
         )?;
         let sum = |index: u32| -> Result<u64> {
