@@ -63,7 +63,7 @@ impl Tracker {
         }
 
         // Live state, detectors, gauges.
-        let live_states = match probes.sock_states() {
+        let live_states = match probes.sock_states(self.table.len()) {
             Ok(states) => states,
             Err(err) => {
                 log::warn!("{err:#}");

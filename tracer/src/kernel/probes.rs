@@ -336,7 +336,7 @@ impl Probes {
     /// The kernel's live state of every tracked connection, by `SOCKS` key, read in batches
     /// (a few system calls for the whole table instead of one per connection: the idle tick
     /// of a host with 20,000 pooled connections must cost next to nothing).
-    pub fn sock_states(&self) -> Result<rustc_hash::FxHashMap<u64, SockState>> {
+    pub fn sock_states(&self, expected: usize) -> Result<rustc_hash::FxHashMap<u64, SockState>> {
         let map = self
             .ebpf
             .map(map_name::SOCKS)
@@ -345,7 +345,7 @@ impl Probes {
             aya::maps::Map::HashMap(data) => data,
             _ => return Err(anyhow!("map SOCKS is not a hash map")),
         };
-        crate::kernel::map_batch::read_all::<u64, SockState>(data.fd().as_fd())
+        crate::kernel::map_batch::read_all::<u64, SockState>(data.fd().as_fd(), expected)
             .context("reading the kernel's connection table")
     }
 
