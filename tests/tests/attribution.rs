@@ -11,6 +11,7 @@ use std::{
 use serde_json::json;
 use tests::{
     Postgres, Tracer, Value, conn_events,
+    events::{Want, path_events},
     hosts::{
         FakeContainer, HeldConn, NetNs, PYTHON, PyClient, cgroup2_of, cmdline_of, conn_spec, dsn,
         postgres_bin_dir, random_hex, random_pod_uid, ts_secs, wall_now,
@@ -102,13 +103,6 @@ fn container(
     }
 }
 
-fn find<'a>(events: &'a [Value], kind: &str, pred: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["type"] == kind && pred(e))
-        .collect()
-}
-
 /// psycopg2 clients, one per layout, each inside its fake container holding one TCP
 /// connection: the client's open and close name its process and container exactly, the
 /// server side names the backend and no container.
@@ -137,8 +131,11 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let events = tracer
         .wait_for(WAIT, |evs| {
             held.iter().all(|(pid, conn)| {
-                let client = !find(evs, "open", |e| e["pid"] == *pid).is_empty();
-                let server = !find(evs, "open", |e| e["pid"] == conn.backend_pid).is_empty();
+                let client = !Want::kind("open").pid(*pid).find(evs).is_empty();
+                let server = !Want::kind("open")
+                    .pid(conn.backend_pid)
+                    .find(evs)
+                    .is_empty();
                 client && server
             })
         })
@@ -148,7 +145,7 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let mut failures = Vec::new();
     for (_, client, owner) in &running {
         let conn = &client.conns[0];
-        let opens = find(&events, "open", |e| e["pid"] == owner.pid);
+        let opens = Want::kind("open").pid(owner.pid).find(&events);
         assert_eq!(opens.len(), 1, "one open for pid {}: {dump}", owner.pid);
         let open = opens[0];
         eprintln!(
@@ -168,7 +165,7 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
         assert_eq!(open["remote"], format!("127.0.0.1:{}", pg.port), "{open}");
         assert_eq!(open["preexisting"], false, "{open}");
 
-        let servers = find(&events, "open", |e| e["pid"] == conn.backend_pid);
+        let servers = Want::kind("open").pid(conn.backend_pid).find(&events);
         assert_eq!(servers.len(), 1, "one server open: {dump}");
         let server = servers[0];
         assert_eq!(server["role"], "server", "{server}");
@@ -193,11 +190,11 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let events = tracer
         .wait_for(WAIT, |evs| {
             pids.iter()
-                .all(|pid| !find(evs, "close", |e| e["pid"] == *pid).is_empty())
+                .all(|pid| !Want::kind("close").pid(*pid).find(evs).is_empty())
         })
         .expect("a close for every client");
     for owner in &owners {
-        let close = find(&events, "close", |e| e["pid"] == owner.pid)[0];
+        let close = Want::kind("close").pid(owner.pid).find(&events)[0];
         for m in owner.mismatches(close) {
             failures.push(format!("{} client close {m}", owner.cgroup));
         }
@@ -331,14 +328,6 @@ fn socket_path(pg: &Postgres) -> String {
     format!("{}/.s.PGSQL.{}", pg.socket_dir.display(), pg.port)
 }
 
-fn path_events(events: &[Value], path: &str) -> Vec<Value> {
-    events
-        .iter()
-        .filter(|e| e["remote"] == path || e["local"] == path)
-        .cloned()
-        .collect()
-}
-
 #[test]
 fn psql_over_the_unix_socket_is_seen_on_both_roles() {
     if !require_root() {
@@ -351,7 +340,10 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
     let (psql, backend) = psql_backend(pg.psql(&host, "select pg_backend_pid(), pg_sleep(0.3)"));
     tracer
         .wait_for(WAIT, |evs| {
-            find(evs, "close", |e| e["remote"] == path.as_str()).len() >= 2
+            Want::kind("close")
+                .find_where(evs, |e| e["remote"] == path.as_str())
+                .len()
+                >= 2
         })
         .unwrap_or_else(|e| {
             panic!(
@@ -365,8 +357,8 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
     eprintln!("unix socket {path}: psql {psql}, backend {backend}\n{dump}");
     assert_eq!(events.len(), 4, "one open and one close per role: {dump}");
     for kind in ["open", "close"] {
-        let client = find(&events, kind, |e| e["role"] == "client");
-        let server = find(&events, kind, |e| e["role"] == "server");
+        let client = Want::kind(kind).role("client").find(&events);
+        let server = Want::kind(kind).role("server").find(&events);
         assert_eq!((client.len(), server.len()), (1, 1), "{kind}: {dump}");
         let (c, s) = (client[0], server[0]);
         for e in [c, s] {
@@ -386,12 +378,12 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
         assert_eq!(s["comm"], "postgres", "{s}");
         assert_eq!(s["local"], path, "{s}");
     }
-    let opens = find(&events, "open", |_| true);
+    let opens = Want::kind("open").find(&events);
     assert!(opens.iter().all(|e| e["preexisting"] == false), "{dump}");
-    let closes = find(&events, "close", |_| true);
+    let closes = Want::kind("close").find(&events);
     assert_ne!(closes[0]["conn_id"], closes[1]["conn_id"], "{dump}");
     for close in closes {
-        let open = find(&events, "open", |e| e["role"] == close["role"])[0];
+        let open = Want::kind("open").find_where(&events, |e| e["role"] == close["role"])[0];
         assert_eq!(open["conn_id"], close["conn_id"], "{dump}");
         assert!(
             close["duration_s"].as_f64().unwrap_or(0.0) >= 0.3,
@@ -415,7 +407,10 @@ fn unix_connections_in_quick_succession_keep_their_own_byte_counts() {
         .collect();
     tracer
         .wait_for(WAIT, |evs| {
-            find(evs, "close", |e| e["remote"] == path.as_str()).len() >= 2 * runs.len()
+            Want::kind("close")
+                .find_where(evs, |e| e["remote"] == path.as_str())
+                .len()
+                >= 2 * runs.len()
         })
         .expect("every end closes");
     let events = path_events(&tracer.events(), &path);
@@ -423,8 +418,8 @@ fn unix_connections_in_quick_succession_keep_their_own_byte_counts() {
     let mut failures = Vec::new();
     let mut counts = Vec::new();
     for (psql, backend) in &runs {
-        let client = find(&events, "close", |e| e["pid"] == *psql);
-        let server = find(&events, "close", |e| e["pid"] == *backend);
+        let client = Want::kind("close").pid(*psql).find(&events);
+        let server = Want::kind("close").pid(*backend).find(&events);
         assert_eq!(
             (client.len(), server.len()),
             (1, 1),
@@ -497,16 +492,15 @@ fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
         .parse()
         .expect("pid");
     let seen = tracer.wait_for(WAIT, |evs| {
-        find(evs, "open", |e| {
-            e["pid"] == pid && e["remote"] == path.as_str()
-        })
-        .len()
+        Want::kind("open")
+            .find_where(evs, |e| e["pid"] == pid && e["remote"] == path.as_str())
+            .len()
             >= rounds
     });
     std::thread::sleep(Duration::from_millis(1500));
     let events = path_events(&tracer.events(), &path);
-    let clients = find(&events, "open", |e| e["role"] == "client").len();
-    let servers = find(&events, "open", |e| e["role"] == "server").len();
+    let clients = Want::kind("open").role("client").find(&events).len();
+    let servers = Want::kind("open").role("server").find(&events).len();
     eprintln!("{rounds} connections by pid {pid}: {clients} client opens, {servers} server opens");
     assert!(
         seen.is_ok() && clients == rounds && servers == rounds,
@@ -539,13 +533,16 @@ fn unix_socket_glob_decides_which_sockets_count() {
     for tracer in [&exact, &elsewhere] {
         tracer
             .wait_for(WAIT, |evs| {
-                find(evs, "close", |e| e["pid"] == tcp_psql).len() == 1
+                Want::kind("close").pid(tcp_psql).find(evs).len() == 1
             })
             .expect("the TCP connection is traced");
     }
     exact
         .wait_for(WAIT, |evs| {
-            find(evs, "close", |e| e["remote"] == path.as_str()).len() >= 2
+            Want::kind("close")
+                .find_where(evs, |e| e["remote"] == path.as_str())
+                .len()
+                >= 2
         })
         .unwrap_or_else(|e| {
             panic!(
@@ -568,7 +565,10 @@ fn unix_socket_glob_decides_which_sockets_count() {
     );
     assert_eq!(seen.len(), 4, "{}", lines(&seen));
     assert!(
-        find(&seen, "open", |e| e["role"] == "client" && e["pid"] == psql).len() == 1,
+        Want::kind("open")
+            .find_where(&seen, |e| e["role"] == "client" && e["pid"] == psql)
+            .len()
+            == 1,
         "{}",
         lines(&seen)
     );
@@ -604,7 +604,10 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
 
     tracer
         .wait_for(WAIT, |evs| {
-            find(evs, "close", |e| e["pid"] == psql || e["pid"] == backend).len() >= 2
+            Want::kind("close")
+                .find_where(evs, |e| e["pid"] == psql || e["pid"] == backend)
+                .len()
+                >= 2
         })
         .expect("both ends close");
     std::thread::sleep(Duration::from_millis(500));
@@ -616,8 +619,8 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
     );
     let remote = format!("{}:{}", ns.host_ip, pg.port);
     for kind in ["open", "close"] {
-        let client = find(&events, kind, |e| e["role"] == "client");
-        let server = find(&events, kind, |e| e["role"] == "server");
+        let client = Want::kind(kind).role("client").find(&events);
+        let server = Want::kind(kind).role("server").find(&events);
         assert_eq!((client.len(), server.len()), (1, 1), "{kind}: {dump}");
         let (c, s) = (client[0], server[0]);
         assert_eq!(c["pid"], psql, "{c}");
@@ -638,11 +641,11 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
         assert_eq!(s["local"], remote, "{s}");
         assert_eq!(s["remote"], c["local"], "{s}");
     }
-    let close = find(&events, "close", |e| e["role"] == "client")[0];
+    let close = Want::kind("close").role("client").find(&events)[0];
     assert!(close["bytes_sent"].as_u64().unwrap_or(0) > 0, "{close}");
     assert_eq!(
         close["bytes_sent"],
-        find(&events, "close", |e| e["role"] == "server")[0]["bytes_received"],
+        Want::kind("close").role("server").find(&events)[0]["bytes_received"],
         "{dump}"
     );
 }
@@ -665,7 +668,7 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     let remote = format!("{}:{}", ns.host_ip, pg.port);
     let found = tracer.wait_for(Duration::from_secs(5), |evs| {
-        find(evs, "open", |e| e["role"] == "client").len() >= 2
+        Want::kind("open").role("client").find(evs).len() >= 2
     });
     std::thread::sleep(Duration::from_millis(500));
     let events = conn_events(&tracer.events(), pg.port);
@@ -675,15 +678,15 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
         ns.name,
         holder.conns.len(),
         holder.pid(),
-        find(&events, "open", |e| e["role"] == "client").len(),
-        find(&events, "open", |e| e["role"] == "server").len()
+        Want::kind("open").role("client").find(&events).len(),
+        Want::kind("open").role("server").find(&events).len()
     );
     let mut failures = Vec::new();
     for conn in &holder.conns {
-        let client = find(&events, "open", |e| {
+        let client = Want::kind("open").find_where(&events, |e| {
             e["role"] == "client" && e["local"] == conn.local.as_str()
         });
-        let server = find(&events, "open", |e| {
+        let server = Want::kind("open").find_where(&events, |e| {
             e["role"] == "server" && e["pid"] == conn.backend_pid
         });
         if client.len() != 1 {
@@ -720,7 +723,7 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
 /// The opens, and how many there are, of each conn_id.
 fn opens_by_conn_id(events: &[Value]) -> HashMap<String, Vec<&Value>> {
     let mut by_id: HashMap<String, Vec<&Value>> = HashMap::new();
-    for e in find(events, "open", |_| true) {
+    for e in Want::kind("open").find(events) {
         by_id
             .entry(e["conn_id"].as_str().unwrap_or_default().to_owned())
             .or_default()
@@ -824,7 +827,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
     let mut ours = conn_events(&all, pg.port);
     ours.extend(path_events(&all, &path));
     let dump = lines(&ours);
-    let opens = find(&ours, "open", |_| true);
+    let opens = Want::kind("open").find(&ours);
 
     // No connection is reported twice, whichever way it was found.
     let dups: Vec<_> = opens_by_conn_id(&ours)
@@ -905,12 +908,11 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
         }
     }
     let racer_unix = racer.conns.iter().filter(|c| c.local.is_empty()).count();
-    let racer_unix_clients = find(&ours, "open", |e| {
-        e["pid"] == racer_pid && e["transport"] == "unix"
-    })
-    .len();
+    let racer_unix_clients = Want::kind("open")
+        .find_where(&ours, |e| e["pid"] == racer_pid && e["transport"] == "unix")
+        .len();
     assert_eq!(racer_unix_clients, racer_unix, "{dump}");
-    let racer_clients = find(&ours, "open", |e| e["pid"] == racer_pid).len();
+    let racer_clients = Want::kind("open").pid(racer_pid).find(&ours).len();
     assert_eq!(racer_clients, racer.conns.len(), "{dump}");
     eprintln!(
         "preexisting: {} held by {}, ages {:.2}..{:.2} s; racing: {} ({} ends before start, {} \
@@ -936,17 +938,19 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
         .wait_for(WAIT, |evs| {
             let mut o = conn_events(evs, pg.port);
             o.extend(path_events(evs, &path));
-            find(&o, "close", |_| true).len() >= 2 * total
+            Want::kind("close").find(&o).len() >= 2 * total
         })
         .expect("every connection closes");
     std::thread::sleep(Duration::from_millis(1500));
     let mut ours = conn_events(&tracer.events(), pg.port);
     ours.extend(path_events(&tracer.events(), &path));
-    let opened: BTreeSet<&str> = find(&ours, "open", |_| true)
+    let opened: BTreeSet<&str> = Want::kind("open")
+        .find(&ours)
         .iter()
         .filter_map(|e| e["conn_id"].as_str())
         .collect();
-    let closed: Vec<&str> = find(&ours, "close", |_| true)
+    let closed: Vec<&str> = Want::kind("close")
+        .find(&ours)
         .iter()
         .filter_map(|e| e["conn_id"].as_str())
         .collect();
@@ -1282,9 +1286,11 @@ fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
     // Matched by their unique names: other tests on this host may force pid reuse.
     let events = tracer
         .wait_for(WAIT, |evs| {
-            clients
-                .iter()
-                .all(|(_, comm)| !find(evs, "close", |e| e["comm"] == comm.as_str()).is_empty())
+            clients.iter().all(|(_, comm)| {
+                !Want::kind("close")
+                    .find_where(evs, |e| e["comm"] == comm.as_str())
+                    .is_empty()
+            })
         })
         .expect("an open and a close per client");
     let events = conn_events(&events, pg.port);
@@ -1351,13 +1357,17 @@ fn a_reused_pid_names_each_connection_s_own_process() {
         );
         tracer
             .wait_for(WAIT, |evs| {
-                !find(evs, "open", |e| e["pid"] == pid && e["comm"] == comm).is_empty()
+                !Want::kind("open")
+                    .find_where(evs, |e| e["pid"] == pid && e["comm"] == comm)
+                    .is_empty()
             })
             .expect("open");
         client.close().expect("close");
         tracer
             .wait_for(WAIT, |evs| {
-                !find(evs, "close", |e| e["pid"] == pid && e["comm"] == comm).is_empty()
+                !Want::kind("close")
+                    .find_where(evs, |e| e["pid"] == pid && e["comm"] == comm)
+                    .is_empty()
             })
             .expect("close");
         owners.push(owner);

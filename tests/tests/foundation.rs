@@ -9,18 +9,11 @@ use std::{
 };
 
 use tests::{
-    Postgres, Tracer, Value, conn_events, ensure_tracefs, lines, linked_program_ids,
+    Postgres, Tracer, Value, conn_events, ensure_tracefs, events::Want, lines, linked_program_ids,
     loaded_program_names, loaded_programs, port_of, psql_backend, require_root, run_ok,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn of_type<'a>(events: &'a [Value], kind: &str, role: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["type"] == kind && e["role"] == role)
-        .collect()
-}
 
 /// Runs psql and returns (psql's pid, the backend pid it printed).
 fn psql_with_backend_pid(pg: &Postgres, host: &str, sql_tail: &str) -> (u32, u32) {
@@ -47,10 +40,10 @@ fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
     let events = conn_events(&tracer.events(), pg.port);
     let dump = lines(&events);
 
-    let client_opens = of_type(&events, "open", "client");
-    let client_closes = of_type(&events, "close", "client");
-    let server_opens = of_type(&events, "open", "server");
-    let server_closes = of_type(&events, "close", "server");
+    let client_opens = Want::kind("open").role("client").find(&events);
+    let client_closes = Want::kind("close").role("client").find(&events);
+    let server_opens = Want::kind("open").role("server").find(&events);
+    let server_closes = Want::kind("close").role("server").find(&events);
     assert_eq!(client_opens.len(), 1, "{dump}");
     assert_eq!(client_closes.len(), 1, "{dump}");
     assert_eq!(server_opens.len(), 1, "{dump}");
@@ -134,8 +127,8 @@ fn ipv6_is_seen_and_unwatched_ports_are_not() {
         "unwatched port {other_port} reported: {dump}"
     );
     let v6 = conn_events(&events, pg.port);
-    let client = of_type(&v6, "close", "client");
-    let server = of_type(&v6, "close", "server");
+    let client = Want::kind("close").role("client").find(&v6);
+    let server = Want::kind("close").role("server").find(&v6);
     assert_eq!((client.len(), server.len()), (1, 1), "{dump}");
     assert_eq!(client[0]["remote"], format!("[::1]:{}", pg.port), "{dump}");
     assert_eq!(server[0]["local"], format!("[::1]:{}", pg.port), "{dump}");

@@ -15,7 +15,9 @@ use std::{
 };
 
 use tests::{
-    Postgres, TempDir, Tracer, Value, free_port, lines,
+    Postgres, TempDir, Tracer, Value,
+    events::Want,
+    free_port, lines,
     load::reset_on_close,
     prom::{Prometheus, http_get, promtool_check_metrics, sample_value},
     require_root, run_ok,
@@ -126,14 +128,6 @@ fn spawn_quiet(cmd: &mut Command) -> Background {
     )
 }
 
-fn is(e: &Value, kind: &str, pid: u32) -> bool {
-    e["type"] == kind && e["pid"] == pid
-}
-
-fn leak_of(e: &Value, kind: &str, reason: &str, pid: u32) -> bool {
-    is(e, kind, pid) && e["reason"] == reason
-}
-
 #[test]
 fn every_event_of_a_real_scenario_matches_the_schema() {
     if !require_root() {
@@ -182,13 +176,20 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
     let (tx_pid, victim_pid) = (tx.pid, victim.pid);
     tracer
         .wait_for(WAIT, |evs| {
-            evs.iter().any(|e| is(e, "stall", stall_pid))
-                && evs
-                    .iter()
-                    .any(|e| leak_of(e, "leak", "idle_in_transaction", tx_pid))
-                && evs
-                    .iter()
-                    .any(|e| leak_of(e, "leak", "close_wait", victim_pid))
+            evs.iter()
+                .any(|e| Want::kind("stall").pid(stall_pid).matches(e))
+                && evs.iter().any(|e| {
+                    Want::kind("leak")
+                        .reason("idle_in_transaction")
+                        .pid(tx_pid)
+                        .matches(e)
+                })
+                && evs.iter().any(|e| {
+                    Want::kind("leak")
+                        .reason("close_wait")
+                        .pid(victim_pid)
+                        .matches(e)
+                })
         })
         .expect("stall, idle-in-transaction and close-wait leaks");
     std::thread::sleep(Duration::from_secs(4).saturating_sub(terminated.elapsed()));
@@ -200,14 +201,23 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
 
     let events = tracer
         .wait_for(WAIT, |evs| {
-            evs.iter().any(|e| is(e, "stall_end", stall_pid))
+            evs.iter()
+                .any(|e| Want::kind("stall_end").pid(stall_pid).matches(e))
+                && evs.iter().any(|e| {
+                    Want::kind("leak_end")
+                        .reason("idle_in_transaction")
+                        .pid(tx_pid)
+                        .matches(e)
+                })
+                && evs.iter().any(|e| {
+                    Want::kind("leak_end")
+                        .reason("close_wait")
+                        .pid(victim_pid)
+                        .matches(e)
+                })
                 && evs
                     .iter()
-                    .any(|e| leak_of(e, "leak_end", "idle_in_transaction", tx_pid))
-                && evs
-                    .iter()
-                    .any(|e| leak_of(e, "leak_end", "close_wait", victim_pid))
-                && evs.iter().any(|e| is(e, "close", pre_pid))
+                    .any(|e| Want::kind("close").pid(pre_pid).matches(e))
                 && evs
                     .iter()
                     .any(|e| e["type"] == "close" && e["transport"] == "unix")
@@ -259,7 +269,7 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
     }
     let any = |f: &dyn Fn(&Value) -> bool| events.iter().any(f);
     assert!(
-        any(&|e| is(e, "open", pre_pid) && e["preexisting"] == true),
+        any(&|e| Want::kind("open").pid(pre_pid).matches(e) && e["preexisting"] == true),
         "the connection opened before the daemon is an open with preexisting=true:\n{dump}"
     );
     assert!(
@@ -682,7 +692,7 @@ fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
     let deadline = Instant::now() + WAIT;
     loop {
         let evs = events.lock().unwrap().clone();
-        let seen = |kind: &str, pid: u32| evs.iter().any(|e| is(e, kind, pid));
+        let seen = |kind: &str, pid: u32| evs.iter().any(|e| Want::kind(kind).pid(pid).matches(e));
         if pids.iter().all(|&p| seen("open", p) && seen("close", p)) {
             break;
         }
