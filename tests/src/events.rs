@@ -48,6 +48,11 @@ impl Want {
             .all(|(field, value)| event[*field] == *value)
     }
 
+    /// Whether any of `events` matches.
+    pub fn found_in(&self, events: &[Value]) -> bool {
+        events.iter().any(|e| self.matches(e))
+    }
+
     /// The events that match, in order.
     pub fn find<'e>(&self, events: &'e [Value]) -> Vec<&'e Value> {
         self.find_where(events, |_| true)

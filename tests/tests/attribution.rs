@@ -328,6 +328,16 @@ fn socket_path(pg: &Postgres) -> String {
     format!("{}/.s.PGSQL.{}", pg.socket_dir.display(), pg.port)
 }
 
+/// Waits until `tracer` has reported `closes` closes of Unix connections to `path`; the
+/// failure names `what` and shows the daemon's stderr.
+fn wait_for_unix_closes(tracer: &Tracer, path: &str, closes: usize, what: &str) {
+    tracer
+        .wait_for(WAIT, |evs| {
+            Want::kind("close").with("remote", path).find(evs).len() >= closes
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e:#}\ntracer stderr:\n{}", tracer.stderr()));
+}
+
 #[test]
 fn psql_over_the_unix_socket_is_seen_on_both_roles() {
     if !require_root() {
@@ -338,19 +348,7 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     let host = pg.socket_dir.to_string_lossy().into_owned();
     let (psql, backend) = psql_backend(pg.psql(&host, "select pg_backend_pid(), pg_sleep(0.3)"));
-    tracer
-        .wait_for(WAIT, |evs| {
-            Want::kind("close")
-                .find_where(evs, |e| e["remote"] == path.as_str())
-                .len()
-                >= 2
-        })
-        .unwrap_or_else(|e| {
-            panic!(
-                "both ends close: {e:#}\ntracer stderr:\n{}",
-                tracer.stderr()
-            )
-        });
+    wait_for_unix_closes(&tracer, &path, 2, "both ends close");
     std::thread::sleep(Duration::from_millis(1500));
     let events = path_events(&tracer.events(), &path);
     let dump = lines(&events);
@@ -405,14 +403,7 @@ fn unix_connections_in_quick_succession_keep_their_own_byte_counts() {
     let runs: Vec<(u32, u32)> = (0..10)
         .map(|_| psql_backend(pg.psql(&host, "select pg_backend_pid(), 1")))
         .collect();
-    tracer
-        .wait_for(WAIT, |evs| {
-            Want::kind("close")
-                .find_where(evs, |e| e["remote"] == path.as_str())
-                .len()
-                >= 2 * runs.len()
-        })
-        .expect("every end closes");
+    wait_for_unix_closes(&tracer, &path, 2 * runs.len(), "every end closes");
     let events = path_events(&tracer.events(), &path);
     let dump = lines(&events);
     let mut failures = Vec::new();
@@ -537,19 +528,7 @@ fn unix_socket_glob_decides_which_sockets_count() {
             })
             .expect("the TCP connection is traced");
     }
-    exact
-        .wait_for(WAIT, |evs| {
-            Want::kind("close")
-                .find_where(evs, |e| e["remote"] == path.as_str())
-                .len()
-                >= 2
-        })
-        .unwrap_or_else(|e| {
-            panic!(
-                "the exact glob matches the socket: {e:#}\ntracer stderr:\n{}",
-                exact.stderr()
-            )
-        });
+    wait_for_unix_closes(&exact, &path, 2, "the exact glob matches the socket");
     // Unix closes are noticed on the daemon's 1 s tick: give the other one time to err.
     std::thread::sleep(Duration::from_millis(2500));
     let seen = path_events(&exact.events(), &path);

@@ -2,18 +2,7 @@
 //! type and rejects malformed ones. No root needed.
 
 use serde_json::{Map, Value, json};
-use tests::schema::validate_event;
-
-const TYPES: [&str; 8] = [
-    "ready",
-    "open",
-    "close",
-    "stall",
-    "stall_end",
-    "leak",
-    "leak_end",
-    "lost",
-];
+use tests::schema::{EVENT_TYPES, validate_event};
 
 const CONN_FIELDS: [&str; 19] = [
     "conn_id",
@@ -149,7 +138,7 @@ fn is_conn_event(kind: &str) -> bool {
 
 #[test]
 fn every_event_type_has_a_valid_example() {
-    for kind in TYPES {
+    for kind in EVENT_TYPES {
         assert_valid(&example(kind));
     }
 }
@@ -199,7 +188,7 @@ fn new_connections_and_minimal_owners_validate() {
 
 #[test]
 fn every_field_is_required() {
-    for kind in TYPES {
+    for kind in EVENT_TYPES {
         let event = example(kind);
         for key in event.as_object().expect("object").keys() {
             let mut e = event.clone();
@@ -217,7 +206,7 @@ fn every_field_is_required() {
 
 #[test]
 fn unknown_fields_and_types_are_rejected() {
-    for kind in TYPES {
+    for kind in EVENT_TYPES {
         assert_invalid(
             &set(&example(kind), "query", json!("select 1")),
             &format!("{kind} with an extra field"),
@@ -340,7 +329,7 @@ fn timestamps_must_be_utc_with_microseconds() {
         "1970-01-01T00:00:00.000000Z",
         "2026-12-31T23:59:59.999999Z",
     ] {
-        for kind in TYPES {
+        for kind in EVENT_TYPES {
             assert_valid(&set(&example(kind), "ts", json!(ts)));
         }
     }
@@ -359,7 +348,7 @@ fn timestamps_must_be_utc_with_microseconds() {
         "2026-11-24T20:22:32.352316Z\n",
         "",
     ] {
-        for kind in TYPES {
+        for kind in EVENT_TYPES {
             assert_invalid(&set(&example(kind), "ts", json!(ts)), &format!("ts {ts:?}"));
         }
     }
