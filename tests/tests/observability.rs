@@ -174,18 +174,21 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
     run_ok(&mut pg.psql("::1", "select 1")).expect("psql over ::1");
 
     let (tx_pid, victim_pid) = (tx.pid, victim.pid);
+    // The three episodes: their verdicts (`suffix` empty), or their ends (`_end`).
+    let episodes = |evs: &[Value], suffix: &str| {
+        let want = |kind: &str| Want::kind(&format!("{kind}{suffix}"));
+        want("stall").pid(stall_pid).found_in(evs)
+            && want("leak")
+                .reason("idle_in_transaction")
+                .pid(tx_pid)
+                .found_in(evs)
+            && want("leak")
+                .reason("close_wait")
+                .pid(victim_pid)
+                .found_in(evs)
+    };
     tracer
-        .wait_for(WAIT, |evs| {
-            Want::kind("stall").pid(stall_pid).found_in(evs)
-                && Want::kind("leak")
-                    .reason("idle_in_transaction")
-                    .pid(tx_pid)
-                    .found_in(evs)
-                && Want::kind("leak")
-                    .reason("close_wait")
-                    .pid(victim_pid)
-                    .found_in(evs)
-        })
+        .wait_for(WAIT, |evs| episodes(evs, ""))
         .expect("stall, idle-in-transaction and close-wait leaks");
     std::thread::sleep(Duration::from_secs(4).saturating_sub(terminated.elapsed()));
     tx.exec("COMMIT");
@@ -196,15 +199,7 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
 
     let events = tracer
         .wait_for(WAIT, |evs| {
-            Want::kind("stall_end").pid(stall_pid).found_in(evs)
-                && Want::kind("leak_end")
-                    .reason("idle_in_transaction")
-                    .pid(tx_pid)
-                    .found_in(evs)
-                && Want::kind("leak_end")
-                    .reason("close_wait")
-                    .pid(victim_pid)
-                    .found_in(evs)
+            episodes(evs, "_end")
                 && Want::kind("close").pid(pre_pid).found_in(evs)
                 && evs
                     .iter()
