@@ -382,7 +382,7 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
         let n = tests::load::metric_sum(
             &text,
             "pgconn_tracer_events_lost_total",
-            &format!("where=\"{location}\""),
+            &[&format!("where=\"{location}\"")],
         ) as u64;
         if n > 0 {
             lost_metric.insert(location.to_owned(), n);
