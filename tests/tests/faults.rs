@@ -63,8 +63,13 @@ fn lost_events(events: &[Value]) -> HashMap<String, u64> {
 /// glob matches; tests that count tracked connections or losses watch TCP only.
 const NO_UNIX: [&str; 2] = ["--unix-socket-glob", "/nonexistent-tracer-faults/*"];
 
-fn metrics_args(port: u16) -> String {
-    format!("127.0.0.1:{port}")
+/// The daemon watching `ports`, with `extra` arguments and its metrics endpoint on a free
+/// port of 127.0.0.1 (returned).
+fn start_with_metrics(ports: &str, extra: &[&str]) -> (Tracer, u16) {
+    let mport = free_port().expect("port");
+    let addr = format!("127.0.0.1:{mport}");
+    let args = [&["--port", ports, "--metrics-addr", &addr][..], extra].concat();
+    (Tracer::start(&args).expect("tracer"), mport)
 }
 
 #[test]
@@ -73,17 +78,7 @@ fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
         return;
     }
     let pg = Postgres::start().expect("postgres");
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
-    let tracer = Tracer::start(&[
-        "--port",
-        &pg.port.to_string(),
-        "--metrics-addr",
-        &addr,
-        NO_UNIX[0],
-        NO_UNIX[1],
-    ])
-    .expect("tracer");
+    let (tracer, mport) = start_with_metrics(&pg.port.to_string(), &NO_UNIX);
     let metrics = MetricsEndpoint(mport);
     std::thread::sleep(Duration::from_millis(1500));
     let baseline = metrics.tracked().expect("metrics");
@@ -283,22 +278,18 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
     // Churn goes to a listener without a thread per connection: more connections per second.
     let churn_listener = Listener::start(Serve::ReadOnceThenClose).expect("listener");
     let churn_port = churn_listener.port;
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
     let ports = format!("{port},{churn_port}");
-    let tracer = Tracer::start(&[
-        "--port",
+    let (tracer, mport) = start_with_metrics(
         &ports,
-        "--metrics-addr",
-        &addr,
-        NO_UNIX[0],
-        NO_UNIX[1],
-        "--close-wait-after",
-        "2s",
-        "--idle-after",
-        "5s",
-    ])
-    .expect("tracer");
+        &[
+            NO_UNIX[0],
+            NO_UNIX[1],
+            "--close-wait-after",
+            "2s",
+            "--idle-after",
+            "5s",
+        ],
+    );
     let metrics = MetricsEndpoint(mport);
     let mut held = Vec::new();
     for _ in 0..20 {
@@ -551,19 +542,10 @@ fn a_full_kernel_table_is_counted_and_forgets_no_tracked_connection() {
     raise_nofile(20_000);
     let listener = Listener::start(Serve::Hold).expect("listener");
     let port = listener.port;
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
-    let tracer = Tracer::start(&[
-        "--port",
+    let (tracer, mport) = start_with_metrics(
         &port.to_string(),
-        "--metrics-addr",
-        &addr,
-        "--max-connections",
-        "1024",
-        NO_UNIX[0],
-        NO_UNIX[1],
-    ])
-    .expect("tracer");
+        &["--max-connections", "1024", NO_UNIX[0], NO_UNIX[1]],
+    );
     let metrics = MetricsEndpoint(mport);
     let started = Instant::now();
     let holders: Vec<ConnHolder> = (0..5)
@@ -888,10 +870,8 @@ fn hostile_bytes_do_not_disturb_the_daemon_or_other_connections() {
             }
         })
     };
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
     let ports = format!("{},{hport}", pg.port);
-    let tracer = Tracer::start(&["--port", &ports, "--metrics-addr", &addr]).expect("tracer");
+    let (tracer, mport) = start_with_metrics(&ports, &[]);
 
     let attacks = Arc::new(AtomicU64::new(0));
     let attackers: Vec<_> = [pg.port, hport, pg.port]
@@ -1056,19 +1036,10 @@ fn no_event_or_metric_carries_query_text() {
     }
     const MARKER: &str = "SECRET_MARKER_12345";
     let pg = Postgres::start().expect("postgres");
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
-    let tracer = Tracer::start(&[
-        "--port",
+    let (tracer, mport) = start_with_metrics(
         &pg.port.to_string(),
-        "--metrics-addr",
-        &addr,
-        "--stall-after",
-        "1s",
-        "--idle-in-transaction-after",
-        "1s",
-    ])
-    .expect("tracer");
+        &["--stall-after", "1s", "--idle-in-transaction-after", "1s"],
+    );
     // The queries go in on psql's stdin, not its command line: the command line is reported
     // (`cmdline`) by design, the wire never is. Pauses between the parts leave a transaction
     // idle and a request waiting, so the detectors report on these very connections.

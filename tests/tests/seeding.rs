@@ -40,6 +40,20 @@ fn socket_glob(pg: &Postgres) -> String {
     format!("{}/.s.PGSQL.{}", pg.socket_dir.display(), pg.port)
 }
 
+/// The daemon watching `pg` over TCP and its Unix socket, with the short idle-in-transaction
+/// threshold.
+fn start_tracer(pg: &Postgres) -> Tracer {
+    Tracer::start(&[
+        "--port",
+        &pg.port.to_string(),
+        "--unix-socket-glob",
+        &socket_glob(pg),
+        "--idle-in-transaction-after",
+        IDLE_IN_TX,
+    ])
+    .expect("tracer")
+}
+
 /// Pids that have a leak of `reason` for `role` among `pids`.
 fn leaking(events: &[Value], role: &str, reason: &str, pids: &BTreeSet<u32>) -> BTreeSet<u32> {
     Want::kind("leak")
@@ -102,15 +116,7 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
     // The TCP ones are past the threshold before the daemon starts.
     std::thread::sleep(Duration::from_secs(3));
 
-    let tracer = Tracer::start(&[
-        "--port",
-        &pg.port.to_string(),
-        "--unix-socket-glob",
-        &socket_glob(&pg),
-        "--idle-in-transaction-after",
-        IDLE_IN_TX,
-    ])
-    .expect("tracer");
+    let tracer = start_tracer(&pg);
     let ready_at = Instant::now();
     let leaking_clients: BTreeSet<u32> = leakers.iter().map(|(c, _)| c.pid()).collect();
     let events = tracer
@@ -602,15 +608,7 @@ fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
         );
     }
     std::thread::sleep(Duration::from_secs(3));
-    let tracer = Tracer::start(&[
-        "--port",
-        &pg.port.to_string(),
-        "--unix-socket-glob",
-        &socket_glob(&pg),
-        "--idle-in-transaction-after",
-        IDLE_IN_TX,
-    ])
-    .expect("tracer");
+    let tracer = start_tracer(&pg);
     std::thread::sleep(Duration::from_secs_f64(IDLE_IN_TX_S) + SLACK);
     let events = tracer.events();
     let dump = lines(&events);
