@@ -40,6 +40,12 @@ pub fn require_root() -> bool {
     false
 }
 
+/// The start of most root tests: `None` (the test skips) where `require_root` says so, else
+/// a fresh cluster.
+pub fn root_postgres() -> Option<Postgres> {
+    require_root().then(|| Postgres::start().expect("postgres"))
+}
+
 /// How long to wait for something that takes `timeout` on this machine: four times as long
 /// in the VM tier (`cargo xtask vm-test` sets `TRACER_VM`), whose guests run on an emulated
 /// CPU (TCG) several times slower. Only waits stretch; what a test measures does not.

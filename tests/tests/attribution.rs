@@ -16,7 +16,7 @@ use tests::{
         FakeContainer, HeldConn, NetNs, PYTHON, PyClient, cgroup2_of, cmdline_of, conn_spec, dsn,
         postgres_bin_dir, random_hex, random_pod_uid, ts_secs, wall_now,
     },
-    lines, psql_backend, require_root, run_ok, tracer_bin,
+    lines, psql_backend, require_root, root_postgres, run_ok, tracer_bin,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -340,10 +340,9 @@ fn wait_for_unix_closes(tracer: &Tracer, path: &str, closes: usize, what: &str) 
 
 #[test]
 fn psql_over_the_unix_socket_is_seen_on_both_roles() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     let host = pg.socket_dir.to_string_lossy().into_owned();
@@ -392,10 +391,9 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
 
 #[test]
 fn unix_connections_in_quick_succession_keep_their_own_byte_counts() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     let host = pg.socket_dir.to_string_lossy().into_owned();
@@ -464,10 +462,9 @@ for i in range(int(sys.argv[2])):
 
 #[test]
 fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     let rounds = 20;
@@ -502,10 +499,9 @@ fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
 
 #[test]
 fn unix_socket_glob_decides_which_sockets_count() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
     let port = pg.port.to_string();
     // The exact path, and a glob that matches no socket of this cluster.
@@ -740,10 +736,9 @@ fn opens_of<'a>(
 
 #[test]
 fn connections_open_before_start_are_found_once_with_their_owners() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
     let sock = pg.socket_dir.to_string_lossy().into_owned();
     let (v4, v6, unix) = (
@@ -1079,10 +1074,9 @@ fn tracer_list(args: &[&str]) -> String {
 
 #[test]
 fn list_json_agrees_with_ss_on_the_same_connections() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
     let sock = pg.socket_dir.to_string_lossy().into_owned();
     let id = random_hex(64);
@@ -1244,10 +1238,9 @@ os._exit(0)
 
 #[test]
 fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     let target = dsn("127.0.0.1", pg.port);
     let mut clients = Vec::new();
@@ -1297,10 +1290,9 @@ fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
 
 #[test]
 fn a_reused_pid_names_each_connection_s_own_process() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     let target = dsn("127.0.0.1", pg.port);
     let (a_id, b_id) = (random_hex(64), random_hex(64));

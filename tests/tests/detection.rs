@@ -16,7 +16,7 @@ use tests::{
     events::{Want, conn_ids, f64_of},
     lines,
     pgbouncer::PgBouncer,
-    port_of, require_root, run_ok,
+    port_of, require_root, root_postgres, run_ok,
 };
 
 const IDLE_IN_TX_S: f64 = 3.0;
@@ -479,10 +479,9 @@ fn lines_of(events: &[&Value]) -> String {
 // ---------------------------------------------------------------------------------------
 
 fn idle_in_transaction_is_reported_for(kind: ClientKind) {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let tracer = start_tracer(&[pg.port]);
     let mut client = Client::start(kind, &Target::tcp(pg.port), &ClientOptions::default())
         .unwrap_or_else(|e| panic!("{kind:?}: {e:#}"));
@@ -660,10 +659,9 @@ fn enable_tls(pg: &Postgres) {
 
 #[test]
 fn tls_connection_is_unknown_never_idle_in_transaction_but_stalls_are_seen() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     enable_tls(&pg);
     let tracer = start_tracer(&[pg.port]);
     let mut client = Client::start(

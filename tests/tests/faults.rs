@@ -23,7 +23,7 @@ use tests::{
         ConnHolder, Listener, MetricsEndpoint, Serve, alive, close_with_reset, http_get,
         raise_nofile, signal, ss_connections,
     },
-    port_of, require_root, run_ok, tracer_bin,
+    port_of, require_root, root_postgres, run_ok, tracer_bin,
 };
 
 /// The fields that matter here, one event a line (`cmdline` can be a whole script).
@@ -74,10 +74,9 @@ fn start_with_metrics(ports: &str, extra: &[&str]) -> (Tracer, u16) {
 
 #[test]
 fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let (tracer, mport) = start_with_metrics(&pg.port.to_string(), &NO_UNIX);
     let metrics = MetricsEndpoint(mport);
     std::thread::sleep(Duration::from_millis(1500));
@@ -842,10 +841,9 @@ fn hostile_payload(noise: &mut Noise) -> Vec<u8> {
 
 #[test]
 fn hostile_bytes_do_not_disturb_the_daemon_or_other_connections() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let hostile = TcpListener::bind("127.0.0.1:0").expect("bind");
     let hport = hostile.local_addr().expect("addr").port();
     let stop = Arc::new(AtomicBool::new(false));

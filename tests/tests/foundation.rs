@@ -10,7 +10,8 @@ use std::{
 
 use tests::{
     Postgres, Tracer, Value, conn_events, ensure_tracefs, events::Want, lines, linked_program_ids,
-    loaded_program_names, loaded_programs, port_of, psql_backend, require_root, run_ok,
+    loaded_program_names, loaded_programs, port_of, psql_backend, require_root, root_postgres,
+    run_ok,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -22,10 +23,9 @@ fn psql_with_backend_pid(pg: &Postgres, host: &str, sql_tail: &str) -> (u32, u32
 
 #[test]
 fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let tracer = Tracer::start(&["--port", &port]).expect("tracer");
 
@@ -91,10 +91,9 @@ fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
 
 #[test]
 fn ipv6_is_seen_and_unwatched_ports_are_not() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
 
     // A TCP service on a port the tracer does not watch, with real traffic.
@@ -288,10 +287,9 @@ fn tempfile_path(tag: &str) -> std::path::PathBuf {
 
 #[test]
 fn sigterm_under_load_exits_zero_quickly_and_detaches_everything() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
     let ours = |names: &[String]| names.iter().filter(|n| n.starts_with("pgc_")).count();
     // This daemon's programs (other tracers may run on the machine) and their links.

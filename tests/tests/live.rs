@@ -10,11 +10,11 @@ use std::{
 };
 
 use tests::{
-    Postgres, Tracer, Value,
+    Tracer, Value,
     clients::{Client, ClientKind, ClientOptions, Target},
     free_port, patience,
     prom::http_get,
-    require_root, run_ok,
+    root_postgres, run_ok,
     schema::{connections_schema_path, load_schema, schema_path, validate_connections},
     tracer_bin,
 };
@@ -143,10 +143,9 @@ fn group_cells(screen: &str, pid: u32) -> Option<BTreeMap<String, String>> {
 
 #[test]
 fn the_live_table_list_and_top_show_transaction_states() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let addr = format!("127.0.0.1:{}", free_port().expect("port"));
     let glob = format!("{}/.s.PGSQL.{}", pg.socket_dir.display(), pg.port);

@@ -15,12 +15,12 @@ use std::{
 };
 
 use tests::{
-    Postgres, TempDir, Tracer, Value,
+    TempDir, Tracer, Value,
     events::Want,
     free_port, lines,
     load::reset_on_close,
     prom::{Prometheus, http_get, promtool_check_metrics, sample_value},
-    require_root, run_ok,
+    root_postgres, run_ok,
     schema::{EVENT_TYPES, validate_event},
     tracer_bin,
 };
@@ -130,10 +130,9 @@ fn spawn_quiet(cmd: &mut Command) -> Background {
 
 #[test]
 fn every_event_of_a_real_scenario_matches_the_schema() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let sock = pg.socket_dir.to_str().expect("utf-8 path").to_owned();
     // Open before the daemon: reported as preexisting.
@@ -275,10 +274,9 @@ fn one_sample(prom: &Prometheus, promql: &str, want: f64) -> Value {
 
 #[test]
 fn a_real_prometheus_scrapes_the_daemon_and_promql_finds_the_sessions() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let metrics_addr = format!("127.0.0.1:{}", free_port().expect("port"));
     let tracer = Tracer::start(&[
@@ -363,10 +361,9 @@ fn a_real_prometheus_scrapes_the_daemon_and_promql_finds_the_sessions() {
 
 #[test]
 fn promtool_finds_no_problem_in_a_real_scrape() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let sock = pg.socket_dir.to_str().expect("utf-8 path").to_owned();
     let metrics_addr = format!("127.0.0.1:{}", free_port().expect("port"));
@@ -468,10 +465,9 @@ fn metric_value(body: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     // A second "Postgres" port served by this test: connections to it cost no backend fork,
     // so the churn can outrun the daemon's event queue.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");

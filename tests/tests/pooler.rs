@@ -21,7 +21,7 @@ use tests::{
     pgbouncer::{Options, PgBouncer},
     port_of,
     prom::http_get,
-    require_root, run_ok,
+    root_postgres, run_ok,
 };
 
 const POOL: u32 = 3;
@@ -65,10 +65,9 @@ fn pg_pids(pg: &Postgres, sql: &str) -> BTreeSet<u32> {
 /// a transaction; another client queues behind it (`queued`: one PgBouncer only, as with two
 /// `so_reuseport` processes the kernel picks the process the client lands on).
 fn incident(pool_mode: &'static str, processes: usize) {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let shared = (processes > 1).then(|| free_port().expect("port"));
     let bouncers: Vec<PgBouncer> = (0..processes)
         .map(|_| {
@@ -366,10 +365,9 @@ fn link_history(stderr: &str) -> HashMap<u16, Vec<(f64, Option<u16>)>> {
 /// is the one PgBouncer reports.
 #[test]
 fn links_agree_with_show_servers_under_load() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let bouncer = PgBouncer::start_with(
         &pg,
         &Options {

@@ -15,7 +15,7 @@ use tests::{
     events::{Want, conn_id_of, f64_of, pid_of},
     lines,
     pgbouncer::PgBouncer,
-    port_of, require_root, run_ok,
+    port_of, require_root, root_postgres, run_ok,
 };
 
 const IDLE_IN_TX: &str = "2s";
@@ -76,10 +76,9 @@ fn psql(target: &Target, in_transaction: bool) -> Client {
 
 #[test]
 fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let tcp = Target::tcp(pg.port);
     let unix = Target::Socket {
         dir: pg.socket_dir.clone(),
@@ -231,10 +230,9 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
 
 #[test]
 fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stays_unknown() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let bouncer = PgBouncer::start(&pg, 4).expect("pgbouncer");
     let app_started = Instant::now();
     let app = Client::start(
@@ -416,10 +414,9 @@ fn expect_leaks_again(
 
 #[test]
 fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_open() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let bouncer = PgBouncer::start(&pg, 4).expect("pgbouncer");
     let state = TempDir::new("restart-state").expect("state dir");
     let ports = format!("{},{}", pg.port, bouncer.port);
@@ -580,10 +577,9 @@ fn id_of_opt(e: &Value) -> Option<&String> {
 
 #[test]
 fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     run_ok(&mut pg.psql("127.0.0.1", "ALTER SYSTEM SET update_process_title = off"))
         .expect("ALTER SYSTEM");
     run_ok(&mut pg.psql("127.0.0.1", "SELECT pg_reload_conf()")).expect("reload");
