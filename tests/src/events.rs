@@ -58,6 +58,13 @@ impl Want {
         self.find_where(events, |_| true)
     }
 
+    /// The `conn_id`s of the events that match, in order (events without one skipped).
+    pub fn conn_ids_in<'e>(&self, events: &'e [Value]) -> impl Iterator<Item = &'e str> {
+        self.find(events)
+            .into_iter()
+            .filter_map(|e| e["conn_id"].as_str())
+    }
+
     /// The events that match and also satisfy `pred` (for what is not one field's value).
     pub fn find_where<'e>(
         &self,

@@ -918,16 +918,8 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
     std::thread::sleep(Duration::from_millis(1500));
     let mut ours = conn_events(&tracer.events(), pg.port);
     ours.extend(path_events(&tracer.events(), &path));
-    let opened: BTreeSet<&str> = Want::kind("open")
-        .find(&ours)
-        .iter()
-        .filter_map(|e| e["conn_id"].as_str())
-        .collect();
-    let closed: Vec<&str> = Want::kind("close")
-        .find(&ours)
-        .iter()
-        .filter_map(|e| e["conn_id"].as_str())
-        .collect();
+    let opened: BTreeSet<&str> = Want::kind("open").conn_ids_in(&ours).collect();
+    let closed: Vec<&str> = Want::kind("close").conn_ids_in(&ours).collect();
     assert_eq!(closed.len(), opened.len(), "{}", lines(&ours));
     assert_eq!(
         closed.iter().copied().collect::<BTreeSet<_>>(),

@@ -579,16 +579,8 @@ fn a_full_kernel_table_is_counted_and_forgets_no_tracked_connection() {
     let table_lost_end = metrics.lost("kernel_table").expect("metrics");
     let events = tracer.events();
     let ours = conn_events(&events, port);
-    let opened: HashSet<&str> = Want::kind("open")
-        .find(&ours)
-        .iter()
-        .filter_map(|e| e["conn_id"].as_str())
-        .collect();
-    let closed: HashSet<&str> = Want::kind("close")
-        .find(&ours)
-        .iter()
-        .filter_map(|e| e["conn_id"].as_str())
-        .collect();
+    let opened: HashSet<&str> = Want::kind("open").conn_ids_in(&ours).collect();
+    let closed: HashSet<&str> = Want::kind("close").conn_ids_in(&ours).collect();
     let forgotten: Vec<&&str> = opened.difference(&closed).collect();
     // The server ends (held by the test, never read) as the events name them.
     let server_ends: Vec<&Value> = events

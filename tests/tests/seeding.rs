@@ -66,6 +66,16 @@ fn leaking(events: &[Value], role: &str, reason: &str, pids: &BTreeSet<u32>) -> 
         .collect()
 }
 
+/// An application holding two psycopg2 connections through PgBouncer.
+fn app_through(bouncer: &PgBouncer) -> Client {
+    let opts = ClientOptions {
+        connections: 2,
+        ..ClientOptions::default()
+    };
+    Client::start(ClientKind::Psycopg2, &Target::tcp(bouncer.port), &opts)
+        .expect("app through PgBouncer")
+}
+
 fn psql(target: &Target, in_transaction: bool) -> Client {
     let opts = ClientOptions {
         in_transaction,
@@ -235,15 +245,7 @@ fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stay
     };
     let bouncer = PgBouncer::start(&pg, 4).expect("pgbouncer");
     let app_started = Instant::now();
-    let app = Client::start(
-        ClientKind::Psycopg2,
-        &Target::tcp(bouncer.port),
-        &ClientOptions {
-            connections: 2,
-            ..ClientOptions::default()
-        },
-    )
-    .expect("app through PgBouncer");
+    let app = app_through(&bouncer);
     for &backend in &app.backend_pids {
         wait_for_pg_state(&pg, backend, "idle in transaction");
     }
@@ -427,15 +429,7 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
     // Leaks that begin while the first daemon watches: two connections through PgBouncer
     // (nothing but the kernel's reading of them tells their state), one over the Unix socket
     // (no I/O times in the socket tables), and one that will close while no daemon runs.
-    let app = Client::start(
-        ClientKind::Psycopg2,
-        &Target::tcp(bouncer.port),
-        &ClientOptions {
-            connections: 2,
-            ..ClientOptions::default()
-        },
-    )
-    .expect("app through PgBouncer");
+    let app = app_through(&bouncer);
     let app_since = Instant::now();
     let unix = psql(
         &Target::Socket {
