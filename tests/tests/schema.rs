@@ -132,6 +132,16 @@ fn set(event: &Value, key: &str, value: Value) -> Value {
     e
 }
 
+/// Each (type, field, value): the type's example with that field set is rejected.
+fn assert_each_rejected(cases: &[(&str, &str, Value)]) {
+    for (kind, key, value) in cases {
+        assert_invalid(
+            &set(&example(kind), key, value.clone()),
+            &format!("{kind}.{key}={value}"),
+        );
+    }
+}
+
 fn is_conn_event(kind: &str) -> bool {
     !matches!(kind, "ready" | "lost")
 }
@@ -260,12 +270,7 @@ fn wrong_types_are_rejected() {
         ("lost", "count", json!("3")),
         ("lost", "ts", json!(1_700_000_000)),
     ];
-    for (kind, key, value) in cases {
-        assert_invalid(
-            &set(&example(kind), key, value.clone()),
-            &format!("{kind}.{key}={value}"),
-        );
-    }
+    assert_each_rejected(&cases);
 }
 
 #[test]
@@ -291,12 +296,7 @@ fn out_of_range_values_are_rejected() {
         ("ready", "ports", json!([65536])),
         ("lost", "count", json!(0)),
     ];
-    for (kind, key, value) in cases {
-        assert_invalid(
-            &set(&example(kind), key, value.clone()),
-            &format!("{kind}.{key}={value}"),
-        );
-    }
+    assert_each_rejected(&cases);
 }
 
 #[test]
@@ -314,12 +314,7 @@ fn bad_enum_values_are_rejected() {
         ("leak_end", "reason", json!(null)),
         ("lost", "where", json!("elsewhere")),
     ];
-    for (kind, key, value) in cases {
-        assert_invalid(
-            &set(&example(kind), key, value.clone()),
-            &format!("{kind}.{key}={value}"),
-        );
-    }
+    assert_each_rejected(&cases);
 }
 
 #[test]
