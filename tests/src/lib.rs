@@ -317,6 +317,11 @@ impl Tracer {
         Ok(tracer)
     }
 
+    /// The daemon with its defaults, watching `pg`'s port.
+    pub fn watching(pg: &Postgres) -> Self {
+        Self::start(&["--port", &pg.port.to_string()]).expect("tracer")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }

@@ -108,7 +108,7 @@ fn container(
 /// server side names the backend and no container.
 fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let pg = Postgres::start().expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let target = dsn("127.0.0.1", pg.port);
 
     let mut running = Vec::new();
@@ -344,7 +344,7 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
         return;
     };
     let path = socket_path(&pg);
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let host = pg.socket_dir.to_string_lossy().into_owned();
     let (psql, backend) = psql_backend(pg.psql(&host, "select pg_backend_pid(), pg_sleep(0.3)"));
     wait_for_unix_closes(&tracer, &path, 2, "both ends close");
@@ -395,7 +395,7 @@ fn unix_connections_in_quick_succession_keep_their_own_byte_counts() {
         return;
     };
     let path = socket_path(&pg);
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let host = pg.socket_dir.to_string_lossy().into_owned();
     // The same query each time: every connection moves the same bytes.
     let runs: Vec<(u32, u32)> = (0..10)
@@ -466,7 +466,7 @@ fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
         return;
     };
     let path = socket_path(&pg);
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let rounds = 20;
     let out = run_ok(Command::new(PYTHON).args([
         "-c",
@@ -557,7 +557,7 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
     }
     let ns = NetNs::create().expect("network namespace");
     let pg = Postgres::start_listening(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     // The shell prints its pid and execs psql under it.
     let mut cmd = ns.command("sh");
     cmd.args([
@@ -640,7 +640,7 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
     .expect("psycopg2 in the namespace");
     let owner = Owner::of(holder.pid(), "python3", host_cgroup_of(holder.pid()));
     std::thread::sleep(Duration::from_secs(1));
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let remote = format!("{}:{}", ns.host_ip, pg.port);
     let found = tracer.wait_for(Duration::from_secs(5), |evs| {
         Want::kind("open").role("client").find(evs).len() >= 2
@@ -773,7 +773,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
     .expect("racer");
     racer.wait_for_conns(3).expect("racing");
     let spawned_at = wall_now();
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     // And goes on a little after it is ready.
     std::thread::sleep(Duration::from_millis(600));
     racer.stop_racing().expect("racer stops");
@@ -1233,7 +1233,7 @@ fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
     let Some(pg) = root_postgres() else {
         return;
     };
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let target = dsn("127.0.0.1", pg.port);
     let mut clients = Vec::new();
     for i in 0..5 {
@@ -1285,7 +1285,7 @@ fn a_reused_pid_names_each_connection_s_own_process() {
     let Some(pg) = root_postgres() else {
         return;
     };
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let target = dsn("127.0.0.1", pg.port);
     let (a_id, b_id) = (random_hex(64), random_hex(64));
     let a_cg = FakeContainer::create(&format!("/system.slice/docker-{a_id}.scope")).expect("cg");

@@ -94,7 +94,7 @@ fn ipv6_is_seen_and_unwatched_ports_are_not() {
     let Some(pg) = root_postgres() else {
         return;
     };
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
 
     // A TCP service on a port the tracer does not watch, with real traffic.
     let other = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -179,7 +179,7 @@ fn lifetimes_bytes_and_pids_agree_with_tcplife() {
     }
     ensure_tracefs().expect("tracefs");
     let pg = Postgres::start().expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let tcplife_out = tempfile_path("tcplife");
     // Line-buffered, so its header (printed once its probes are attached) shows up at once.
     let mut tcplife = Command::new("stdbuf")
@@ -290,7 +290,7 @@ fn sigterm_under_load_exits_zero_quickly_and_detaches_everything() {
     let Some(pg) = root_postgres() else {
         return;
     };
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let ours = |names: &[String]| names.iter().filter(|n| n.starts_with("pgc_")).count();
     // This daemon's programs (other tracers may run on the machine) and their links.
     let before: Vec<u64> = loaded_programs()
