@@ -19,6 +19,11 @@ impl Want {
         Self::default().with("type", kind)
     }
 
+    /// Events of `type` `kind` for `role` (client or server) owned by `pid`.
+    pub fn of(kind: &str, role: &str, pid: u32) -> Self {
+        Self::kind(kind).role(role).pid(pid)
+    }
+
     /// Events of one connection, by `conn_id`, whatever their type.
     pub fn conn(conn_id: &str) -> Self {
         Self::default().with("conn_id", conn_id)
@@ -56,6 +61,11 @@ impl Want {
     /// The events that match, in order.
     pub fn find<'e>(&self, events: &'e [Value]) -> Vec<&'e Value> {
         self.find_where(events, |_| true)
+    }
+
+    /// How many of `events` match.
+    pub fn count(&self, events: &[Value]) -> usize {
+        events.iter().filter(|e| self.matches(e)).count()
     }
 
     /// The `conn_id`s of the events that match, in order (events without one skipped).

@@ -131,11 +131,8 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let events = tracer
         .wait_for(WAIT, |evs| {
             held.iter().all(|(pid, conn)| {
-                let client = !Want::kind("open").pid(*pid).find(evs).is_empty();
-                let server = !Want::kind("open")
-                    .pid(conn.backend_pid)
-                    .find(evs)
-                    .is_empty();
+                let client = Want::kind("open").pid(*pid).found_in(evs);
+                let server = Want::kind("open").pid(conn.backend_pid).found_in(evs);
                 client && server
             })
         })
@@ -190,7 +187,7 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let events = tracer
         .wait_for(WAIT, |evs| {
             pids.iter()
-                .all(|pid| !Want::kind("close").pid(*pid).find(evs).is_empty())
+                .all(|pid| Want::kind("close").pid(*pid).found_in(evs))
         })
         .expect("a close for every client");
     for owner in &owners {
@@ -333,7 +330,7 @@ fn socket_path(pg: &Postgres) -> String {
 fn wait_for_unix_closes(tracer: &Tracer, path: &str, closes: usize, what: &str) {
     tracer
         .wait_for(WAIT, |evs| {
-            Want::kind("close").with("remote", path).find(evs).len() >= closes
+            Want::kind("close").with("remote", path).count(evs) >= closes
         })
         .unwrap_or_else(|e| panic!("{what}: {e:#}\ntracer stderr:\n{}", tracer.stderr()));
 }
@@ -487,8 +484,8 @@ fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
     });
     std::thread::sleep(Duration::from_millis(1500));
     let events = path_events(&tracer.events(), &path);
-    let clients = Want::kind("open").role("client").find(&events).len();
-    let servers = Want::kind("open").role("server").find(&events).len();
+    let clients = Want::kind("open").role("client").count(&events);
+    let servers = Want::kind("open").role("server").count(&events);
     eprintln!("{rounds} connections by pid {pid}: {clients} client opens, {servers} server opens");
     assert!(
         seen.is_ok() && clients == rounds && servers == rounds,
@@ -520,7 +517,7 @@ fn unix_socket_glob_decides_which_sockets_count() {
     for tracer in [&exact, &elsewhere] {
         tracer
             .wait_for(WAIT, |evs| {
-                Want::kind("close").pid(tcp_psql).find(evs).len() == 1
+                Want::kind("close").pid(tcp_psql).count(evs) == 1
             })
             .expect("the TCP connection is traced");
     }
@@ -643,7 +640,7 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
     let tracer = Tracer::watching(&pg);
     let remote = format!("{}:{}", ns.host_ip, pg.port);
     let found = tracer.wait_for(Duration::from_secs(5), |evs| {
-        Want::kind("open").role("client").find(evs).len() >= 2
+        Want::kind("open").role("client").count(evs) >= 2
     });
     std::thread::sleep(Duration::from_millis(500));
     let events = conn_events(&tracer.events(), pg.port);
@@ -653,8 +650,8 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
         ns.name,
         holder.conns.len(),
         holder.pid(),
-        Want::kind("open").role("client").find(&events).len(),
-        Want::kind("open").role("server").find(&events).len()
+        Want::kind("open").role("client").count(&events),
+        Want::kind("open").role("server").count(&events)
     );
     let mut failures = Vec::new();
     for conn in &holder.conns {
@@ -886,7 +883,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
         .find_where(&ours, |e| e["pid"] == racer_pid && e["transport"] == "unix")
         .len();
     assert_eq!(racer_unix_clients, racer_unix, "{dump}");
-    let racer_clients = Want::kind("open").pid(racer_pid).find(&ours).len();
+    let racer_clients = Want::kind("open").pid(racer_pid).count(&ours);
     assert_eq!(racer_clients, racer.conns.len(), "{dump}");
     eprintln!(
         "preexisting: {} held by {}, ages {:.2}..{:.2} s; racing: {} ({} ends before start, {} \
@@ -912,7 +909,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
         .wait_for(WAIT, |evs| {
             let mut o = conn_events(evs, pg.port);
             o.extend(path_events(evs, &path));
-            Want::kind("close").find(&o).len() >= 2 * total
+            Want::kind("close").count(&o) >= 2 * total
         })
         .expect("every connection closes");
     std::thread::sleep(Duration::from_millis(1500));

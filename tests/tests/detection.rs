@@ -114,24 +114,16 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let worker_idle_since = Instant::now();
     tracer
         .wait_for(secs(CLOSE_WAIT_S) + SLACK, |evs| {
-            Want::kind("leak")
-                .role("client")
-                .pid(abandoned.pid())
+            Want::of("leak", "client", abandoned.pid())
                 .reason("close_wait")
-                .find(evs)
-                .len()
+                .count(evs)
                 >= 2
         })
         .expect("the abandoned connections' close_wait leaks");
     let close_wait_after = terminated_at.elapsed();
     tracer
         .wait_for(secs(IDLE_IN_TX_S) + SLACK, |evs| {
-            Want::kind("leak")
-                .role("client")
-                .pid(worker_pid)
-                .find(evs)
-                .len()
-                >= 3
+            Want::of("leak", "client", worker_pid).count(evs) >= 3
         })
         .expect("the worker's three leaks");
     let worker_leaks_after = worker_idle_since.elapsed();
@@ -147,12 +139,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let backend_started = Instant::now();
     tracer
         .wait_for(secs(STALL_S) + SLACK + Duration::from_secs(2), |evs| {
-            Want::kind("stall")
-                .role("client")
-                .pid(backend_pid)
-                .find(evs)
-                .len()
-                >= 2
+            Want::of("stall", "client", backend_pid).count(evs) >= 2
         })
         .unwrap_or_else(|e| panic!("the backend's stalls: {e}\npgbench: {}", backend.report()));
     let stalls_after = backend_started.elapsed();
@@ -164,22 +151,9 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     worker.kill().expect("kill worker");
     tracer
         .wait_for(SLACK + Duration::from_secs(2), |evs| {
-            Want::kind("leak_end")
-                .role("client")
-                .pid(worker_pid)
-                .find(evs)
-                .len()
-                >= 3
-                && Want::kind("stall_end")
-                    .role("client")
-                    .pid(backend_pid)
-                    .find(evs)
-                    .len()
-                    >= Want::kind("stall")
-                        .role("client")
-                        .pid(backend_pid)
-                        .find(evs)
-                        .len()
+            Want::of("leak_end", "client", worker_pid).count(evs) >= 3
+                && Want::of("stall_end", "client", backend_pid).count(evs)
+                    >= Want::of("stall", "client", backend_pid).count(evs)
         })
         .unwrap_or_else(|e| {
             panic!(
@@ -195,12 +169,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     abandoned.stop().expect("abandoned stops");
     tracer
         .wait_for(SLACK, |evs| {
-            Want::kind("leak_end")
-                .role("client")
-                .pid(abandoned_pid)
-                .find(evs)
-                .len()
-                >= 2
+            Want::of("leak_end", "client", abandoned_pid).count(evs) >= 2
         })
         .expect("close_wait leak_end");
 
@@ -223,17 +192,11 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let bouncer_pid = bouncer.pid();
 
     // 1. The worker: exactly its three pooled connections, attributed to its container.
-    let worker_leaks = Want::kind("leak")
-        .role("client")
-        .pid(worker_pid)
-        .find(&events);
+    let worker_leaks = Want::of("leak", "client", worker_pid).find(&events);
     let worker_ids = conn_ids(worker_leaks.iter().copied());
     assert_eq!(worker_leaks.len(), 3, "one leak per connection: {dump}");
     assert_eq!(worker_ids.len(), 3, "{dump}");
-    let worker_opens = Want::kind("open")
-        .role("client")
-        .pid(worker_pid)
-        .find(&events);
+    let worker_opens = Want::of("open", "client", worker_pid).find(&events);
     assert_eq!(conn_ids(worker_opens.iter().copied()), worker_ids, "{dump}");
     for e in &worker_leaks {
         assert_eq!(e["reason"], "idle_in_transaction", "{e}");
@@ -266,10 +229,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
         })
         .collect();
     assert_eq!(conn_ids(pooled_tx_leaks), worker_ids, "{dump}");
-    let worker_ends = Want::kind("leak_end")
-        .role("client")
-        .pid(worker_pid)
-        .find(&events);
+    let worker_ends = Want::of("leak_end", "client", worker_pid).find(&events);
     assert_eq!(conn_ids(worker_ends.iter().copied()), worker_ids, "{dump}");
     for e in &worker_ends {
         assert_eq!(e["reason"], "idle_in_transaction", "{e}");
@@ -304,14 +264,8 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     }
 
     // 2. The starving backend: stalled while the pool was dry, answered once it freed up.
-    let stalls = Want::kind("stall")
-        .role("client")
-        .pid(backend_pid)
-        .find(&events);
-    let stall_ends = Want::kind("stall_end")
-        .role("client")
-        .pid(backend_pid)
-        .find(&events);
+    let stalls = Want::of("stall", "client", backend_pid).find(&events);
+    let stall_ends = Want::of("stall_end", "client", backend_pid).find(&events);
     assert_eq!(stalls.len(), 2, "one per pgbench connection: {dump}");
     assert_eq!(
         conn_ids(stalls.iter().copied()),
@@ -348,19 +302,14 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
         );
     }
     assert!(
-        Want::kind("leak")
-            .role("client")
-            .pid(backend_pid)
+        Want::of("leak", "client", backend_pid)
             .find(&events)
             .is_empty(),
         "a waiting backend is not a leak: {dump}"
     );
 
     // 3. The abandoned connections: close_wait on exactly those two, ended by the close.
-    let abandoned_leaks = Want::kind("leak")
-        .role("client")
-        .pid(abandoned_pid)
-        .find(&events);
+    let abandoned_leaks = Want::of("leak", "client", abandoned_pid).find(&events);
     let abandoned_ids = conn_ids(abandoned_leaks.iter().copied());
     assert_eq!(abandoned_leaks.len(), 2, "{dump}");
     assert_eq!(abandoned_ids.len(), 2, "{dump}");
@@ -375,10 +324,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
         .reason("close_wait")
         .find(&events);
     assert_eq!(conn_ids(close_wait_leaks), abandoned_ids, "{dump}");
-    let abandoned_ends = Want::kind("leak_end")
-        .role("client")
-        .pid(abandoned_pid)
-        .find(&events);
+    let abandoned_ends = Want::of("leak_end", "client", abandoned_pid).find(&events);
     assert_eq!(
         conn_ids(abandoned_ends.iter().copied()),
         abandoned_ids,
@@ -398,11 +344,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let healthy_pids = [healthy_pid, listener_pid, healthy_bench_pid];
     for pid in healthy_pids {
         assert!(
-            !Want::kind("open")
-                .role("client")
-                .pid(pid)
-                .find(&events)
-                .is_empty(),
+            Want::of("open", "client", pid).found_in(&events),
             "pid {pid} was not traced: {dump}"
         );
     }
@@ -490,7 +432,7 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
     let backend = client.backend_pids[0];
     let leak = |evs: &[Value], role: &str, pid: u32| {
         evs.iter()
-            .filter(|e| Want::kind("leak").role(role).pid(pid).matches(e))
+            .filter(|e| Want::of("leak", role, pid).matches(e))
             .cloned()
             .collect::<Vec<_>>()
     };
@@ -505,7 +447,7 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
     let events = tracer.events();
     let dump = lines(&events);
 
-    let opens = Want::kind("open").role("client").pid(pid).find(&events);
+    let opens = Want::of("open", "client", pid).find(&events);
     assert_eq!(opens.len(), 1, "{kind:?} opened one connection: {dump}");
     let conn_id = opens[0]["conn_id"].as_str().expect("id").to_owned();
     let client_leaks = leak(&events, "client", pid);
@@ -683,11 +625,7 @@ fn tls_connection_is_unknown_never_idle_in_transaction_but_stalls_are_seen() {
     let answered_after = asked.elapsed();
     let events = tracer
         .wait_for(SLACK, |evs| {
-            !Want::kind("stall_end")
-                .role("client")
-                .pid(pid)
-                .find(evs)
-                .is_empty()
+            Want::of("stall_end", "client", pid).found_in(evs)
         })
         .expect("stall_end");
     std::thread::sleep(Duration::from_millis(1500));
@@ -695,7 +633,7 @@ fn tls_connection_is_unknown_never_idle_in_transaction_but_stalls_are_seen() {
     let dump = lines(&events_now);
     drop(events);
 
-    let opens = Want::kind("open").role("client").pid(pid).find(&events_now);
+    let opens = Want::of("open", "client", pid).find(&events_now);
     assert_eq!(opens.len(), 1, "{dump}");
     let conn_id = opens[0]["conn_id"].as_str().expect("id").to_owned();
     let conn = Want::conn(&conn_id).find(&events_now);

@@ -350,8 +350,8 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
     let events = tracer.events();
     let mut ours = conn_events(&events, port);
     ours.extend(conn_events(&events, churn_port));
-    let opens = Want::kind("open").find(&ours).len() as u64;
-    let closes = Want::kind("close").find(&ours).len() as u64;
+    let opens = Want::kind("open").count(&ours) as u64;
+    let closes = Want::kind("close").count(&ours) as u64;
     let by_role = |kind: &str, role: &str| {
         ours.iter()
             .filter(|e| e["type"] == kind && e["role"] == role)
@@ -417,7 +417,7 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
         .collect();
     eprintln!(
         "SIGSTOP 10 s: {churned} churned connections ({during_stop} while stopped, {accepted} accepted), tracked {tracked} vs ss {truth} {settled:?} after SIGCONT ({tracked_later} 3 s later); events: {opens} opens (expected {expected_opens}), {closes} closes (expected {expected_closes}), {missing} missing records; lost events {lost:?}, lost metric {lost_metric:?}; {} leak events, {} for gone connections",
-        Want::kind("leak").find(&ours).len(),
+        Want::kind("leak").count(&ours),
         false_leaks.len()
     );
     assert_eq!(
@@ -1068,7 +1068,7 @@ fn no_event_or_metric_carries_query_text() {
     }
     tracer
         .wait_for(Duration::from_secs(15), |evs| {
-            Want::kind("close").find(evs).len() >= 6
+            Want::kind("close").count(evs) >= 6
         })
         .expect("closes");
     std::thread::sleep(Duration::from_millis(1500));
