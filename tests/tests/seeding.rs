@@ -215,17 +215,12 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
     // Idle connections: known idle on both ends, no verdict.
     for client in &idlers {
         for (role, pid) in [("server", backend_of(client)), ("client", client.pid())] {
-            let opens: Vec<&Value> = events
-                .iter()
-                .filter(|e| e["type"] == "open" && e["role"] == role && pid_of(e) == pid)
-                .collect();
+            let opens = Want::of("open", role, pid).find(&events);
             assert_eq!(opens.len(), 1, "{role} {pid}: {dump}");
             assert_eq!(opens[0]["state"], "idle", "{}", opens[0]);
             assert_eq!(opens[0]["preexisting"], true, "{}", opens[0]);
             assert!(
-                !events
-                    .iter()
-                    .any(|e| e["type"] == "leak" && e["role"] == role && pid_of(e) == pid),
+                !Want::of("leak", role, pid).found_in(&events),
                 "no verdict on an idle connection: {dump}"
             );
         }
@@ -604,10 +599,7 @@ fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
     let dump = lines(&events);
     for c in &clients {
         for (role, pid) in [("server", c.backend_pids[0]), ("client", c.pid())] {
-            let opens: Vec<&Value> = events
-                .iter()
-                .filter(|e| e["type"] == "open" && e["role"] == role && pid_of(e) == pid)
-                .collect();
+            let opens = Want::of("open", role, pid).find(&events);
             assert_eq!(opens.len(), 1, "{role} {pid}: {dump}");
             assert_eq!(opens[0]["state"], "unknown", "{}", opens[0]);
         }
