@@ -247,42 +247,32 @@ impl Workload {
         self.runs.iter().flatten().filter(move |r| r.mode == mode)
     }
 
-    /// Median workload CPU per transaction without any tracer, ns.
-    pub fn workload_ns_per_txn(&self) -> f64 {
+    /// The median over the runs of `mode` of `per_run(run)` divided by its transactions.
+    fn median_per_txn(&self, mode: Mode, per_run: impl Fn(&Run) -> f64) -> f64 {
         median(
             &self
-                .of(Mode::Off)
-                .map(|r| r.workload_ns as f64 / r.txns as f64)
+                .of(mode)
+                .map(|r| per_run(r) / r.txns as f64)
                 .collect::<Vec<_>>(),
         )
     }
 
+    /// Median workload CPU per transaction without any tracer, ns.
+    pub fn workload_ns_per_txn(&self) -> f64 {
+        self.median_per_txn(Mode::Off, |r| r.workload_ns as f64)
+    }
+
     pub fn bpf_ns_per_txn(&self, mode: Mode) -> f64 {
-        median(
-            &self
-                .of(mode)
-                .map(|r| r.bpf.run_time_ns as f64 / r.txns as f64)
-                .collect::<Vec<_>>(),
-        )
+        self.median_per_txn(mode, |r| r.bpf.run_time_ns as f64)
     }
 
     /// Host background BPF work during the run (estimated), per transaction.
     pub fn background_ns_per_txn(&self, mode: Mode) -> f64 {
-        median(
-            &self
-                .of(mode)
-                .map(|r| r.background_ns / r.txns as f64)
-                .collect::<Vec<_>>(),
-        )
+        self.median_per_txn(mode, |r| r.background_ns)
     }
 
     pub fn background_runs_per_txn(&self, mode: Mode) -> f64 {
-        median(
-            &self
-                .of(mode)
-                .map(|r| r.background_cnt / r.txns as f64)
-                .collect::<Vec<_>>(),
-        )
+        self.median_per_txn(mode, |r| r.background_cnt)
     }
 
     /// BPF run time per transaction with the host's background removed, ns (>= 0).
@@ -296,21 +286,11 @@ impl Workload {
     }
 
     pub fn runs_per_txn(&self, mode: Mode) -> f64 {
-        median(
-            &self
-                .of(mode)
-                .map(|r| r.bpf.run_cnt as f64 / r.txns as f64)
-                .collect::<Vec<_>>(),
-        )
+        self.median_per_txn(mode, |r| r.bpf.run_cnt as f64)
     }
 
     pub fn daemon_ns_per_txn(&self, mode: Mode) -> f64 {
-        median(
-            &self
-                .of(mode)
-                .map(|r| r.daemon_ns as f64 / r.txns as f64)
-                .collect::<Vec<_>>(),
-        )
+        self.median_per_txn(mode, |r| r.daemon_ns as f64)
     }
 
     /// Per-round TPS ratio mode / off.

@@ -388,30 +388,8 @@ impl WorkloadCgroup {
 
     /// A command whose process joins the cgroup before it executes.
     pub fn command(&self, program: &str) -> Command {
-        use std::os::unix::process::CommandExt as _;
-        let procs = std::ffi::CString::new(
-            self.path
-                .join("cgroup.procs")
-                .to_string_lossy()
-                .into_owned(),
-        )
-        .expect("no NUL in path");
         let mut cmd = Command::new(program);
-        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        tests::join_cgroup_before_exec(&mut cmd, &self.path).expect("no NUL in path");
         cmd
     }
 }

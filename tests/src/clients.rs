@@ -10,11 +10,9 @@
 //! point of having them all.
 
 use std::{
-    ffi::CString,
     fs,
     hash::{Hash as _, Hasher as _},
     io::{BufRead as _, BufReader, Write as _},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc::{Receiver, channel},
@@ -23,7 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::run_ok;
+use crate::{join_cgroup_before_exec, run_ok};
 
 /// Where a client connects.
 #[derive(Clone, Debug)]
@@ -127,29 +125,6 @@ pub struct Client {
 }
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Moves the child into `cgroup` between fork and exec.
-fn join_cgroup_before_exec(cmd: &mut Command, cgroup: &Path) -> Result<()> {
-    let procs = CString::new(cgroup.join("cgroup.procs").to_string_lossy().into_owned())?;
-    // SAFETY: the hook only calls async-signal-safe functions (open, write, close) on memory
-    // allocated before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if written != 1 {
-                return Err(err);
-            }
-            Ok(())
-        });
-    }
-    Ok(())
-}
 
 impl Client {
     /// Starts a client and waits for it to print `ready`.

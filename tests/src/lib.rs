@@ -2,9 +2,12 @@
 //! for its events. Every test in `tests/tests/` starts what it needs and stops it on drop.
 
 use std::{
+    collections::BTreeMap,
+    ffi::CString,
     fs,
     io::{BufRead, BufReader},
     net::{Ipv6Addr, TcpListener},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -12,9 +15,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+pub use events::conn_events;
 pub use serde_json::Value;
 
 pub mod clients;
+pub mod events;
 pub mod hosts;
 pub mod load;
 pub mod pgbouncer;
@@ -33,6 +38,12 @@ pub fn require_root() -> bool {
     }
     eprintln!("skipped: needs root (run `cargo xtask test` as root)");
     false
+}
+
+/// The start of most root tests: `None` (the test skips) where `require_root` says so, else
+/// a fresh cluster.
+pub fn root_postgres() -> Option<Postgres> {
+    require_root().then(|| Postgres::start().expect("postgres"))
 }
 
 /// How long to wait for something that takes `timeout` on this machine: four times as long
@@ -79,6 +90,7 @@ pub fn free_port() -> Result<u16> {
     bail!("no free port on both 127.0.0.1 and ::1")
 }
 
+/// Runs `cmd` to the end; its output, or an error with its status and output when it failed.
 pub fn run_ok(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
@@ -186,6 +198,24 @@ impl Postgres {
         .env("PGSSLMODE", "disable");
         cmd
     }
+
+    /// `pg_stat_activity.state` of every other client backend, by pid: the server's own
+    /// view, the oracle of what each connection is doing.
+    pub fn client_states(&self) -> BTreeMap<u32, String> {
+        let out = run_ok(&mut self.psql(
+            "127.0.0.1",
+            "SELECT pid, state FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        ))
+        .expect("pg_stat_activity");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (pid, state) = l.split_once('|')?;
+                Some((pid.trim().parse().ok()?, state.trim().to_owned()))
+            })
+            .collect()
+    }
 }
 
 impl Drop for Postgres {
@@ -287,6 +317,11 @@ impl Tracer {
         Ok(tracer)
     }
 
+    /// The daemon with its defaults, watching `pg`'s port.
+    pub fn watching(pg: &Postgres) -> Self {
+        Self::start(&["--port", &pg.port.to_string()]).expect("tracer")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
@@ -378,27 +413,12 @@ pub fn port_of(addr: &Value) -> Option<u16> {
     addr.as_str()?.rsplit(':').next()?.parse().ok()
 }
 
-/// The connection events touching `port` on either end.
-pub fn conn_events(events: &[Value], port: u16) -> Vec<Value> {
-    events
-        .iter()
-        .filter(|e| port_of(&e["local"]) == Some(port) || port_of(&e["remote"]) == Some(port))
-        .cloned()
-        .collect()
-}
-
 /// Names of the BPF programs loaded right now (`bpftool prog show`).
 pub fn loaded_program_names() -> Result<Vec<String>> {
-    let out = run_ok(Command::new("bpftool").args(["-j", "prog", "show"]))?;
-    let progs: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(progs
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(loaded_programs()?
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect())
 }
 
 /// (id, name) of the BPF programs loaded right now.
@@ -423,6 +443,30 @@ pub fn linked_program_ids() -> Result<Vec<u64>> {
         .as_array()
         .map(|a| a.iter().filter_map(|l| l["prog_id"].as_u64()).collect())
         .unwrap_or_default())
+}
+
+/// Moves the child of `cmd` into `cgroup` (its cgroup v2 directory) between fork and exec,
+/// so that its very first socket is already counted there.
+pub fn join_cgroup_before_exec(cmd: &mut Command, cgroup: &Path) -> Result<()> {
+    let procs = CString::new(cgroup.join("cgroup.procs").to_string_lossy().into_owned())?;
+    // SAFETY: the hook only calls async-signal-safe functions (open, write, close) on memory
+    // allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// tracefs is not mounted at boot on these machines; classic-tracepoint tools (tcplife)

@@ -256,32 +256,19 @@ impl Drop for ConnHolder {
 
 /// GET `path` on 127.0.0.1:`port`: (status code, body).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no status line")?;
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    Ok((code, body.to_owned()))
+    let answer = crate::prom::http_get(&format!("127.0.0.1:{port}"), path, Duration::from_secs(5))?;
+    Ok((answer.status, answer.body))
 }
 
-/// The sum of every sample of metric `name` whose labels contain `label_filter`.
-pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> f64 {
+/// The sum of every sample of metric `name` whose labels contain each of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             l.strip_prefix(name)
                 .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
         })
-        .filter(|l| l.contains(label_filter))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -299,7 +286,7 @@ impl MetricsEndpoint {
     }
 
     pub fn tracked(&self) -> Result<i64> {
-        Ok(metric_sum(&self.text()?, "pgconn_tracer_tracked_connections", "") as i64)
+        Ok(metric_sum(&self.text()?, "pgconn_tracer_tracked_connections", &[]) as i64)
     }
 
     pub fn lost(&self, location: &str) -> Result<u64> {
@@ -308,7 +295,7 @@ impl MetricsEndpoint {
         } else {
             format!("where=\"{location}\"")
         };
-        Ok(metric_sum(&self.text()?, "pgconn_tracer_events_lost_total", &filter) as u64)
+        Ok(metric_sum(&self.text()?, "pgconn_tracer_events_lost_total", &[&filter]) as u64)
     }
 
     /// Polls until the tracked count equals `want`; returns the last value seen and when.

@@ -7,6 +7,18 @@ use std::{path::PathBuf, sync::OnceLock};
 use jsonschema::Validator;
 use serde_json::Value;
 
+/// Every event `type` the daemon writes (the `type` enum of `docs/events.schema.json`).
+pub const EVENT_TYPES: [&str; 8] = [
+    "ready",
+    "open",
+    "close",
+    "stall",
+    "stall_end",
+    "leak",
+    "leak_end",
+    "lost",
+];
+
 /// Path of the event schema in the source tree.
 pub fn schema_path() -> PathBuf {
     doc_path("events.schema.json")

@@ -11,11 +11,12 @@ use std::{
 use serde_json::json;
 use tests::{
     Postgres, Tracer, Value, conn_events,
+    events::{Want, path_events},
     hosts::{
         FakeContainer, HeldConn, NetNs, PYTHON, PyClient, cgroup2_of, cmdline_of, conn_spec, dsn,
         postgres_bin_dir, random_hex, random_pod_uid, ts_secs, wall_now,
     },
-    lines, psql_backend, require_root, run_ok, tracer_bin,
+    lines, psql_backend, require_root, root_postgres, run_ok, tracer_bin,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -102,19 +103,12 @@ fn container(
     }
 }
 
-fn find<'a>(events: &'a [Value], kind: &str, pred: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["type"] == kind && pred(e))
-        .collect()
-}
-
 /// psycopg2 clients, one per layout, each inside its fake container holding one TCP
 /// connection: the client's open and close name its process and container exactly, the
 /// server side names the backend and no container.
 fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let pg = Postgres::start().expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let target = dsn("127.0.0.1", pg.port);
 
     let mut running = Vec::new();
@@ -137,8 +131,8 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let events = tracer
         .wait_for(WAIT, |evs| {
             held.iter().all(|(pid, conn)| {
-                let client = !find(evs, "open", |e| e["pid"] == *pid).is_empty();
-                let server = !find(evs, "open", |e| e["pid"] == conn.backend_pid).is_empty();
+                let client = Want::kind("open").pid(*pid).found_in(evs);
+                let server = Want::kind("open").pid(conn.backend_pid).found_in(evs);
                 client && server
             })
         })
@@ -148,7 +142,7 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let mut failures = Vec::new();
     for (_, client, owner) in &running {
         let conn = &client.conns[0];
-        let opens = find(&events, "open", |e| e["pid"] == owner.pid);
+        let opens = Want::kind("open").pid(owner.pid).find(&events);
         assert_eq!(opens.len(), 1, "one open for pid {}: {dump}", owner.pid);
         let open = opens[0];
         eprintln!(
@@ -168,7 +162,7 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
         assert_eq!(open["remote"], format!("127.0.0.1:{}", pg.port), "{open}");
         assert_eq!(open["preexisting"], false, "{open}");
 
-        let servers = find(&events, "open", |e| e["pid"] == conn.backend_pid);
+        let servers = Want::kind("open").pid(conn.backend_pid).find(&events);
         assert_eq!(servers.len(), 1, "one server open: {dump}");
         let server = servers[0];
         assert_eq!(server["role"], "server", "{server}");
@@ -193,11 +187,11 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
     let events = tracer
         .wait_for(WAIT, |evs| {
             pids.iter()
-                .all(|pid| !find(evs, "close", |e| e["pid"] == *pid).is_empty())
+                .all(|pid| Want::kind("close").pid(*pid).found_in(evs))
         })
         .expect("a close for every client");
     for owner in &owners {
-        let close = find(&events, "close", |e| e["pid"] == owner.pid)[0];
+        let close = Want::kind("close").pid(owner.pid).find(&events)[0];
         for m in owner.mismatches(close) {
             failures.push(format!("{} client close {m}", owner.cgroup));
         }
@@ -331,42 +325,34 @@ fn socket_path(pg: &Postgres) -> String {
     format!("{}/.s.PGSQL.{}", pg.socket_dir.display(), pg.port)
 }
 
-fn path_events(events: &[Value], path: &str) -> Vec<Value> {
-    events
-        .iter()
-        .filter(|e| e["remote"] == path || e["local"] == path)
-        .cloned()
-        .collect()
+/// Waits until `tracer` has reported `closes` closes of Unix connections to `path`; the
+/// failure names `what` and shows the daemon's stderr.
+fn wait_for_unix_closes(tracer: &Tracer, path: &str, closes: usize, what: &str) {
+    tracer
+        .wait_for(WAIT, |evs| {
+            Want::kind("close").with("remote", path).count(evs) >= closes
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e:#}\ntracer stderr:\n{}", tracer.stderr()));
 }
 
 #[test]
 fn psql_over_the_unix_socket_is_seen_on_both_roles() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let host = pg.socket_dir.to_string_lossy().into_owned();
     let (psql, backend) = psql_backend(pg.psql(&host, "select pg_backend_pid(), pg_sleep(0.3)"));
-    tracer
-        .wait_for(WAIT, |evs| {
-            find(evs, "close", |e| e["remote"] == path.as_str()).len() >= 2
-        })
-        .unwrap_or_else(|e| {
-            panic!(
-                "both ends close: {e:#}\ntracer stderr:\n{}",
-                tracer.stderr()
-            )
-        });
+    wait_for_unix_closes(&tracer, &path, 2, "both ends close");
     std::thread::sleep(Duration::from_millis(1500));
     let events = path_events(&tracer.events(), &path);
     let dump = lines(&events);
     eprintln!("unix socket {path}: psql {psql}, backend {backend}\n{dump}");
     assert_eq!(events.len(), 4, "one open and one close per role: {dump}");
     for kind in ["open", "close"] {
-        let client = find(&events, kind, |e| e["role"] == "client");
-        let server = find(&events, kind, |e| e["role"] == "server");
+        let client = Want::kind(kind).role("client").find(&events);
+        let server = Want::kind(kind).role("server").find(&events);
         assert_eq!((client.len(), server.len()), (1, 1), "{kind}: {dump}");
         let (c, s) = (client[0], server[0]);
         for e in [c, s] {
@@ -386,12 +372,12 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
         assert_eq!(s["comm"], "postgres", "{s}");
         assert_eq!(s["local"], path, "{s}");
     }
-    let opens = find(&events, "open", |_| true);
+    let opens = Want::kind("open").find(&events);
     assert!(opens.iter().all(|e| e["preexisting"] == false), "{dump}");
-    let closes = find(&events, "close", |_| true);
+    let closes = Want::kind("close").find(&events);
     assert_ne!(closes[0]["conn_id"], closes[1]["conn_id"], "{dump}");
     for close in closes {
-        let open = find(&events, "open", |e| e["role"] == close["role"])[0];
+        let open = Want::kind("open").find_where(&events, |e| e["role"] == close["role"])[0];
         assert_eq!(open["conn_id"], close["conn_id"], "{dump}");
         assert!(
             close["duration_s"].as_f64().unwrap_or(0.0) >= 0.3,
@@ -402,29 +388,24 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
 
 #[test]
 fn unix_connections_in_quick_succession_keep_their_own_byte_counts() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let host = pg.socket_dir.to_string_lossy().into_owned();
     // The same query each time: every connection moves the same bytes.
     let runs: Vec<(u32, u32)> = (0..10)
         .map(|_| psql_backend(pg.psql(&host, "select pg_backend_pid(), 1")))
         .collect();
-    tracer
-        .wait_for(WAIT, |evs| {
-            find(evs, "close", |e| e["remote"] == path.as_str()).len() >= 2 * runs.len()
-        })
-        .expect("every end closes");
+    wait_for_unix_closes(&tracer, &path, 2 * runs.len(), "every end closes");
     let events = path_events(&tracer.events(), &path);
     let dump = lines(&events);
     let mut failures = Vec::new();
     let mut counts = Vec::new();
     for (psql, backend) in &runs {
-        let client = find(&events, "close", |e| e["pid"] == *psql);
-        let server = find(&events, "close", |e| e["pid"] == *backend);
+        let client = Want::kind("close").pid(*psql).find(&events);
+        let server = Want::kind("close").pid(*backend).find(&events);
         assert_eq!(
             (client.len(), server.len()),
             (1, 1),
@@ -478,12 +459,11 @@ for i in range(int(sys.argv[2])):
 
 #[test]
 fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let rounds = 20;
     let out = run_ok(Command::new(PYTHON).args([
         "-c",
@@ -497,16 +477,15 @@ fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
         .parse()
         .expect("pid");
     let seen = tracer.wait_for(WAIT, |evs| {
-        find(evs, "open", |e| {
-            e["pid"] == pid && e["remote"] == path.as_str()
-        })
-        .len()
+        Want::kind("open")
+            .find_where(evs, |e| e["pid"] == pid && e["remote"] == path.as_str())
+            .len()
             >= rounds
     });
     std::thread::sleep(Duration::from_millis(1500));
     let events = path_events(&tracer.events(), &path);
-    let clients = find(&events, "open", |e| e["role"] == "client").len();
-    let servers = find(&events, "open", |e| e["role"] == "server").len();
+    let clients = Want::kind("open").role("client").count(&events);
+    let servers = Want::kind("open").role("server").count(&events);
     eprintln!("{rounds} connections by pid {pid}: {clients} client opens, {servers} server opens");
     assert!(
         seen.is_ok() && clients == rounds && servers == rounds,
@@ -517,10 +496,9 @@ fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
 
 #[test]
 fn unix_socket_glob_decides_which_sockets_count() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
     let port = pg.port.to_string();
     // The exact path, and a glob that matches no socket of this cluster.
@@ -539,20 +517,11 @@ fn unix_socket_glob_decides_which_sockets_count() {
     for tracer in [&exact, &elsewhere] {
         tracer
             .wait_for(WAIT, |evs| {
-                find(evs, "close", |e| e["pid"] == tcp_psql).len() == 1
+                Want::kind("close").pid(tcp_psql).count(evs) == 1
             })
             .expect("the TCP connection is traced");
     }
-    exact
-        .wait_for(WAIT, |evs| {
-            find(evs, "close", |e| e["remote"] == path.as_str()).len() >= 2
-        })
-        .unwrap_or_else(|e| {
-            panic!(
-                "the exact glob matches the socket: {e:#}\ntracer stderr:\n{}",
-                exact.stderr()
-            )
-        });
+    wait_for_unix_closes(&exact, &path, 2, "the exact glob matches the socket");
     // Unix closes are noticed on the daemon's 1 s tick: give the other one time to err.
     std::thread::sleep(Duration::from_millis(2500));
     let seen = path_events(&exact.events(), &path);
@@ -568,7 +537,10 @@ fn unix_socket_glob_decides_which_sockets_count() {
     );
     assert_eq!(seen.len(), 4, "{}", lines(&seen));
     assert!(
-        find(&seen, "open", |e| e["role"] == "client" && e["pid"] == psql).len() == 1,
+        Want::kind("open")
+            .find_where(&seen, |e| e["role"] == "client" && e["pid"] == psql)
+            .len()
+            == 1,
         "{}",
         lines(&seen)
     );
@@ -582,7 +554,7 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
     }
     let ns = NetNs::create().expect("network namespace");
     let pg = Postgres::start_listening(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     // The shell prints its pid and execs psql under it.
     let mut cmd = ns.command("sh");
     cmd.args([
@@ -604,7 +576,10 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
 
     tracer
         .wait_for(WAIT, |evs| {
-            find(evs, "close", |e| e["pid"] == psql || e["pid"] == backend).len() >= 2
+            Want::kind("close")
+                .find_where(evs, |e| e["pid"] == psql || e["pid"] == backend)
+                .len()
+                >= 2
         })
         .expect("both ends close");
     std::thread::sleep(Duration::from_millis(500));
@@ -616,8 +591,8 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
     );
     let remote = format!("{}:{}", ns.host_ip, pg.port);
     for kind in ["open", "close"] {
-        let client = find(&events, kind, |e| e["role"] == "client");
-        let server = find(&events, kind, |e| e["role"] == "server");
+        let client = Want::kind(kind).role("client").find(&events);
+        let server = Want::kind(kind).role("server").find(&events);
         assert_eq!((client.len(), server.len()), (1, 1), "{kind}: {dump}");
         let (c, s) = (client[0], server[0]);
         assert_eq!(c["pid"], psql, "{c}");
@@ -638,11 +613,11 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
         assert_eq!(s["local"], remote, "{s}");
         assert_eq!(s["remote"], c["local"], "{s}");
     }
-    let close = find(&events, "close", |e| e["role"] == "client")[0];
+    let close = Want::kind("close").role("client").find(&events)[0];
     assert!(close["bytes_sent"].as_u64().unwrap_or(0) > 0, "{close}");
     assert_eq!(
         close["bytes_sent"],
-        find(&events, "close", |e| e["role"] == "server")[0]["bytes_received"],
+        Want::kind("close").role("server").find(&events)[0]["bytes_received"],
         "{dump}"
     );
 }
@@ -662,10 +637,10 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
     .expect("psycopg2 in the namespace");
     let owner = Owner::of(holder.pid(), "python3", host_cgroup_of(holder.pid()));
     std::thread::sleep(Duration::from_secs(1));
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let remote = format!("{}:{}", ns.host_ip, pg.port);
     let found = tracer.wait_for(Duration::from_secs(5), |evs| {
-        find(evs, "open", |e| e["role"] == "client").len() >= 2
+        Want::kind("open").role("client").count(evs) >= 2
     });
     std::thread::sleep(Duration::from_millis(500));
     let events = conn_events(&tracer.events(), pg.port);
@@ -675,15 +650,15 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
         ns.name,
         holder.conns.len(),
         holder.pid(),
-        find(&events, "open", |e| e["role"] == "client").len(),
-        find(&events, "open", |e| e["role"] == "server").len()
+        Want::kind("open").role("client").count(&events),
+        Want::kind("open").role("server").count(&events)
     );
     let mut failures = Vec::new();
     for conn in &holder.conns {
-        let client = find(&events, "open", |e| {
+        let client = Want::kind("open").find_where(&events, |e| {
             e["role"] == "client" && e["local"] == conn.local.as_str()
         });
-        let server = find(&events, "open", |e| {
+        let server = Want::kind("open").find_where(&events, |e| {
             e["role"] == "server" && e["pid"] == conn.backend_pid
         });
         if client.len() != 1 {
@@ -720,7 +695,7 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
 /// The opens, and how many there are, of each conn_id.
 fn opens_by_conn_id(events: &[Value]) -> HashMap<String, Vec<&Value>> {
     let mut by_id: HashMap<String, Vec<&Value>> = HashMap::new();
-    for e in find(events, "open", |_| true) {
+    for e in Want::kind("open").find(events) {
         by_id
             .entry(e["conn_id"].as_str().unwrap_or_default().to_owned())
             .or_default()
@@ -758,10 +733,9 @@ fn opens_of<'a>(
 
 #[test]
 fn connections_open_before_start_are_found_once_with_their_owners() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
     let sock = pg.socket_dir.to_string_lossy().into_owned();
     let (v4, v6, unix) = (
@@ -796,7 +770,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
     .expect("racer");
     racer.wait_for_conns(3).expect("racing");
     let spawned_at = wall_now();
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     // And goes on a little after it is ready.
     std::thread::sleep(Duration::from_millis(600));
     racer.stop_racing().expect("racer stops");
@@ -824,7 +798,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
     let mut ours = conn_events(&all, pg.port);
     ours.extend(path_events(&all, &path));
     let dump = lines(&ours);
-    let opens = find(&ours, "open", |_| true);
+    let opens = Want::kind("open").find(&ours);
 
     // No connection is reported twice, whichever way it was found.
     let dups: Vec<_> = opens_by_conn_id(&ours)
@@ -905,12 +879,11 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
         }
     }
     let racer_unix = racer.conns.iter().filter(|c| c.local.is_empty()).count();
-    let racer_unix_clients = find(&ours, "open", |e| {
-        e["pid"] == racer_pid && e["transport"] == "unix"
-    })
-    .len();
+    let racer_unix_clients = Want::kind("open")
+        .find_where(&ours, |e| e["pid"] == racer_pid && e["transport"] == "unix")
+        .len();
     assert_eq!(racer_unix_clients, racer_unix, "{dump}");
-    let racer_clients = find(&ours, "open", |e| e["pid"] == racer_pid).len();
+    let racer_clients = Want::kind("open").pid(racer_pid).count(&ours);
     assert_eq!(racer_clients, racer.conns.len(), "{dump}");
     eprintln!(
         "preexisting: {} held by {}, ages {:.2}..{:.2} s; racing: {} ({} ends before start, {} \
@@ -936,20 +909,14 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
         .wait_for(WAIT, |evs| {
             let mut o = conn_events(evs, pg.port);
             o.extend(path_events(evs, &path));
-            find(&o, "close", |_| true).len() >= 2 * total
+            Want::kind("close").count(&o) >= 2 * total
         })
         .expect("every connection closes");
     std::thread::sleep(Duration::from_millis(1500));
     let mut ours = conn_events(&tracer.events(), pg.port);
     ours.extend(path_events(&tracer.events(), &path));
-    let opened: BTreeSet<&str> = find(&ours, "open", |_| true)
-        .iter()
-        .filter_map(|e| e["conn_id"].as_str())
-        .collect();
-    let closed: Vec<&str> = find(&ours, "close", |_| true)
-        .iter()
-        .filter_map(|e| e["conn_id"].as_str())
-        .collect();
+    let opened: BTreeSet<&str> = Want::kind("open").conn_ids_in(&ours).collect();
+    let closed: Vec<&str> = Want::kind("close").conn_ids_in(&ours).collect();
     assert_eq!(closed.len(), opened.len(), "{}", lines(&ours));
     assert_eq!(
         closed.iter().copied().collect::<BTreeSet<_>>(),
@@ -1096,10 +1063,9 @@ fn tracer_list(args: &[&str]) -> String {
 
 #[test]
 fn list_json_agrees_with_ss_on_the_same_connections() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let path = socket_path(&pg);
     let sock = pg.socket_dir.to_string_lossy().into_owned();
     let id = random_hex(64);
@@ -1261,11 +1227,10 @@ os._exit(0)
 
 #[test]
 fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    };
+    let tracer = Tracer::watching(&pg);
     let target = dsn("127.0.0.1", pg.port);
     let mut clients = Vec::new();
     for i in 0..5 {
@@ -1282,9 +1247,11 @@ fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
     // Matched by their unique names: other tests on this host may force pid reuse.
     let events = tracer
         .wait_for(WAIT, |evs| {
-            clients
-                .iter()
-                .all(|(_, comm)| !find(evs, "close", |e| e["comm"] == comm.as_str()).is_empty())
+            clients.iter().all(|(_, comm)| {
+                !Want::kind("close")
+                    .find_where(evs, |e| e["comm"] == comm.as_str())
+                    .is_empty()
+            })
         })
         .expect("an open and a close per client");
     let events = conn_events(&events, pg.port);
@@ -1312,11 +1279,10 @@ fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
 
 #[test]
 fn a_reused_pid_names_each_connection_s_own_process() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    };
+    let tracer = Tracer::watching(&pg);
     let target = dsn("127.0.0.1", pg.port);
     let (a_id, b_id) = (random_hex(64), random_hex(64));
     let a_cg = FakeContainer::create(&format!("/system.slice/docker-{a_id}.scope")).expect("cg");
@@ -1351,13 +1317,17 @@ fn a_reused_pid_names_each_connection_s_own_process() {
         );
         tracer
             .wait_for(WAIT, |evs| {
-                !find(evs, "open", |e| e["pid"] == pid && e["comm"] == comm).is_empty()
+                !Want::kind("open")
+                    .find_where(evs, |e| e["pid"] == pid && e["comm"] == comm)
+                    .is_empty()
             })
             .expect("open");
         client.close().expect("close");
         tracer
             .wait_for(WAIT, |evs| {
-                !find(evs, "close", |e| e["pid"] == pid && e["comm"] == comm).is_empty()
+                !Want::kind("close")
+                    .find_where(evs, |e| e["pid"] == pid && e["comm"] == comm)
+                    .is_empty()
             })
             .expect("close");
         owners.push(owner);

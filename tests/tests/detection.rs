@@ -13,9 +13,10 @@ use std::{
 use tests::{
     Postgres, TempDir, Tracer, Value,
     clients::{Client, ClientKind, ClientOptions, DockerCgroup, Pgbench, Target},
+    events::{Want, conn_ids, f64_of},
     lines,
     pgbouncer::PgBouncer,
-    port_of, require_root, run_ok,
+    port_of, require_root, root_postgres, run_ok,
 };
 
 const IDLE_IN_TX_S: f64 = 3.0;
@@ -45,41 +46,6 @@ fn start_tracer(ports: &[u16]) -> Tracer {
 
 fn secs(d: f64) -> Duration {
     Duration::from_secs_f64(d)
-}
-
-fn is(e: &Value, kind: &str, role: &str, pid: u32) -> bool {
-    e["type"] == kind && e["role"] == role && e["pid"] == pid
-}
-
-/// Events of `kind` for `role` owned by `pid`.
-fn of<'a>(events: &'a [Value], kind: &str, role: &str, pid: u32) -> Vec<&'a Value> {
-    events.iter().filter(|e| is(e, kind, role, pid)).collect()
-}
-
-fn with_reason<'a>(events: &[&'a Value], reason: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .copied()
-        .filter(|e| e["reason"] == reason)
-        .collect()
-}
-
-fn ids<'a>(events: impl IntoIterator<Item = &'a Value>) -> BTreeSet<String> {
-    events
-        .into_iter()
-        .map(|e| e["conn_id"].as_str().expect("conn_id").to_owned())
-        .collect()
-}
-
-fn f64_of(e: &Value, field: &str) -> f64 {
-    e[field]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{field} missing in {e}"))
-}
-
-/// Events of one connection, by id.
-fn of_conn<'a>(events: &'a [Value], conn_id: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["conn_id"] == conn_id).collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -148,13 +114,16 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let worker_idle_since = Instant::now();
     tracer
         .wait_for(secs(CLOSE_WAIT_S) + SLACK, |evs| {
-            with_reason(&of(evs, "leak", "client", abandoned.pid()), "close_wait").len() >= 2
+            Want::of("leak", "client", abandoned.pid())
+                .reason("close_wait")
+                .count(evs)
+                >= 2
         })
         .expect("the abandoned connections' close_wait leaks");
     let close_wait_after = terminated_at.elapsed();
     tracer
         .wait_for(secs(IDLE_IN_TX_S) + SLACK, |evs| {
-            of(evs, "leak", "client", worker_pid).len() >= 3
+            Want::of("leak", "client", worker_pid).count(evs) >= 3
         })
         .expect("the worker's three leaks");
     let worker_leaks_after = worker_idle_since.elapsed();
@@ -170,7 +139,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let backend_started = Instant::now();
     tracer
         .wait_for(secs(STALL_S) + SLACK + Duration::from_secs(2), |evs| {
-            of(evs, "stall", "client", backend_pid).len() >= 2
+            Want::of("stall", "client", backend_pid).count(evs) >= 2
         })
         .unwrap_or_else(|e| panic!("the backend's stalls: {e}\npgbench: {}", backend.report()));
     let stalls_after = backend_started.elapsed();
@@ -182,9 +151,9 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     worker.kill().expect("kill worker");
     tracer
         .wait_for(SLACK + Duration::from_secs(2), |evs| {
-            of(evs, "leak_end", "client", worker_pid).len() >= 3
-                && of(evs, "stall_end", "client", backend_pid).len()
-                    >= of(evs, "stall", "client", backend_pid).len()
+            Want::of("leak_end", "client", worker_pid).count(evs) >= 3
+                && Want::of("stall_end", "client", backend_pid).count(evs)
+                    >= Want::of("stall", "client", backend_pid).count(evs)
         })
         .unwrap_or_else(|e| {
             panic!(
@@ -200,7 +169,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     abandoned.stop().expect("abandoned stops");
     tracer
         .wait_for(SLACK, |evs| {
-            of(evs, "leak_end", "client", abandoned_pid).len() >= 2
+            Want::of("leak_end", "client", abandoned_pid).count(evs) >= 2
         })
         .expect("close_wait leak_end");
 
@@ -223,12 +192,12 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let bouncer_pid = bouncer.pid();
 
     // 1. The worker: exactly its three pooled connections, attributed to its container.
-    let worker_leaks = of(&events, "leak", "client", worker_pid);
-    let worker_ids = ids(worker_leaks.iter().copied());
+    let worker_leaks = Want::of("leak", "client", worker_pid).find(&events);
+    let worker_ids = conn_ids(worker_leaks.iter().copied());
     assert_eq!(worker_leaks.len(), 3, "one leak per connection: {dump}");
     assert_eq!(worker_ids.len(), 3, "{dump}");
-    let worker_opens = of(&events, "open", "client", worker_pid);
-    assert_eq!(ids(worker_opens.iter().copied()), worker_ids, "{dump}");
+    let worker_opens = Want::of("open", "client", worker_pid).find(&events);
+    assert_eq!(conn_ids(worker_opens.iter().copied()), worker_ids, "{dump}");
     for e in &worker_leaks {
         assert_eq!(e["reason"], "idle_in_transaction", "{e}");
         assert_eq!(e["state"], "idle_in_transaction", "{e}");
@@ -259,9 +228,9 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
                 && port_of(&e["remote"]) == Some(bouncer.port)
         })
         .collect();
-    assert_eq!(ids(pooled_tx_leaks), worker_ids, "{dump}");
-    let worker_ends = of(&events, "leak_end", "client", worker_pid);
-    assert_eq!(ids(worker_ends.iter().copied()), worker_ids, "{dump}");
+    assert_eq!(conn_ids(pooled_tx_leaks), worker_ids, "{dump}");
+    let worker_ends = Want::of("leak_end", "client", worker_pid).find(&events);
+    assert_eq!(conn_ids(worker_ends.iter().copied()), worker_ids, "{dump}");
     for e in &worker_ends {
         assert_eq!(e["reason"], "idle_in_transaction", "{e}");
         assert!(f64_of(e, "lasted_s") >= IDLE_IN_TX_S, "{e}");
@@ -295,12 +264,12 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     }
 
     // 2. The starving backend: stalled while the pool was dry, answered once it freed up.
-    let stalls = of(&events, "stall", "client", backend_pid);
-    let stall_ends = of(&events, "stall_end", "client", backend_pid);
+    let stalls = Want::of("stall", "client", backend_pid).find(&events);
+    let stall_ends = Want::of("stall_end", "client", backend_pid).find(&events);
     assert_eq!(stalls.len(), 2, "one per pgbench connection: {dump}");
     assert_eq!(
-        ids(stalls.iter().copied()),
-        ids(stall_ends.iter().copied()),
+        conn_ids(stalls.iter().copied()),
+        conn_ids(stall_ends.iter().copied()),
         "{dump}"
     );
     for e in &stalls {
@@ -320,7 +289,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
         waited.push(w);
         // Each stall is reported once, and ends once.
         let id = e["conn_id"].as_str().expect("id");
-        let conn = of_conn(&events, id);
+        let conn = Want::conn(id).find(&events);
         assert_eq!(
             conn.iter().filter(|e| e["type"] == "stall").count(),
             1,
@@ -333,13 +302,15 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
         );
     }
     assert!(
-        of(&events, "leak", "client", backend_pid).is_empty(),
+        Want::of("leak", "client", backend_pid)
+            .find(&events)
+            .is_empty(),
         "a waiting backend is not a leak: {dump}"
     );
 
     // 3. The abandoned connections: close_wait on exactly those two, ended by the close.
-    let abandoned_leaks = of(&events, "leak", "client", abandoned_pid);
-    let abandoned_ids = ids(abandoned_leaks.iter().copied());
+    let abandoned_leaks = Want::of("leak", "client", abandoned_pid).find(&events);
+    let abandoned_ids = conn_ids(abandoned_leaks.iter().copied());
     assert_eq!(abandoned_leaks.len(), 2, "{dump}");
     assert_eq!(abandoned_ids.len(), 2, "{dump}");
     for e in &abandoned_leaks {
@@ -348,13 +319,17 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
         assert_eq!(port_of(&e["remote"]), Some(pg.port), "{e}");
         assert!(e["container_id"].is_null(), "{e}");
     }
-    let close_wait_leaks: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["type"] == "leak" && e["role"] == "client" && e["reason"] == "close_wait")
-        .collect();
-    assert_eq!(ids(close_wait_leaks), abandoned_ids, "{dump}");
-    let abandoned_ends = of(&events, "leak_end", "client", abandoned_pid);
-    assert_eq!(ids(abandoned_ends.iter().copied()), abandoned_ids, "{dump}");
+    let close_wait_leaks = Want::kind("leak")
+        .role("client")
+        .reason("close_wait")
+        .find(&events);
+    assert_eq!(conn_ids(close_wait_leaks), abandoned_ids, "{dump}");
+    let abandoned_ends = Want::of("leak_end", "client", abandoned_pid).find(&events);
+    assert_eq!(
+        conn_ids(abandoned_ends.iter().copied()),
+        abandoned_ids,
+        "{dump}"
+    );
     assert!(
         abandoned_ends.iter().all(|e| e["reason"] == "close_wait"),
         "{dump}"
@@ -369,7 +344,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let healthy_pids = [healthy_pid, listener_pid, healthy_bench_pid];
     for pid in healthy_pids {
         assert!(
-            !of(&events, "open", "client", pid).is_empty(),
+            Want::of("open", "client", pid).found_in(&events),
             "pid {pid} was not traced: {dump}"
         );
     }
@@ -446,10 +421,9 @@ fn lines_of(events: &[&Value]) -> String {
 // ---------------------------------------------------------------------------------------
 
 fn idle_in_transaction_is_reported_for(kind: ClientKind) {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let tracer = start_tracer(&[pg.port]);
     let mut client = Client::start(kind, &Target::tcp(pg.port), &ClientOptions::default())
         .unwrap_or_else(|e| panic!("{kind:?}: {e:#}"));
@@ -458,7 +432,7 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
     let backend = client.backend_pids[0];
     let leak = |evs: &[Value], role: &str, pid: u32| {
         evs.iter()
-            .filter(|e| is(e, "leak", role, pid))
+            .filter(|e| Want::of("leak", role, pid).matches(e))
             .cloned()
             .collect::<Vec<_>>()
     };
@@ -473,7 +447,7 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
     let events = tracer.events();
     let dump = lines(&events);
 
-    let opens = of(&events, "open", "client", pid);
+    let opens = Want::of("open", "client", pid).find(&events);
     assert_eq!(opens.len(), 1, "{kind:?} opened one connection: {dump}");
     let conn_id = opens[0]["conn_id"].as_str().expect("id").to_owned();
     let client_leaks = leak(&events, "client", pid);
@@ -511,14 +485,18 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
     let committed_at = Instant::now();
     let events = tracer
         .wait_for(SLACK, |evs| {
-            [&conn_id, &server_id]
-                .iter()
-                .all(|id| of_conn(evs, id).iter().any(|e| e["type"] == "leak_end"))
+            [&conn_id, &server_id].iter().all(|id| {
+                Want::conn(id)
+                    .find(evs)
+                    .iter()
+                    .any(|e| e["type"] == "leak_end")
+            })
         })
         .unwrap_or_else(|e| panic!("{kind:?} leak_end after COMMIT: {e}"));
     let ended_after = committed_at.elapsed();
     for id in [&conn_id, &server_id] {
-        let ends: Vec<&Value> = of_conn(&events, id)
+        let ends: Vec<&Value> = Want::conn(id)
+            .find(&events)
             .into_iter()
             .filter(|e| e["type"] == "leak_end")
             .collect();
@@ -530,11 +508,14 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
     client.stop().expect("client exits");
     let events = tracer
         .wait_for(SLACK, |evs| {
-            of_conn(evs, &conn_id).iter().any(|e| e["type"] == "close")
+            Want::conn(&conn_id)
+                .find(evs)
+                .iter()
+                .any(|e| e["type"] == "close")
         })
         .expect("close");
     let dump = lines(&events);
-    let client_conn = of_conn(&events, &conn_id);
+    let client_conn = Want::conn(&conn_id).find(&events);
     assert_eq!(
         client_conn.iter().filter(|e| e["type"] == "leak").count(),
         1,
@@ -620,10 +601,9 @@ fn enable_tls(pg: &Postgres) {
 
 #[test]
 fn tls_connection_is_unknown_never_idle_in_transaction_but_stalls_are_seen() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     enable_tls(&pg);
     let tracer = start_tracer(&[pg.port]);
     let mut client = Client::start(
@@ -644,17 +624,19 @@ fn tls_connection_is_unknown_never_idle_in_transaction_but_stalls_are_seen() {
     client.server_sleep(sleep_s).expect("pg_sleep");
     let answered_after = asked.elapsed();
     let events = tracer
-        .wait_for(SLACK, |evs| !of(evs, "stall_end", "client", pid).is_empty())
+        .wait_for(SLACK, |evs| {
+            Want::of("stall_end", "client", pid).found_in(evs)
+        })
         .expect("stall_end");
     std::thread::sleep(Duration::from_millis(1500));
     let events_now = tracer.events();
     let dump = lines(&events_now);
     drop(events);
 
-    let opens = of(&events_now, "open", "client", pid);
+    let opens = Want::of("open", "client", pid).find(&events_now);
     assert_eq!(opens.len(), 1, "{dump}");
     let conn_id = opens[0]["conn_id"].as_str().expect("id").to_owned();
-    let conn = of_conn(&events_now, &conn_id);
+    let conn = Want::conn(&conn_id).find(&events_now);
     assert!(
         conn.iter().all(|e| e["type"] != "leak"),
         "no leak verdict on an encrypted connection idle {IDLE_IN_TX_S}+ s: {dump}"

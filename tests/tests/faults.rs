@@ -15,35 +15,16 @@ use std::{
 };
 
 use tests::{
-    Postgres, TempDir, Tracer, Value, conn_events, free_port,
+    Postgres, TempDir, Tracer, Value, conn_events,
+    events::Want,
+    free_port,
+    hosts::ts_secs,
     load::{
         ConnHolder, Listener, MetricsEndpoint, Serve, alive, close_with_reset, http_get,
         raise_nofile, signal, ss_connections,
     },
-    port_of, require_root, run_ok, tracer_bin,
+    port_of, require_root, root_postgres, run_ok, tracer_bin,
 };
-
-/// Seconds since the epoch of an event's `ts` (`YYYY-MM-DDTHH:MM:SS.ffffffZ`).
-fn ts_secs(e: &Value) -> f64 {
-    let ts = e["ts"].as_str().expect("ts");
-    let num = |r: std::ops::Range<usize>| ts[r].parse::<i64>().expect("ts digits");
-    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + num(11..13) * 3600 + num(14..16) * 60;
-    let frac: f64 = ts[17..ts.len() - 1].parse().expect("seconds");
-    secs as f64 + frac
-}
-
-fn typed<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["type"] == kind).collect()
-}
 
 /// The fields that matter here, one event a line (`cmdline` can be a whole script).
 fn dump(events: &[&Value]) -> String {
@@ -71,7 +52,7 @@ fn dump(events: &[&Value]) -> String {
 /// Lost counts by `where`, from the `lost` events.
 fn lost_events(events: &[Value]) -> HashMap<String, u64> {
     let mut out = HashMap::new();
-    for e in typed(events, "lost") {
+    for e in Want::kind("lost").find(events) {
         *out.entry(e["where"].as_str().unwrap_or("?").to_owned())
             .or_default() += e["count"].as_u64().unwrap_or(0);
     }
@@ -82,27 +63,21 @@ fn lost_events(events: &[Value]) -> HashMap<String, u64> {
 /// glob matches; tests that count tracked connections or losses watch TCP only.
 const NO_UNIX: [&str; 2] = ["--unix-socket-glob", "/nonexistent-tracer-faults/*"];
 
-fn metrics_args(port: u16) -> String {
-    format!("127.0.0.1:{port}")
+/// The daemon watching `ports`, with `extra` arguments and its metrics endpoint on a free
+/// port of 127.0.0.1 (returned).
+fn start_with_metrics(ports: &str, extra: &[&str]) -> (Tracer, u16) {
+    let mport = free_port().expect("port");
+    let addr = format!("127.0.0.1:{mport}");
+    let args = [&["--port", ports, "--metrics-addr", &addr][..], extra].concat();
+    (Tracer::start(&args).expect("tracer"), mport)
 }
 
 #[test]
 fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
-    let tracer = Tracer::start(&[
-        "--port",
-        &pg.port.to_string(),
-        "--metrics-addr",
-        &addr,
-        NO_UNIX[0],
-        NO_UNIX[1],
-    ])
-    .expect("tracer");
+    };
+    let (tracer, mport) = start_with_metrics(&pg.port.to_string(), &NO_UNIX);
     let metrics = MetricsEndpoint(mport);
     std::thread::sleep(Duration::from_millis(1500));
     let baseline = metrics.tracked().expect("metrics");
@@ -131,7 +106,13 @@ fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
     let mut all_closed = None;
     while killed.elapsed() < Duration::from_secs(10) {
         let events = tracer.events();
-        if typed(&events, "close").into_iter().filter(is_ours).count() >= 200 {
+        if Want::kind("close")
+            .find(&events)
+            .into_iter()
+            .filter(is_ours)
+            .count()
+            >= 200
+        {
             all_closed = Some(killed.elapsed());
             break;
         }
@@ -139,7 +120,8 @@ fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
     }
     let (back, back_after) = metrics.wait_tracked(baseline, Duration::from_secs(10));
     let events = tracer.events();
-    let closes: Vec<&Value> = typed(&events, "close")
+    let closes: Vec<&Value> = Want::kind("close")
+        .find(&events)
         .into_iter()
         .filter(is_ours)
         .collect();
@@ -260,8 +242,8 @@ fn shared_sockets_end_once_at_the_last_close_and_follow_the_holder() {
     std::thread::sleep(Duration::from_millis(500));
     let events = mine(&tracer.events());
     let refs: Vec<&Value> = events.iter().collect();
-    let opens = typed(&events, "open");
-    let closes = typed(&events, "close");
+    let opens = Want::kind("open").find(&events);
+    let closes = Want::kind("close").find(&events);
     eprintln!(
         "shared socket: holders A={a_pid} (closed {a_closed:.3}), B={b_pid} (passed and closed {b_closed:.3}), C={c_pid} (closed {c_closed:.3}); events:\n{}",
         dump(&refs)
@@ -271,7 +253,7 @@ fn shared_sockets_end_once_at_the_last_close_and_follow_the_holder() {
     assert_eq!(closes.len(), 1, "exactly one close: {}", dump(&refs));
     let close = closes[0];
     assert!(
-        ts_secs(close) >= c_closed - 0.05,
+        ts_secs(close).expect("ts") >= c_closed - 0.05,
         "the close came at the last holder's close ({c_closed:.3}), not at a dup's, the parent's ({a_closed:.3}) or the sender's ({b_closed:.3}): {close}"
     );
     assert_eq!(close["conn_id"], opens[0]["conn_id"]);
@@ -295,22 +277,18 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
     // Churn goes to a listener without a thread per connection: more connections per second.
     let churn_listener = Listener::start(Serve::ReadOnceThenClose).expect("listener");
     let churn_port = churn_listener.port;
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
     let ports = format!("{port},{churn_port}");
-    let tracer = Tracer::start(&[
-        "--port",
+    let (tracer, mport) = start_with_metrics(
         &ports,
-        "--metrics-addr",
-        &addr,
-        NO_UNIX[0],
-        NO_UNIX[1],
-        "--close-wait-after",
-        "2s",
-        "--idle-after",
-        "5s",
-    ])
-    .expect("tracer");
+        &[
+            NO_UNIX[0],
+            NO_UNIX[1],
+            "--close-wait-after",
+            "2s",
+            "--idle-after",
+            "5s",
+        ],
+    );
     let metrics = MetricsEndpoint(mport);
     let mut held = Vec::new();
     for _ in 0..20 {
@@ -372,8 +350,8 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
     let events = tracer.events();
     let mut ours = conn_events(&events, port);
     ours.extend(conn_events(&events, churn_port));
-    let opens = typed(&ours, "open").len() as u64;
-    let closes = typed(&ours, "close").len() as u64;
+    let opens = Want::kind("open").count(&ours) as u64;
+    let closes = Want::kind("close").count(&ours) as u64;
     let by_role = |kind: &str, role: &str| {
         ours.iter()
             .filter(|e| e["type"] == kind && e["role"] == role)
@@ -394,7 +372,7 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
         let n = tests::load::metric_sum(
             &text,
             "pgconn_tracer_events_lost_total",
-            &format!("where=\"{location}\""),
+            &[&format!("where=\"{location}\"")],
         ) as u64;
         if n > 0 {
             lost_metric.insert(location.to_owned(), n);
@@ -413,7 +391,8 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
     // it is gone now and no close was ever reported (the daemon kept a dead connection). A
     // leak on a connection that really sat idle (say in the listener's accept queue while
     // the daemon was stopped) and closed later is a true verdict.
-    let close_ts: HashMap<String, String> = typed(&ours, "close")
+    let close_ts: HashMap<String, String> = Want::kind("close")
+        .find(&ours)
         .into_iter()
         .map(|e| {
             (
@@ -422,7 +401,8 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
             )
         })
         .collect();
-    let false_leaks: Vec<&Value> = typed(&ours, "leak")
+    let false_leaks: Vec<&Value> = Want::kind("leak")
+        .find(&ours)
         .into_iter()
         .filter(|e| {
             let key = (
@@ -437,7 +417,7 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
         .collect();
     eprintln!(
         "SIGSTOP 10 s: {churned} churned connections ({during_stop} while stopped, {accepted} accepted), tracked {tracked} vs ss {truth} {settled:?} after SIGCONT ({tracked_later} 3 s later); events: {opens} opens (expected {expected_opens}), {closes} closes (expected {expected_closes}), {missing} missing records; lost events {lost:?}, lost metric {lost_metric:?}; {} leak events, {} for gone connections",
-        typed(&ours, "leak").len(),
+        Want::kind("leak").count(&ours),
         false_leaks.len()
     );
     assert_eq!(
@@ -516,7 +496,7 @@ fn a_daemon_killed_under_load_restarts_and_reseeds_without_duplicates() {
     std::thread::sleep(Duration::from_secs(1));
 
     let events = conn_events(&second.events(), port);
-    let opens = typed(&events, "open");
+    let opens = Want::kind("open").find(&events);
     let mut per_id: HashMap<&str, usize> = HashMap::new();
     for o in &opens {
         *per_id
@@ -561,19 +541,10 @@ fn a_full_kernel_table_is_counted_and_forgets_no_tracked_connection() {
     raise_nofile(20_000);
     let listener = Listener::start(Serve::Hold).expect("listener");
     let port = listener.port;
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
-    let tracer = Tracer::start(&[
-        "--port",
+    let (tracer, mport) = start_with_metrics(
         &port.to_string(),
-        "--metrics-addr",
-        &addr,
-        "--max-connections",
-        "1024",
-        NO_UNIX[0],
-        NO_UNIX[1],
-    ])
-    .expect("tracer");
+        &["--max-connections", "1024", NO_UNIX[0], NO_UNIX[1]],
+    );
     let metrics = MetricsEndpoint(mport);
     let started = Instant::now();
     let holders: Vec<ConnHolder> = (0..5)
@@ -608,14 +579,8 @@ fn a_full_kernel_table_is_counted_and_forgets_no_tracked_connection() {
     let table_lost_end = metrics.lost("kernel_table").expect("metrics");
     let events = tracer.events();
     let ours = conn_events(&events, port);
-    let opened: HashSet<&str> = typed(&ours, "open")
-        .iter()
-        .filter_map(|e| e["conn_id"].as_str())
-        .collect();
-    let closed: HashSet<&str> = typed(&ours, "close")
-        .iter()
-        .filter_map(|e| e["conn_id"].as_str())
-        .collect();
+    let opened: HashSet<&str> = Want::kind("open").conn_ids_in(&ours).collect();
+    let closed: HashSet<&str> = Want::kind("close").conn_ids_in(&ours).collect();
     let forgotten: Vec<&&str> = opened.difference(&closed).collect();
     // The server ends (held by the test, never read) as the events name them.
     let server_ends: Vec<&Value> = events
@@ -868,10 +833,9 @@ fn hostile_payload(noise: &mut Noise) -> Vec<u8> {
 
 #[test]
 fn hostile_bytes_do_not_disturb_the_daemon_or_other_connections() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let hostile = TcpListener::bind("127.0.0.1:0").expect("bind");
     let hport = hostile.local_addr().expect("addr").port();
     let stop = Arc::new(AtomicBool::new(false));
@@ -896,10 +860,8 @@ fn hostile_bytes_do_not_disturb_the_daemon_or_other_connections() {
             }
         })
     };
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
     let ports = format!("{},{hport}", pg.port);
-    let tracer = Tracer::start(&["--port", &ports, "--metrics-addr", &addr]).expect("tracer");
+    let (tracer, mport) = start_with_metrics(&ports, &[]);
 
     let attacks = Arc::new(AtomicU64::new(0));
     let attackers: Vec<_> = [pg.port, hport, pg.port]
@@ -1064,19 +1026,10 @@ fn no_event_or_metric_carries_query_text() {
     }
     const MARKER: &str = "SECRET_MARKER_12345";
     let pg = Postgres::start().expect("postgres");
-    let mport = free_port().expect("port");
-    let addr = metrics_args(mport);
-    let tracer = Tracer::start(&[
-        "--port",
+    let (tracer, mport) = start_with_metrics(
         &pg.port.to_string(),
-        "--metrics-addr",
-        &addr,
-        "--stall-after",
-        "1s",
-        "--idle-in-transaction-after",
-        "1s",
-    ])
-    .expect("tracer");
+        &["--stall-after", "1s", "--idle-in-transaction-after", "1s"],
+    );
     // The queries go in on psql's stdin, not its command line: the command line is reported
     // (`cmdline`) by design, the wire never is. Pauses between the parts leave a transaction
     // idle and a request waiting, so the detectors report on these very connections.
@@ -1115,7 +1068,7 @@ fn no_event_or_metric_carries_query_text() {
     }
     tracer
         .wait_for(Duration::from_secs(15), |evs| {
-            typed(evs, "close").len() >= 6
+            Want::kind("close").count(evs) >= 6
         })
         .expect("closes");
     std::thread::sleep(Duration::from_millis(1500));

@@ -9,18 +9,12 @@ use std::{
 };
 
 use tests::{
-    Postgres, Tracer, Value, conn_events, ensure_tracefs, lines, linked_program_ids,
-    loaded_program_names, loaded_programs, port_of, psql_backend, require_root, run_ok,
+    Postgres, Tracer, Value, conn_events, ensure_tracefs, events::Want, lines, linked_program_ids,
+    loaded_program_names, loaded_programs, port_of, psql_backend, require_root, root_postgres,
+    run_ok,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn of_type<'a>(events: &'a [Value], kind: &str, role: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["type"] == kind && e["role"] == role)
-        .collect()
-}
 
 /// Runs psql and returns (psql's pid, the backend pid it printed).
 fn psql_with_backend_pid(pg: &Postgres, host: &str, sql_tail: &str) -> (u32, u32) {
@@ -29,10 +23,9 @@ fn psql_with_backend_pid(pg: &Postgres, host: &str, sql_tail: &str) -> (u32, u32
 
 #[test]
 fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let tracer = Tracer::start(&["--port", &port]).expect("tracer");
 
@@ -47,10 +40,10 @@ fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
     let events = conn_events(&tracer.events(), pg.port);
     let dump = lines(&events);
 
-    let client_opens = of_type(&events, "open", "client");
-    let client_closes = of_type(&events, "close", "client");
-    let server_opens = of_type(&events, "open", "server");
-    let server_closes = of_type(&events, "close", "server");
+    let client_opens = Want::kind("open").role("client").find(&events);
+    let client_closes = Want::kind("close").role("client").find(&events);
+    let server_opens = Want::kind("open").role("server").find(&events);
+    let server_closes = Want::kind("close").role("server").find(&events);
     assert_eq!(client_opens.len(), 1, "{dump}");
     assert_eq!(client_closes.len(), 1, "{dump}");
     assert_eq!(server_opens.len(), 1, "{dump}");
@@ -98,11 +91,10 @@ fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
 
 #[test]
 fn ipv6_is_seen_and_unwatched_ports_are_not() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    };
+    let tracer = Tracer::watching(&pg);
 
     // A TCP service on a port the tracer does not watch, with real traffic.
     let other = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -134,8 +126,8 @@ fn ipv6_is_seen_and_unwatched_ports_are_not() {
         "unwatched port {other_port} reported: {dump}"
     );
     let v6 = conn_events(&events, pg.port);
-    let client = of_type(&v6, "close", "client");
-    let server = of_type(&v6, "close", "server");
+    let client = Want::kind("close").role("client").find(&v6);
+    let server = Want::kind("close").role("server").find(&v6);
     assert_eq!((client.len(), server.len()), (1, 1), "{dump}");
     assert_eq!(client[0]["remote"], format!("[::1]:{}", pg.port), "{dump}");
     assert_eq!(server[0]["local"], format!("[::1]:{}", pg.port), "{dump}");
@@ -187,7 +179,7 @@ fn lifetimes_bytes_and_pids_agree_with_tcplife() {
     }
     ensure_tracefs().expect("tracefs");
     let pg = Postgres::start().expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    let tracer = Tracer::watching(&pg);
     let tcplife_out = tempfile_path("tcplife");
     // Line-buffered, so its header (printed once its probes are attached) shows up at once.
     let mut tcplife = Command::new("stdbuf")
@@ -295,11 +287,10 @@ fn tempfile_path(tag: &str) -> std::path::PathBuf {
 
 #[test]
 fn sigterm_under_load_exits_zero_quickly_and_detaches_everything() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
-    let tracer = Tracer::start(&["--port", &pg.port.to_string()]).expect("tracer");
+    };
+    let tracer = Tracer::watching(&pg);
     let ours = |names: &[String]| names.iter().filter(|n| n.starts_with("pgc_")).count();
     // This daemon's programs (other tracers may run on the machine) and their links.
     let before: Vec<u64> = loaded_programs()

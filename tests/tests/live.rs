@@ -10,34 +10,17 @@ use std::{
 };
 
 use tests::{
-    Postgres, Tracer, Value,
+    Tracer, Value,
     clients::{Client, ClientKind, ClientOptions, Target},
     free_port, patience,
     prom::http_get,
-    require_root, run_ok,
+    root_postgres, run_ok,
     schema::{connections_schema_path, load_schema, schema_path, validate_connections},
     tracer_bin,
 };
 
 /// A leak verdict soon after the transaction went quiet.
 const IDLE_IN_TX: &str = "2s";
-
-/// `pg_stat_activity.state` of every other client backend, by pid.
-fn pg_states(pg: &Postgres) -> BTreeMap<u32, String> {
-    let out = run_ok(&mut pg.psql(
-        "127.0.0.1",
-        "SELECT pid, state FROM pg_stat_activity \
-         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-    ))
-    .expect("pg_stat_activity");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (pid, state) = l.split_once('|')?;
-            Some((pid.trim().parse().ok()?, state.trim().to_owned()))
-        })
-        .collect()
-}
 
 /// The live table's rows, checked against the published schema.
 fn live_table(addr: &str) -> Vec<Value> {
@@ -160,10 +143,9 @@ fn group_cells(screen: &str, pid: u32) -> Option<BTreeMap<String, String>> {
 
 #[test]
 fn the_live_table_list_and_top_show_transaction_states() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let addr = format!("127.0.0.1:{}", free_port().expect("port"));
     let glob = format!("{}/.s.PGSQL.{}", pg.socket_dir.display(), pg.port);
@@ -203,7 +185,7 @@ fn the_live_table_list_and_top_show_transaction_states() {
     let (worker_pid, idler_pid) = (worker.pid(), idler.pid());
 
     // The oracle: Postgres sees the worker's backends in a transaction, the other idle.
-    let pg_view = pg_states(&pg);
+    let pg_view = pg.client_states();
     for backend in &worker.backend_pids {
         assert_eq!(
             pg_view.get(backend).map(String::as_str),

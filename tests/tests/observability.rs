@@ -15,11 +15,13 @@ use std::{
 };
 
 use tests::{
-    Postgres, TempDir, Tracer, Value, free_port, lines,
+    TempDir, Tracer, Value,
+    events::Want,
+    free_port, lines,
     load::reset_on_close,
     prom::{Prometheus, http_get, promtool_check_metrics, sample_value},
-    require_root, run_ok,
-    schema::validate_event,
+    root_postgres, run_ok,
+    schema::{EVENT_TYPES, validate_event},
     tracer_bin,
 };
 
@@ -126,20 +128,11 @@ fn spawn_quiet(cmd: &mut Command) -> Background {
     )
 }
 
-fn is(e: &Value, kind: &str, pid: u32) -> bool {
-    e["type"] == kind && e["pid"] == pid
-}
-
-fn leak_of(e: &Value, kind: &str, reason: &str, pid: u32) -> bool {
-    is(e, kind, pid) && e["reason"] == reason
-}
-
 #[test]
 fn every_event_of_a_real_scenario_matches_the_schema() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let sock = pg.socket_dir.to_str().expect("utf-8 path").to_owned();
     // Open before the daemon: reported as preexisting.
@@ -180,16 +173,21 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
     run_ok(&mut pg.psql("::1", "select 1")).expect("psql over ::1");
 
     let (tx_pid, victim_pid) = (tx.pid, victim.pid);
+    // The three episodes: their verdicts (`suffix` empty), or their ends (`_end`).
+    let episodes = |evs: &[Value], suffix: &str| {
+        let want = |kind: &str| Want::kind(&format!("{kind}{suffix}"));
+        want("stall").pid(stall_pid).found_in(evs)
+            && want("leak")
+                .reason("idle_in_transaction")
+                .pid(tx_pid)
+                .found_in(evs)
+            && want("leak")
+                .reason("close_wait")
+                .pid(victim_pid)
+                .found_in(evs)
+    };
     tracer
-        .wait_for(WAIT, |evs| {
-            evs.iter().any(|e| is(e, "stall", stall_pid))
-                && evs
-                    .iter()
-                    .any(|e| leak_of(e, "leak", "idle_in_transaction", tx_pid))
-                && evs
-                    .iter()
-                    .any(|e| leak_of(e, "leak", "close_wait", victim_pid))
-        })
+        .wait_for(WAIT, |evs| episodes(evs, ""))
         .expect("stall, idle-in-transaction and close-wait leaks");
     std::thread::sleep(Duration::from_secs(4).saturating_sub(terminated.elapsed()));
     tx.exec("COMMIT");
@@ -200,14 +198,8 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
 
     let events = tracer
         .wait_for(WAIT, |evs| {
-            evs.iter().any(|e| is(e, "stall_end", stall_pid))
-                && evs
-                    .iter()
-                    .any(|e| leak_of(e, "leak_end", "idle_in_transaction", tx_pid))
-                && evs
-                    .iter()
-                    .any(|e| leak_of(e, "leak_end", "close_wait", victim_pid))
-                && evs.iter().any(|e| is(e, "close", pre_pid))
+            episodes(evs, "_end")
+                && Want::kind("close").pid(pre_pid).found_in(evs)
                 && evs
                     .iter()
                     .any(|e| e["type"] == "close" && e["transport"] == "unix")
@@ -246,20 +238,13 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
         events.len(),
         invalid.join("\n")
     );
-    for kind in [
-        "ready",
-        "open",
-        "close",
-        "stall",
-        "stall_end",
-        "leak",
-        "leak_end",
-    ] {
+    // Every type but `lost`: nothing is lost in this scenario.
+    for kind in EVENT_TYPES.into_iter().filter(|&k| k != "lost") {
         assert!(by_type.contains_key(kind), "no {kind} event:\n{dump}");
     }
     let any = |f: &dyn Fn(&Value) -> bool| events.iter().any(f);
     assert!(
-        any(&|e| is(e, "open", pre_pid) && e["preexisting"] == true),
+        any(&|e| Want::kind("open").pid(pre_pid).matches(e) && e["preexisting"] == true),
         "the connection opened before the daemon is an open with preexisting=true:\n{dump}"
     );
     assert!(
@@ -289,10 +274,9 @@ fn one_sample(prom: &Prometheus, promql: &str, want: f64) -> Value {
 
 #[test]
 fn a_real_prometheus_scrapes_the_daemon_and_promql_finds_the_sessions() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let metrics_addr = format!("127.0.0.1:{}", free_port().expect("port"));
     let tracer = Tracer::start(&[
@@ -377,10 +361,9 @@ fn a_real_prometheus_scrapes_the_daemon_and_promql_finds_the_sessions() {
 
 #[test]
 fn promtool_finds_no_problem_in_a_real_scrape() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let sock = pg.socket_dir.to_str().expect("utf-8 path").to_owned();
     let metrics_addr = format!("127.0.0.1:{}", free_port().expect("port"));
@@ -482,10 +465,9 @@ fn metric_value(body: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     // A second "Postgres" port served by this test: connections to it cost no backend fork,
     // so the churn can outrun the daemon's event queue.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -682,7 +664,7 @@ fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
     let deadline = Instant::now() + WAIT;
     loop {
         let evs = events.lock().unwrap().clone();
-        let seen = |kind: &str, pid: u32| evs.iter().any(|e| is(e, kind, pid));
+        let seen = |kind: &str, pid: u32| Want::kind(kind).pid(pid).found_in(&evs);
         if pids.iter().all(|&p| seen("open", p) && seen("close", p)) {
             break;
         }

@@ -79,24 +79,36 @@ struct Unit {
     entries: Vec<(String, String, String)>,
 }
 
+/// The logical lines of a text in which a trailing backslash continues a line (unit files,
+/// Containerfiles), continuations joined with a space. `skip(line, continuing)` drops a
+/// trimmed physical line; the formats differ on comments inside a continuation.
+fn logical_lines(text: &str, skip: impl Fn(&str, bool) -> bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = String::new();
+    for raw in text.lines() {
+        let line = raw.trim();
+        if skip(line, !pending.is_empty()) {
+            continue;
+        }
+        if let Some(head) = line.strip_suffix('\\') {
+            pending.push_str(head);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(line);
+        out.push(std::mem::take(&mut pending));
+    }
+    out
+}
+
 impl Unit {
     fn parse(text: &str) -> Self {
         let mut entries = Vec::new();
         let mut section = String::new();
-        let mut pending = String::new();
-        for raw in text.lines() {
-            let line = raw.trim();
-            if pending.is_empty() && (line.is_empty() || line.starts_with(['#', ';'])) {
-                continue;
-            }
-            // A trailing backslash continues the line.
-            if let Some(head) = line.strip_suffix('\\') {
-                pending.push_str(head);
-                pending.push(' ');
-                continue;
-            }
-            pending.push_str(line);
-            let logical = std::mem::take(&mut pending);
+        let logical_lines = logical_lines(text, |line, continuing| {
+            !continuing && (line.is_empty() || line.starts_with(['#', ';']))
+        });
+        for logical in logical_lines {
             if let Some(name) = logical.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
                 section = name.to_owned();
             } else if let Some((key, value)) = logical.split_once('=') {
@@ -420,26 +432,17 @@ fn unit_passes_systemd_analyze() {
 /// One Containerfile instruction: keyword (upper case) and its arguments, continuations
 /// joined.
 fn instructions(text: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut pending = String::new();
-    for raw in text.lines() {
-        let line = raw.trim();
-        if line.starts_with('#') || (pending.is_empty() && line.is_empty()) {
-            continue;
-        }
-        if let Some(head) = line.strip_suffix('\\') {
-            pending.push_str(head);
-            pending.push(' ');
-            continue;
-        }
-        pending.push_str(line);
-        let logical = std::mem::take(&mut pending);
+    logical_lines(text, |line, continuing| {
+        line.starts_with('#') || (!continuing && line.is_empty())
+    })
+    .into_iter()
+    .map(|logical| {
         let (keyword, rest) = logical
             .split_once(char::is_whitespace)
             .unwrap_or((&logical, ""));
-        out.push((keyword.to_ascii_uppercase(), rest.trim().to_owned()));
-    }
-    out
+        (keyword.to_ascii_uppercase(), rest.trim().to_owned())
+    })
+    .collect()
 }
 
 #[test]

@@ -17,10 +17,11 @@ use tests::{
     free_port,
     hosts::{PYTHON, ts_secs},
     lines,
+    load::metric_sum,
     pgbouncer::{Options, PgBouncer},
     port_of,
     prom::http_get,
-    require_root, run_ok,
+    root_postgres, run_ok,
 };
 
 const POOL: u32 = 3;
@@ -60,24 +61,13 @@ fn pg_pids(pg: &Postgres, sql: &str) -> BTreeSet<u32> {
         .collect()
 }
 
-fn metric_sum(addr: &str, filter: impl Fn(&str) -> bool) -> f64 {
-    let body = http_get(addr, "/metrics", Duration::from_secs(5))
-        .expect("metrics")
-        .body;
-    body.lines()
-        .filter(|l| l.starts_with("pgconn_pooler_server_connections{") && filter(l))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The incident: a worker in a container holds every server connection of the pool idle in
 /// a transaction; another client queues behind it (`queued`: one PgBouncer only, as with two
 /// `so_reuseport` processes the kernel picks the process the client lands on).
 fn incident(pool_mode: &'static str, processes: usize) {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let shared = (processes > 1).then(|| free_port().expect("port"));
     let bouncers: Vec<PgBouncer> = (0..processes)
         .map(|_| {
@@ -264,13 +254,18 @@ fn incident(pool_mode: &'static str, processes: usize) {
     }
     // The metric: the worker holds 3 of the pooler's server connections in a transaction.
     let container = &cgroup.id[..12];
-    let held = metric_sum(&metrics_addr, |l| {
-        l.contains("comm=\"pgbouncer\"")
-            && l.contains("client_comm=\"python3\"")
-            && l.contains(&format!("client_container=\"{container}\""))
-            && l.contains("client_ip=\"127.0.0.1\"")
-            && l.contains("state=\"idle_in_transaction\"")
-    });
+    let metrics = http_get(&metrics_addr, "/metrics", Duration::from_secs(5)).expect("metrics");
+    let held = metric_sum(
+        &metrics.body,
+        "pgconn_pooler_server_connections",
+        &[
+            "comm=\"pgbouncer\"",
+            "client_comm=\"python3\"",
+            &format!("client_container=\"{container}\""),
+            "client_ip=\"127.0.0.1\"",
+            "state=\"idle_in_transaction\"",
+        ],
+    );
     assert_eq!(held, f64::from(POOL));
 
     // A direct client's backend_pid is the pid its server announced.
@@ -370,10 +365,9 @@ fn link_history(stderr: &str) -> HashMap<u16, Vec<(f64, Option<u16>)>> {
 /// is the one PgBouncer reports.
 #[test]
 fn links_agree_with_show_servers_under_load() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let bouncer = PgBouncer::start_with(
         &pg,
         &Options {

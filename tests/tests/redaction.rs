@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use tests::{Postgres, Tracer, Value, lines, require_root, schema::validate_event, tracer_bin};
+use tests::{Postgres, Tracer, Value, lines, root_postgres, schema::validate_event, tracer_bin};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -219,10 +219,9 @@ fn assert_no_secret(what: &str, text: &str) {
 
 #[test]
 fn no_credential_of_a_real_command_line_leaves_the_tracer() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let tracer =
         Tracer::start(&["--port", &port, "--log-level", "debug"]).expect("tracer (redacted)");
@@ -283,10 +282,9 @@ fn no_credential_of_a_real_command_line_leaves_the_tracer() {
 
 #[test]
 fn cmdline_off_emits_none_and_full_emits_all() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let port = pg.port.to_string();
     let off = Tracer::start(&["--port", &port, "--cmdline", "off"]).expect("tracer (off)");
     let full = Tracer::start(&["--port", &port, "--cmdline", "full"]).expect("tracer (full)");

@@ -2,18 +2,7 @@
 //! type and rejects malformed ones. No root needed.
 
 use serde_json::{Map, Value, json};
-use tests::schema::validate_event;
-
-const TYPES: [&str; 8] = [
-    "ready",
-    "open",
-    "close",
-    "stall",
-    "stall_end",
-    "leak",
-    "leak_end",
-    "lost",
-];
+use tests::schema::{EVENT_TYPES, validate_event};
 
 const CONN_FIELDS: [&str; 19] = [
     "conn_id",
@@ -143,13 +132,23 @@ fn set(event: &Value, key: &str, value: Value) -> Value {
     e
 }
 
+/// Each (type, field, value): the type's example with that field set is rejected.
+fn assert_each_rejected(cases: &[(&str, &str, Value)]) {
+    for (kind, key, value) in cases {
+        assert_invalid(
+            &set(&example(kind), key, value.clone()),
+            &format!("{kind}.{key}={value}"),
+        );
+    }
+}
+
 fn is_conn_event(kind: &str) -> bool {
     !matches!(kind, "ready" | "lost")
 }
 
 #[test]
 fn every_event_type_has_a_valid_example() {
-    for kind in TYPES {
+    for kind in EVENT_TYPES {
         assert_valid(&example(kind));
     }
 }
@@ -199,7 +198,7 @@ fn new_connections_and_minimal_owners_validate() {
 
 #[test]
 fn every_field_is_required() {
-    for kind in TYPES {
+    for kind in EVENT_TYPES {
         let event = example(kind);
         for key in event.as_object().expect("object").keys() {
             let mut e = event.clone();
@@ -217,7 +216,7 @@ fn every_field_is_required() {
 
 #[test]
 fn unknown_fields_and_types_are_rejected() {
-    for kind in TYPES {
+    for kind in EVENT_TYPES {
         assert_invalid(
             &set(&example(kind), "query", json!("select 1")),
             &format!("{kind} with an extra field"),
@@ -271,12 +270,7 @@ fn wrong_types_are_rejected() {
         ("lost", "count", json!("3")),
         ("lost", "ts", json!(1_700_000_000)),
     ];
-    for (kind, key, value) in cases {
-        assert_invalid(
-            &set(&example(kind), key, value.clone()),
-            &format!("{kind}.{key}={value}"),
-        );
-    }
+    assert_each_rejected(&cases);
 }
 
 #[test]
@@ -302,12 +296,7 @@ fn out_of_range_values_are_rejected() {
         ("ready", "ports", json!([65536])),
         ("lost", "count", json!(0)),
     ];
-    for (kind, key, value) in cases {
-        assert_invalid(
-            &set(&example(kind), key, value.clone()),
-            &format!("{kind}.{key}={value}"),
-        );
-    }
+    assert_each_rejected(&cases);
 }
 
 #[test]
@@ -325,12 +314,7 @@ fn bad_enum_values_are_rejected() {
         ("leak_end", "reason", json!(null)),
         ("lost", "where", json!("elsewhere")),
     ];
-    for (kind, key, value) in cases {
-        assert_invalid(
-            &set(&example(kind), key, value.clone()),
-            &format!("{kind}.{key}={value}"),
-        );
-    }
+    assert_each_rejected(&cases);
 }
 
 #[test]
@@ -340,7 +324,7 @@ fn timestamps_must_be_utc_with_microseconds() {
         "1970-01-01T00:00:00.000000Z",
         "2026-12-31T23:59:59.999999Z",
     ] {
-        for kind in TYPES {
+        for kind in EVENT_TYPES {
             assert_valid(&set(&example(kind), "ts", json!(ts)));
         }
     }
@@ -359,7 +343,7 @@ fn timestamps_must_be_utc_with_microseconds() {
         "2026-11-24T20:22:32.352316Z\n",
         "",
     ] {
-        for kind in TYPES {
+        for kind in EVENT_TYPES {
             assert_invalid(&set(&example(kind), "ts", json!(ts)), &format!("ts {ts:?}"));
         }
     }

@@ -12,9 +12,10 @@ use std::{
 use tests::{
     Postgres, TempDir, Tracer, Value,
     clients::{Client, ClientKind, ClientOptions, Target},
+    events::{Want, conn_id_of, f64_of, pid_of},
     lines,
     pgbouncer::PgBouncer,
-    port_of, require_root, run_ok,
+    port_of, require_root, root_postgres, run_ok,
 };
 
 const IDLE_IN_TX: &str = "2s";
@@ -22,31 +23,14 @@ const IDLE_IN_TX_S: f64 = 2.0;
 /// A tick, plus scheduling on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_secs(3);
 
-/// `pg_stat_activity.state` of every other client backend, by pid.
-fn pg_states(pg: &Postgres) -> BTreeMap<u32, String> {
-    let out = run_ok(&mut pg.psql(
-        "127.0.0.1",
-        "SELECT pid, state FROM pg_stat_activity \
-         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-    ))
-    .expect("pg_stat_activity");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (pid, state) = l.split_once('|')?;
-            Some((pid.trim().parse().ok()?, state.trim().to_owned()))
-        })
-        .collect()
-}
-
 /// Waits until `pg_stat_activity` shows `pid` in `state`.
 fn wait_for_pg_state(pg: &Postgres, pid: u32, state: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pg_states(pg).get(&pid).map(String::as_str) != Some(state) {
+    while pg.client_states().get(&pid).map(String::as_str) != Some(state) {
         assert!(
             Instant::now() < deadline,
             "backend {pid} not {state:?}: {:?}",
-            pg_states(pg)
+            pg.client_states()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -56,34 +40,40 @@ fn socket_glob(pg: &Postgres) -> String {
     format!("{}/.s.PGSQL.{}", pg.socket_dir.display(), pg.port)
 }
 
-fn leaks<'a>(events: &'a [Value], role: &str, reason: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "leak" && e["role"] == role && e["reason"] == reason)
-        .collect()
-}
-
-fn pid_of(e: &Value) -> u32 {
-    e["pid"].as_u64().expect("pid") as u32
-}
-
-fn f64_of(e: &Value, field: &str) -> f64 {
-    e[field]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{field} missing in {e}"))
-}
-
-fn id_of(e: &Value) -> String {
-    e["conn_id"].as_str().expect("conn_id").to_owned()
+/// The daemon watching `pg` over TCP and its Unix socket, with the short idle-in-transaction
+/// threshold.
+fn start_tracer(pg: &Postgres) -> Tracer {
+    Tracer::start(&[
+        "--port",
+        &pg.port.to_string(),
+        "--unix-socket-glob",
+        &socket_glob(pg),
+        "--idle-in-transaction-after",
+        IDLE_IN_TX,
+    ])
+    .expect("tracer")
 }
 
 /// Pids that have a leak of `reason` for `role` among `pids`.
 fn leaking(events: &[Value], role: &str, reason: &str, pids: &BTreeSet<u32>) -> BTreeSet<u32> {
-    leaks(events, role, reason)
+    Want::kind("leak")
+        .role(role)
+        .reason(reason)
+        .find(events)
         .into_iter()
         .map(pid_of)
         .filter(|p| pids.contains(p))
         .collect()
+}
+
+/// An application holding two psycopg2 connections through PgBouncer.
+fn app_through(bouncer: &PgBouncer) -> Client {
+    let opts = ClientOptions {
+        connections: 2,
+        ..ClientOptions::default()
+    };
+    Client::start(ClientKind::Psycopg2, &Target::tcp(bouncer.port), &opts)
+        .expect("app through PgBouncer")
 }
 
 fn psql(target: &Target, in_transaction: bool) -> Client {
@@ -96,10 +86,9 @@ fn psql(target: &Target, in_transaction: bool) -> Client {
 
 #[test]
 fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let tcp = Target::tcp(pg.port);
     let unix = Target::Socket {
         dir: pg.socket_dir.clone(),
@@ -121,7 +110,7 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
         wait_for_pg_state(&pg, client.backend_pids[0], state);
     }
     let idle_since = Instant::now();
-    let oracle = pg_states(&pg);
+    let oracle = pg.client_states();
     let leaking_backends: BTreeSet<u32> = oracle
         .iter()
         .filter(|(_, s)| s.starts_with("idle in transaction"))
@@ -136,15 +125,7 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
     // The TCP ones are past the threshold before the daemon starts.
     std::thread::sleep(Duration::from_secs(3));
 
-    let tracer = Tracer::start(&[
-        "--port",
-        &pg.port.to_string(),
-        "--unix-socket-glob",
-        &socket_glob(&pg),
-        "--idle-in-transaction-after",
-        IDLE_IN_TX,
-    ])
-    .expect("tracer");
+    let tracer = start_tracer(&pg);
     let ready_at = Instant::now();
     let leaking_clients: BTreeSet<u32> = leakers.iter().map(|(c, _)| c.pid()).collect();
     let events = tracer
@@ -186,7 +167,10 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
             "idle_in_transaction"
         };
         for (role, pid) in [("server", backend_of(client)), ("client", client.pid())] {
-            let found: Vec<&Value> = leaks(&events, role, "idle_in_transaction")
+            let found: Vec<&Value> = Want::kind("leak")
+                .role(role)
+                .reason("idle_in_transaction")
+                .find(&events)
                 .into_iter()
                 .filter(|e| pid_of(e) == pid)
                 .collect();
@@ -213,7 +197,10 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
     // Both ends of the same connection: the backend's remote is the client's local (TCP).
     for (client, _) in &leakers {
         let of = |role: &str, pid: u32| {
-            leaks(&events, role, "idle_in_transaction")
+            Want::kind("leak")
+                .role(role)
+                .reason("idle_in_transaction")
+                .find(&events)
                 .into_iter()
                 .find(|e| pid_of(e) == pid)
                 .cloned()
@@ -228,17 +215,12 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
     // Idle connections: known idle on both ends, no verdict.
     for client in &idlers {
         for (role, pid) in [("server", backend_of(client)), ("client", client.pid())] {
-            let opens: Vec<&Value> = events
-                .iter()
-                .filter(|e| e["type"] == "open" && e["role"] == role && pid_of(e) == pid)
-                .collect();
+            let opens = Want::of("open", role, pid).find(&events);
             assert_eq!(opens.len(), 1, "{role} {pid}: {dump}");
             assert_eq!(opens[0]["state"], "idle", "{}", opens[0]);
             assert_eq!(opens[0]["preexisting"], true, "{}", opens[0]);
             assert!(
-                !events
-                    .iter()
-                    .any(|e| e["type"] == "leak" && e["role"] == role && pid_of(e) == pid),
+                !Want::of("leak", role, pid).found_in(&events),
                 "no verdict on an idle connection: {dump}"
             );
         }
@@ -253,25 +235,17 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
 
 #[test]
 fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stays_unknown() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let bouncer = PgBouncer::start(&pg, 4).expect("pgbouncer");
     let app_started = Instant::now();
-    let app = Client::start(
-        ClientKind::Psycopg2,
-        &Target::tcp(bouncer.port),
-        &ClientOptions {
-            connections: 2,
-            ..ClientOptions::default()
-        },
-    )
-    .expect("app through PgBouncer");
+    let app = app_through(&bouncer);
     for &backend in &app.backend_pids {
         wait_for_pg_state(&pg, backend, "idle in transaction");
     }
-    let oracle: BTreeSet<u32> = pg_states(&pg)
+    let oracle: BTreeSet<u32> = pg
+        .client_states()
         .into_iter()
         .filter(|(_, s)| s == "idle in transaction")
         .map(|(p, _)| p)
@@ -295,12 +269,18 @@ fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stay
     tracer
         .wait_for(SLACK + Duration::from_secs(3), |evs| {
             leaking(evs, "server", "idle_in_transaction", &oracle) == oracle
-                && leaks(evs, "client", "idle_in_transaction")
+                && Want::kind("leak")
+                    .role("client")
+                    .reason("idle_in_transaction")
+                    .find(evs)
                     .iter()
                     .filter(|e| pid_of(e) == bouncer.pid())
                     .count()
                     == 2
-                && leaks(evs, "client", "idle")
+                && Want::kind("leak")
+                    .role("client")
+                    .reason("idle")
+                    .find(evs)
                     .iter()
                     .filter(|e| pid_of(e) == app.pid())
                     .count()
@@ -312,12 +292,18 @@ fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stay
     let dump = lines(&events);
 
     // PgBouncer's server connections are the clients of exactly those backends.
-    let backend_remotes: BTreeSet<String> = leaks(&events, "server", "idle_in_transaction")
+    let backend_remotes: BTreeSet<String> = Want::kind("leak")
+        .role("server")
+        .reason("idle_in_transaction")
+        .find(&events)
         .into_iter()
         .filter(|e| oracle.contains(&pid_of(e)))
         .map(|e| e["remote"].as_str().expect("remote").to_owned())
         .collect();
-    let bouncer_locals: BTreeSet<String> = leaks(&events, "client", "idle_in_transaction")
+    let bouncer_locals: BTreeSet<String> = Want::kind("leak")
+        .role("client")
+        .reason("idle_in_transaction")
+        .find(&events)
         .into_iter()
         .filter(|e| pid_of(e) == bouncer.pid())
         .inspect(|e| {
@@ -335,7 +321,10 @@ fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stay
         leaking(&events, "client", "idle_in_transaction", &app_pid).is_empty(),
         "{dump}"
     );
-    let app_idle = leaks(&events, "client", "idle");
+    let app_idle = Want::kind("leak")
+        .role("client")
+        .reason("idle")
+        .find(&events);
     let app_idle: Vec<&&Value> = app_idle.iter().filter(|e| pid_of(e) == app.pid()).collect();
     assert_eq!(app_idle.len(), 2, "{dump}");
     for e in app_idle {
@@ -382,19 +371,27 @@ fn expect_leaks_again(
     let started = Instant::now();
     let events = tracer
         .wait_for(SLACK, |evs| {
-            let flagged: BTreeSet<String> = leaks(evs, "server", "idle_in_transaction")
+            let flagged: BTreeSet<String> = Want::kind("leak")
+                .role("server")
+                .reason("idle_in_transaction")
+                .find(evs)
                 .into_iter()
-                .chain(leaks(evs, "client", "idle_in_transaction"))
-                .map(id_of)
+                .chain(
+                    Want::kind("leak")
+                        .role("client")
+                        .reason("idle_in_transaction")
+                        .find(evs),
+                )
+                .map(conn_id_of)
                 .collect();
             ids.is_subset(&flagged)
         })
         .unwrap_or_else(|e| panic!("{what}: the leaks again: {e}"));
     for e in events
         .iter()
-        .filter(|e| e["type"] == "leak" && ids.contains(&id_of(e)))
+        .filter(|e| e["type"] == "leak" && ids.contains(&conn_id_of(e)))
     {
-        let since = idle_since[&id_of(e)];
+        let since = idle_since[&conn_id_of(e)];
         let before = started.duration_since(since).as_secs_f64();
         let after = since.elapsed().as_secs_f64();
         let idle_s = f64_of(e, "idle_s");
@@ -414,10 +411,9 @@ fn expect_leaks_again(
 
 #[test]
 fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_open() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     let bouncer = PgBouncer::start(&pg, 4).expect("pgbouncer");
     let state = TempDir::new("restart-state").expect("state dir");
     let ports = format!("{},{}", pg.port, bouncer.port);
@@ -428,15 +424,7 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
     // Leaks that begin while the first daemon watches: two connections through PgBouncer
     // (nothing but the kernel's reading of them tells their state), one over the Unix socket
     // (no I/O times in the socket tables), and one that will close while no daemon runs.
-    let app = Client::start(
-        ClientKind::Psycopg2,
-        &Target::tcp(bouncer.port),
-        &ClientOptions {
-            connections: 2,
-            ..ClientOptions::default()
-        },
-    )
-    .expect("app through PgBouncer");
+    let app = app_through(&bouncer);
     let app_since = Instant::now();
     let unix = psql(
         &Target::Socket {
@@ -450,7 +438,10 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
     let pids = [app.pid(), unix.pid(), gone.pid()];
     let events = first
         .wait_for(Duration::from_secs_f64(IDLE_IN_TX_S) + SLACK, |evs| {
-            leaks(evs, "client", "idle_in_transaction")
+            Want::kind("leak")
+                .role("client")
+                .reason("idle_in_transaction")
+                .find(evs)
                 .into_iter()
                 .filter(|e| pids.contains(&pid_of(e)))
                 .count()
@@ -458,20 +449,26 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
         })
         .expect("the first daemon flags them");
     let client_leak_ids = |pid: u32| -> BTreeSet<String> {
-        leaks(&events, "client", "idle_in_transaction")
+        Want::kind("leak")
+            .role("client")
+            .reason("idle_in_transaction")
+            .find(&events)
             .into_iter()
             .filter(|e| pid_of(e) == pid)
-            .map(id_of)
+            .map(conn_id_of)
             .collect()
     };
     let app_ids = client_leak_ids(app.pid());
     let unix_ids = client_leak_ids(unix.pid());
     let gone_ids = client_leak_ids(gone.pid());
     let unix_backend = unix.backend_pids[0];
-    let unix_backend_ids: BTreeSet<String> = leaks(&events, "server", "idle_in_transaction")
+    let unix_backend_ids: BTreeSet<String> = Want::kind("leak")
+        .role("server")
+        .reason("idle_in_transaction")
+        .find(&events)
         .into_iter()
         .filter(|e| pid_of(e) == unix_backend)
-        .map(id_of)
+        .map(conn_id_of)
         .collect();
     assert_eq!(
         (
@@ -510,7 +507,7 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
     let gone_backend = gone.backend_pids[0];
     gone.stop().expect("psql exits");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pg_states(&pg).contains_key(&gone_backend) {
+    while pg.client_states().contains_key(&gone_backend) {
         assert!(
             Instant::now() < deadline,
             "backend {gone_backend} still there"
@@ -569,10 +566,9 @@ fn id_of_opt(e: &Value) -> Option<&String> {
 
 #[test]
 fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
-    if !require_root() {
+    let Some(pg) = root_postgres() else {
         return;
-    }
-    let pg = Postgres::start().expect("postgres");
+    };
     run_ok(&mut pg.psql("127.0.0.1", "ALTER SYSTEM SET update_process_title = off"))
         .expect("ALTER SYSTEM");
     run_ok(&mut pg.psql("127.0.0.1", "SELECT pg_reload_conf()")).expect("reload");
@@ -598,24 +594,13 @@ fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
         );
     }
     std::thread::sleep(Duration::from_secs(3));
-    let tracer = Tracer::start(&[
-        "--port",
-        &pg.port.to_string(),
-        "--unix-socket-glob",
-        &socket_glob(&pg),
-        "--idle-in-transaction-after",
-        IDLE_IN_TX,
-    ])
-    .expect("tracer");
+    let tracer = start_tracer(&pg);
     std::thread::sleep(Duration::from_secs_f64(IDLE_IN_TX_S) + SLACK);
     let events = tracer.events();
     let dump = lines(&events);
     for c in &clients {
         for (role, pid) in [("server", c.backend_pids[0]), ("client", c.pid())] {
-            let opens: Vec<&Value> = events
-                .iter()
-                .filter(|e| e["type"] == "open" && e["role"] == role && pid_of(e) == pid)
-                .collect();
+            let opens = Want::of("open", role, pid).find(&events);
             assert_eq!(opens.len(), 1, "{role} {pid}: {dump}");
             assert_eq!(opens[0]["state"], "unknown", "{}", opens[0]);
         }
@@ -625,9 +610,17 @@ fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
         .flat_map(|c| [c.pid(), c.backend_pids[0]])
         .collect();
     assert!(
-        leaks(&events, "server", "idle_in_transaction")
+        Want::kind("leak")
+            .role("server")
+            .reason("idle_in_transaction")
+            .find(&events)
             .into_iter()
-            .chain(leaks(&events, "client", "idle_in_transaction"))
+            .chain(
+                Want::kind("leak")
+                    .role("client")
+                    .reason("idle_in_transaction")
+                    .find(&events)
+            )
             .all(|e| !pids.contains(&pid_of(e))),
         "no state, no idle-in-transaction verdict: {dump}"
     );

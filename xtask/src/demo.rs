@@ -11,7 +11,6 @@
 use std::{
     fs,
     hash::{Hash as _, Hasher as _},
-    net::TcpListener,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -20,6 +19,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use crate::free_port;
 
 const POOL_SIZE: u32 = 3;
 const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
@@ -45,10 +46,6 @@ const SELECT_ONLY: &str =
 
 fn say(text: &str) {
     println!("demo    {text}");
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn run_quiet(cmd: &mut Command) -> Result<()> {

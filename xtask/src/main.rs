@@ -4,6 +4,7 @@
 //! commands in the README work on a fresh machine.
 
 use std::{
+    net::TcpListener,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -99,6 +100,11 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn cargo() -> Command {

@@ -19,15 +19,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, is_root, root_dir, run};
+use crate::{cargo, free_port, is_root, root_dir, run};
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 const POOL_SIZE: usize = 16;
 const MAX_GROWTH_KB: i64 = 1024;
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// A fake server: answers every read with a ReadyForQuery frame, `T` after a read starting
 /// with `B` (begin), `I` otherwise; closes on `X` (the client then sits in close-wait).
