@@ -88,42 +88,27 @@ impl RunArgs {
         let mut ports = flags.ports.or(file.ports).unwrap_or(d.ports);
         ports.sort_unstable();
         ports.dedup();
+        // The flag, else the file, else the default.
+        macro_rules! pick {
+            ($field:ident) => {
+                flags.$field.or(file.$field).unwrap_or(d.$field)
+            };
+        }
         Self {
             ports,
-            unix_socket_glob: flags
-                .unix_socket_glob
-                .or(file.unix_socket_glob)
-                .unwrap_or(d.unix_socket_glob),
-            events: flags.events.or(file.events).unwrap_or(d.events),
-            metrics_addr: flags
-                .metrics_addr
-                .or(file.metrics_addr)
-                .unwrap_or(d.metrics_addr),
-            stall_after: flags
-                .stall_after
-                .or(file.stall_after)
-                .unwrap_or(d.stall_after),
-            idle_in_transaction_after: flags
-                .idle_in_transaction_after
-                .or(file.idle_in_transaction_after)
-                .unwrap_or(d.idle_in_transaction_after),
-            close_wait_after: flags
-                .close_wait_after
-                .or(file.close_wait_after)
-                .unwrap_or(d.close_wait_after),
-            idle_after: flags.idle_after.or(file.idle_after).unwrap_or(d.idle_after),
-            log_level: flags.log_level.or(file.log_level).unwrap_or(d.log_level),
-            format: flags.format.or(file.format).unwrap_or(d.format),
-            max_label_sets: flags
-                .max_label_sets
-                .or(file.max_label_sets)
-                .unwrap_or(d.max_label_sets),
-            max_connections: flags
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(d.max_connections),
-            state_dir: flags.state_dir.or(file.state_dir).unwrap_or(d.state_dir),
-            cmdline: flags.cmdline.or(file.cmdline).unwrap_or(d.cmdline),
+            unix_socket_glob: pick!(unix_socket_glob),
+            events: pick!(events),
+            metrics_addr: pick!(metrics_addr),
+            stall_after: pick!(stall_after),
+            idle_in_transaction_after: pick!(idle_in_transaction_after),
+            close_wait_after: pick!(close_wait_after),
+            idle_after: pick!(idle_after),
+            log_level: pick!(log_level),
+            format: pick!(format),
+            max_label_sets: pick!(max_label_sets),
+            max_connections: pick!(max_connections),
+            state_dir: pick!(state_dir),
+            cmdline: pick!(cmdline),
             web_config: None,
             config,
         }
