@@ -5,9 +5,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use tracer::{
+    kernel::decode::{DecodeError, KernelEvent, decode},
     model::conn_table::{Change, ConnTable},
-    kernel::decode::{DecodeError, KernelEvent, decode}};
-use tracer_common::{ConnClose, ConnOpen, ConnOwner, ConnPeerClosed, EventHeader, kind};
+};
+use tracer_common::{ConnClose, ConnLink, ConnOpen, ConnOwner, ConnPeerClosed, EventHeader, kind};
 
 fn expected_size(record_kind: u32) -> Option<usize> {
     match record_kind {
@@ -15,6 +16,7 @@ fn expected_size(record_kind: u32) -> Option<usize> {
         kind::CONN_CLOSE => Some(size_of::<ConnClose>()),
         kind::CONN_OWNER => Some(size_of::<ConnOwner>()),
         kind::CONN_PEER_CLOSED => Some(size_of::<ConnPeerClosed>()),
+        kind::CONN_LINK => Some(size_of::<ConnLink>()),
         _ => None,
     }
 }

@@ -7,9 +7,8 @@ use tracer_common::{
     proto,
     protocol::{
         CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, MAX_CANCEL_KEY_LEN, SSL_REQUEST_CODE,
-        TLS_HANDSHAKE_RECORD, TX_FAILED, TX_IDLE,
-        TX_IN_TRANSACTION, after_first_server_byte, classify_client_packet, ready_for_query_status,
-        roll_chunk,
+        TLS_HANDSHAKE_RECORD, TX_FAILED, TX_IDLE, TX_IN_TRANSACTION, after_first_server_byte,
+        classify_client_packet, ready_for_query_status, roll_chunk,
     },
 };
 
@@ -43,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
     let code = u32::from_be_bytes(packet[4..].try_into().expect("4"));
     assert_ne!(bits & proto::FIRST_CLIENT_PACKET, 0);
     let tls_record = packet[0] == TLS_HANDSHAKE_RECORD && packet[1] == 3;
-    assert_eq!(bits & proto::ENCRYPTED != 0, tls_record, "direct TLS (a ClientHello first)");
+    assert_eq!(
+        bits & proto::ENCRYPTED != 0,
+        tls_record,
+        "direct TLS (a ClientHello first)"
+    );
     assert_eq!(
         bits & proto::ENCRYPTION_REQUESTED != 0,
         !tls_record && len == 8 && (code == SSL_REQUEST_CODE || code == GSSENC_REQUEST_CODE)

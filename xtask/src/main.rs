@@ -174,6 +174,10 @@ fn main() -> Result<()> {
             }
             setup()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
+            // The fuzz crate is not a workspace member (it needs its own profile).
+            run(cargo()
+                .args(["fmt", "--check", "--manifest-path"])
+                .arg(root_dir().join("fuzz/Cargo.toml")))?;
             run(cargo().args([
                 "clippy",
                 "--workspace",
