@@ -53,7 +53,9 @@ pub const KERNELS: &[Kernel] = &[
 
 /// (test file, test name): what every kernel gets. The foundation (owners, bytes against
 /// tcplife, a clean detach), Unix sockets, connections that existed before start-up, the
-/// incident replay, and `tracer check` loading every program the kernel can run.
+/// incident replay, `tracer check` loading every program the kernel can run, and one test
+/// per later feature that reads what the kernel sees: pooler links, leaks older than the
+/// daemon and across restarts, the live table and `tracer top`, redacted command lines.
 pub const TESTS: &[(&str, &str)] = &[
     ("operations", "check_passes_as_root_and_loads_every_probe"),
     (
@@ -80,6 +82,26 @@ pub const TESTS: &[(&str, &str)] = &[
     (
         "pooler",
         "transaction_pooling_names_the_client_behind_every_server_connection",
+    ),
+    (
+        "seeding",
+        "idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix",
+    ),
+    (
+        "seeding",
+        "through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stays_unknown",
+    ),
+    (
+        "seeding",
+        "a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_open",
+    ),
+    (
+        "live",
+        "the_live_table_list_and_top_show_transaction_states",
+    ),
+    (
+        "redaction",
+        "no_credential_of_a_real_command_line_leaves_the_tracer",
     ),
 ];
 
