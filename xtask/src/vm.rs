@@ -265,13 +265,18 @@ fn guest_script(kernel: &Kernel, binaries: &[(String, PathBuf)]) -> Result<Strin
         root_dir().join("tests").display(),
     );
     let second = kernel.expect_hooks.split_whitespace().nth(1);
-    // `TRACER_VM_TESTS=part` runs only the tests whose name contains it (for a rerun).
+    // `TRACER_VM_TESTS=part[,part...]` runs only the tests whose `file::name` contains one
+    // of the parts (for a rerun).
     let only = std::env::var("TRACER_VM_TESTS").unwrap_or_default();
+    let only: Vec<&str> = only.split(',').filter(|p| !p.is_empty()).collect();
     let runs = TESTS
         .iter()
         .map(|t| (t, None))
         .chain(kernel.forced_second_set.iter().map(|t| (t, second)))
-        .filter(|((file, test), _)| format!("{file}::{test}").contains(&only));
+        .filter(|((file, test), _)| {
+            let name = format!("{file}::{test}");
+            only.is_empty() || only.iter().any(|part| name.contains(part))
+        });
     for ((file, test), forced) in runs {
         let binary = binaries
             .iter()
