@@ -3,7 +3,7 @@
 //! they need (`privileges`), and the records they send (`decode`).
 
 pub mod btf;
-pub mod decode;
+pub use tracer_core::decode;
 mod map_batch;
 pub mod privileges;
 pub mod probes;
