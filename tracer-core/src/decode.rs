@@ -105,36 +105,26 @@ mod tests {
     #[test]
     fn decodes_every_kind() {
         let o = open();
+        // Every record shares the open's header but for its kind.
+        let header = |kind| EventHeader { kind, ..o.header };
         assert_eq!(decode(&to_bytes(&o)), Ok(KernelEvent::Open(o)));
         let c = ConnClose {
-            header: EventHeader {
-                kind: kind::CONN_CLOSE,
-                ..o.header
-            },
+            header: header(kind::CONN_CLOSE),
             bytes_sent: 9,
             ..ConnClose::default()
         };
         assert_eq!(decode(&to_bytes(&c)), Ok(KernelEvent::Close(c)));
         let w = ConnOwner {
-            header: EventHeader {
-                kind: kind::CONN_OWNER,
-                ..o.header
-            },
+            header: header(kind::CONN_OWNER),
             owner: o.owner,
         };
         assert_eq!(decode(&to_bytes(&w)), Ok(KernelEvent::Owner(w)));
         let p = ConnPeerClosed {
-            header: EventHeader {
-                kind: kind::CONN_PEER_CLOSED,
-                ..o.header
-            },
+            header: header(kind::CONN_PEER_CLOSED),
         };
         assert_eq!(decode(&to_bytes(&p)), Ok(KernelEvent::PeerClosed(p)));
         let l = ConnLink {
-            header: EventHeader {
-                kind: kind::CONN_LINK,
-                ..o.header
-            },
+            header: header(kind::CONN_LINK),
             linked: 99,
         };
         assert_eq!(decode(&to_bytes(&l)), Ok(KernelEvent::Link(l)));
