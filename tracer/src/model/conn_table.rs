@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tracer_common::{
-    AF_INET6, AF_UNIX, OPEN_FLAG_PREEXISTING, ProcInfo, SockState, closed_by, proto, role,
+    AF_INET6, AF_UNIX, ConnClose, ConnOpen, OPEN_FLAG_PREEXISTING, ProcInfo, SockState, closed_by,
+    proto, role,
 };
 
 use crate::{
@@ -293,55 +294,7 @@ impl ConnTable {
     ) -> Change {
         let cookie = event.header().cookie;
         match event {
-            KernelEvent::Open(open) => {
-                if let Some(conn) = self.conns.get_mut(&cookie) {
-                    conn.sock_key = open.sock_key;
-                    if open.owner.tgid != 0 {
-                        conn.owner = Owner::from_wire(&open.owner);
-                    }
-                    return Change::Refreshed(cookie);
-                }
-                let role = if open.role == role::SERVER {
-                    Role::Server
-                } else {
-                    Role::Client
-                };
-                let (transport, local, remote) = if open.family == AF_UNIX {
-                    let hash =
-                        u64::from_ne_bytes(open.local_addr[..8].try_into().expect("8 bytes"));
-                    let path =
-                        unix_path(hash).unwrap_or_else(|| format!("unix-path-hash:{hash:016x}"));
-                    let local = if role == Role::Server {
-                        path.clone()
-                    } else {
-                        String::new()
-                    };
-                    (Transport::Unix, local, path)
-                } else {
-                    let local = SocketAddr::new(
-                        ip_from_wire(open.family, &open.local_addr),
-                        open.local_port,
-                    );
-                    let remote = SocketAddr::new(
-                        ip_from_wire(open.family, &open.remote_addr),
-                        open.remote_port,
-                    );
-                    (Transport::Tcp, local.to_string(), remote.to_string())
-                };
-                let mut conn = Conn::new(
-                    cookie,
-                    role,
-                    transport,
-                    local,
-                    remote,
-                    Owner::from_wire(&open.owner),
-                    open.start_ns,
-                );
-                conn.sock_key = open.sock_key;
-                conn.preexisting = open.flags & OPEN_FLAG_PREEXISTING != 0;
-                self.conns.insert(cookie, conn);
-                Change::Opened(cookie)
-            }
+            KernelEvent::Open(open) => self.apply_open(open, unix_path),
             KernelEvent::Owner(owner) => match self.conns.get_mut(&cookie) {
                 Some(conn) => {
                     conn.owner = Owner::from_wire(&owner.owner);
@@ -366,23 +319,85 @@ impl ConnTable {
                     Change::Untracked
                 }
             }
-            KernelEvent::Close(close) => match self.conns.remove(&cookie) {
-                Some(mut conn) => {
-                    conn.live.bytes_sent = close.bytes_sent;
-                    conn.live.bytes_received = close.bytes_received;
-                    Change::Closed(Box::new(Closed {
-                        end_ns: close.header.ts_ns,
-                        // A connection adopted mid-stream counts bytes from adoption on; the
-                        // kernel's totals are then the better figure anyway.
-                        bytes_sent: close.bytes_sent,
-                        bytes_received: close.bytes_received,
-                        closed_by: ClosedBy::from_wire(close.closed_by),
-                        conn,
-                    }))
-                }
-                None => Change::Untracked,
-            },
+            KernelEvent::Close(close) => self.apply_close(close),
         }
+    }
+
+    /// An open adds the connection, or refreshes one already known (seeded before the kernel
+    /// saw it).
+    fn apply_open(&mut self, open: &ConnOpen, unix_path: &dyn Fn(u64) -> Option<String>) -> Change {
+        let cookie = open.header.cookie;
+        if let Some(conn) = self.conns.get_mut(&cookie) {
+            conn.sock_key = open.sock_key;
+            if open.owner.tgid != 0 {
+                conn.owner = Owner::from_wire(&open.owner);
+            }
+            return Change::Refreshed(cookie);
+        }
+        let role = if open.role == role::SERVER {
+            Role::Server
+        } else {
+            Role::Client
+        };
+        let (transport, local, remote) = endpoints(open, role, unix_path);
+        let mut conn = Conn::new(
+            cookie,
+            role,
+            transport,
+            local,
+            remote,
+            Owner::from_wire(&open.owner),
+            open.start_ns,
+        );
+        conn.sock_key = open.sock_key;
+        conn.preexisting = open.flags & OPEN_FLAG_PREEXISTING != 0;
+        self.conns.insert(cookie, conn);
+        Change::Opened(cookie)
+    }
+
+    fn apply_close(&mut self, close: &ConnClose) -> Change {
+        let cookie = close.header.cookie;
+        match self.conns.remove(&cookie) {
+            Some(mut conn) => {
+                conn.live.bytes_sent = close.bytes_sent;
+                conn.live.bytes_received = close.bytes_received;
+                Change::Closed(Box::new(Closed {
+                    end_ns: close.header.ts_ns,
+                    // A connection adopted mid-stream counts bytes from adoption on; the
+                    // kernel's totals are then the better figure anyway.
+                    bytes_sent: close.bytes_sent,
+                    bytes_received: close.bytes_received,
+                    closed_by: ClosedBy::from_wire(close.closed_by),
+                    conn,
+                }))
+            }
+            None => Change::Untracked,
+        }
+    }
+}
+
+/// Where a new connection runs: its transport and its local and remote addresses.
+fn endpoints(
+    open: &ConnOpen,
+    role: Role,
+    unix_path: &dyn Fn(u64) -> Option<String>,
+) -> (Transport, String, String) {
+    if open.family == AF_UNIX {
+        let hash = u64::from_ne_bytes(open.local_addr[..8].try_into().expect("8 bytes"));
+        let path = unix_path(hash).unwrap_or_else(|| format!("unix-path-hash:{hash:016x}"));
+        let local = if role == Role::Server {
+            path.clone()
+        } else {
+            String::new()
+        };
+        (Transport::Unix, local, path)
+    } else {
+        let local = SocketAddr::new(ip_from_wire(open.family, &open.local_addr), open.local_port);
+        let remote = SocketAddr::new(
+            ip_from_wire(open.family, &open.remote_addr),
+            open.remote_port,
+        );
+        (Transport::Tcp, local.to_string(), remote.to_string())
     }
 }
 
