@@ -3,5 +3,5 @@
 //! host, pooler links (`pooler`).
 
 pub mod conn_table;
-pub mod detectors;
+pub use tracer_core::detectors;
 pub mod pooler;

@@ -172,7 +172,7 @@ fn found_connections_complete_the_ones_the_kernel_adopted_first() {
         conn.born_ns = 1_000;
         conn.found_to_server_ns = 2_000;
         conn.seeded = Some(Seeded {
-            state: crate::model::detectors::ConnState::IdleInTransaction,
+            state: tracer_core::detectors::ConnState::IdleInTransaction,
             known_ns: 2_000,
         });
         conn
@@ -234,4 +234,11 @@ fn peer_close_is_remembered_and_views_follow_the_role() {
         panic!()
     };
     assert_eq!(closed.closed_by, ClosedBy::Unknown);
+}
+
+/// The metrics index their per-reason counts by discriminant.
+#[test]
+fn closed_by_lists_every_value_in_declaration_order() {
+    let names: Vec<_> = ClosedBy::ALL.map(|c| c.as_str()).to_vec();
+    assert_eq!(names, ["local", "peer", "reset", "exit", "unknown"]);
 }
