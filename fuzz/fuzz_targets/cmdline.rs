@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tracer::host::redact::{CmdlineMode, cmdline};
+use tracer_core::redact::{CmdlineMode, cmdline};
 
 const MARK: &str = "Zq9Mark";
 

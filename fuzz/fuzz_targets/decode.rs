@@ -4,11 +4,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tracer::{
-    kernel::decode::{DecodeError, KernelEvent, decode},
-    model::conn_table::{Change, ConnTable},
-};
 use tracer_common::{ConnClose, ConnLink, ConnOpen, ConnOwner, ConnPeerClosed, EventHeader, kind};
+use tracer_core::{
+    conn_table::{Change, ConnTable},
+    decode::{DecodeError, KernelEvent, decode},
+};
 
 fn expected_size(record_kind: u32) -> Option<usize> {
     match record_kind {

@@ -172,7 +172,7 @@ fn found_connections_complete_the_ones_the_kernel_adopted_first() {
         conn.born_ns = 1_000;
         conn.found_to_server_ns = 2_000;
         conn.seeded = Some(Seeded {
-            state: tracer_core::detectors::ConnState::IdleInTransaction,
+            state: crate::detectors::ConnState::IdleInTransaction,
             known_ns: 2_000,
         });
         conn

@@ -22,8 +22,8 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::{
-    export::events::{ConnFields, Linked},
-    model::conn_table::{Conn, ConnTable, Role, Transport},
+    conn_table::{Conn, ConnTable, Role, Transport},
+    events::{ConnFields, Linked},
 };
 
 /// The kernel's largest pid (`PID_MAX_LIMIT` on 64-bit): BackendKeyData claiming a bigger

@@ -1,5 +1,5 @@
 use super::*;
-use crate::model::conn_table::Owner;
+use crate::conn_table::Owner;
 
 fn conn(cookie: u64, role: Role, pid: u32, local: &str, remote: &str) -> Conn {
     Conn::new(

@@ -11,9 +11,9 @@ use tracer_common::{
 };
 
 use crate::{
-    host::process::ProcessDetails,
-    kernel::decode::KernelEvent,
-    model::detectors::{ConnView, Episodes, Seeded},
+    decode::KernelEvent,
+    detectors::{ConnView, Episodes, Seeded},
+    owner::ProcessDetails,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -210,7 +210,7 @@ pub enum Change {
     /// An event for a connection the table does not know (its open was lost): counted.
     Untracked,
     /// The owner's thread paired the connection with `linked` (0: it went idle): for the
-    /// pooler model (`crate::model::pooler`).
+    /// pooler model (`crate::pooler`).
     Linked {
         cookie: u64,
         linked: u64,
