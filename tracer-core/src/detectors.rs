@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use tracer_common::protocol::{TX_FAILED, TX_IDLE, TX_IN_TRANSACTION};
 
+use crate::settings;
+
 /// The SPEC's connection states.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -85,13 +87,13 @@ pub struct Thresholds {
 }
 
 impl Default for Thresholds {
-    /// The SPEC's defaults.
+    /// The SPEC's defaults, written once in `settings`.
     fn default() -> Self {
         Self {
-            stall_after: Duration::from_secs(5),
-            idle_in_transaction_after: Duration::from_secs(30),
-            close_wait_after: Duration::from_secs(10),
-            idle_after: Duration::from_secs(30 * 60),
+            stall_after: settings::DEFAULT_STALL_AFTER,
+            idle_in_transaction_after: settings::DEFAULT_IDLE_IN_TRANSACTION_AFTER,
+            close_wait_after: settings::DEFAULT_CLOSE_WAIT_AFTER,
+            idle_after: settings::DEFAULT_IDLE_AFTER,
         }
     }
 }
