@@ -9,7 +9,6 @@
 
 mod memory;
 mod pg;
-mod pipeline;
 mod syscall;
 mod untracked;
 mod util;
@@ -54,6 +53,21 @@ struct Args {
     /// Only these figures (comma list of 1-8); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u32>,
+}
+
+/// Microseconds the daemon spends reading /proc for one new owner (exe, cmdline, cgroup):
+/// done for every open and owner change.
+fn proc_details_us(iterations: u32) -> f64 {
+    let pid = std::process::id();
+    let start = Instant::now();
+    for _ in 0..iterations {
+        std::hint::black_box(tracer::host::process::read_details(
+            std::path::Path::new("/proc"),
+            pid,
+            tracer::host::redact::CmdlineMode::Redacted,
+        ));
+    }
+    start.elapsed().as_secs_f64() * 1e6 / f64::from(iterations)
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -111,28 +125,14 @@ fn main() -> Result<()> {
 
     // 5. Pipeline (pure user space, first: nothing else of ours is running).
     if want(5) {
-        println!(
-            "\n== 5. user-space pipeline on synthetic records (decode -> table -> detectors), one thread"
-        );
+        println!("\n== {}", pipeline_bench::TITLE);
         println!(
             "   command: bench --only 5 (records: open + owner + close per connection, 1000 open at a time)"
         );
-        let records = pipeline::synthetic_records(args.pipeline_connections);
-        let _ = pipeline::events_per_second(&records[..records.len().min(100_000)], false);
-        let bare: Vec<f64> = (0..3)
-            .map(|_| pipeline::events_per_second(&records, false))
-            .collect();
-        let json: Vec<f64> = (0..3)
-            .map(|_| pipeline::events_per_second(&records, true))
-            .collect();
-        let proc_us = pipeline::proc_details_us(2000);
-        let eps = median(&bare);
-        println!(
-            "   {} records: {:.2} M events/s (median of 3); with the JSON line of each open/close: {:.2} M events/s",
-            records.len(),
-            eps / 1e6,
-            median(&json) / 1e6
-        );
+        let figure = pipeline_bench::Figure::measure(args.pipeline_connections);
+        figure.print();
+        let eps = figure.events_per_second();
+        let proc_us = proc_details_us(2000);
         println!(
             "   the daemon also reads /proc (exe, cmdline, cgroup) per open and owner change: {proc_us:.1} us each, i.e. at most {:.0} opens/s",
             1e6 / proc_us
@@ -141,7 +141,7 @@ fn main() -> Result<()> {
         summary.push(format!(
             "5. pipeline: {:.2} M events/s (with JSON: {:.2} M/s) [target >= 2 M: {}]",
             eps / 1e6,
-            median(&json) / 1e6,
+            figure.json_events_per_second() / 1e6,
             verdict(eps >= 2e6)
         ));
     }

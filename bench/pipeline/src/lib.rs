@@ -1,20 +1,21 @@
-//! Figure 5: the user-space pipeline (decode -> connection table -> detectors) on synthetic
-//! kernel records, on one thread.
+//! Figure 5 of docs/performance.md: the user-space pipeline (decode -> connection table ->
+//! detectors, and the JSON line of each open and close) on synthetic kernel records, on one
+//! thread. It uses only `tracer-core`, so it builds and runs without the eBPF toolchain and
+//! without root: `cargo run --release -p pipeline-bench`. `cargo xtask bench` prints it too.
 
 use std::{
     hint::black_box,
-    path::Path,
     time::{Instant, SystemTime},
 };
 
-use tracer::{
-    export::events::{ConnFields, Event, EventBody},
-    kernel::decode::decode,
-    model::conn_table::{Change, ConnTable},
-    model::detectors::Thresholds,
-};
 use tracer_common::{
     AF_INET, ConnClose, ConnOpen, ConnOwner, EventHeader, ProcInfo, closed_by, kind, role,
+};
+use tracer_core::{
+    conn_table::{Change, ConnTable},
+    decode::decode,
+    detectors::Thresholds,
+    events::{ConnFields, Event, EventBody},
 };
 
 fn bytes<T: Copy>(value: &T) -> Vec<u8> {
@@ -135,17 +136,58 @@ pub fn events_per_second(records: &[Vec<u8>], json: bool) -> f64 {
     records.len() as f64 / elapsed
 }
 
-/// Microseconds the daemon spends reading /proc for one new owner (exe, cmdline, cgroup):
-/// done for every open and owner change.
-pub fn proc_details_us(iterations: u32) -> f64 {
-    let pid = std::process::id();
-    let start = Instant::now();
-    for _ in 0..iterations {
-        black_box(tracer::host::process::read_details(
-            Path::new("/proc"),
-            pid,
-            tracer::host::redact::CmdlineMode::Redacted,
+/// The figure's heading in both reports.
+pub const TITLE: &str =
+    "5. user-space pipeline on synthetic records (decode -> table -> detectors), one thread";
+
+/// Figure 5: records per second through the pipeline, bare and with the JSON lines, over
+/// three runs each after a warm-up.
+pub struct Figure {
+    pub records: usize,
+    pub bare: Vec<f64>,
+    pub json: Vec<f64>,
+}
+
+impl Figure {
+    pub fn measure(connections: u64) -> Self {
+        let records = synthetic_records(connections);
+        black_box(events_per_second(
+            &records[..records.len().min(100_000)],
+            false,
         ));
+        let bare = (0..3).map(|_| events_per_second(&records, false)).collect();
+        let json = (0..3).map(|_| events_per_second(&records, true)).collect();
+        Self {
+            records: records.len(),
+            bare,
+            json,
+        }
     }
-    start.elapsed().as_secs_f64() * 1e6 / f64::from(iterations)
+
+    /// Events per second, bare (the median of the runs).
+    pub fn events_per_second(&self) -> f64 {
+        middle(&self.bare)
+    }
+
+    /// Events per second with the JSON line of each open and close (the median of the runs).
+    pub fn json_events_per_second(&self) -> f64 {
+        middle(&self.json)
+    }
+
+    pub fn print(&self) {
+        println!(
+            "   {} records: {:.2} M events/s (median of {}); with the JSON line of each open/close: {:.2} M events/s",
+            self.records,
+            self.events_per_second() / 1e6,
+            self.bare.len(),
+            self.json_events_per_second() / 1e6
+        );
+    }
+}
+
+/// The middle value of an odd number of runs.
+fn middle(runs: &[f64]) -> f64 {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
