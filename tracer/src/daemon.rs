@@ -239,7 +239,14 @@ fn drain(ring: &mut RingBuf<MapData>, tracker: &mut Tracker, limit: usize) -> bo
     false
 }
 
+/// The HTTP endpoint's task and what stops it.
+struct MetricsServer {
+    task: tokio::task::JoinHandle<Result<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
+    // Everything that can fail on bad input or a busy port fails here, before any probe.
     let ports = args.unique_ports();
     let unix_glob = Glob::compile(&args.unix_socket_glob).map_err(anyhow::Error::msg)?;
     let output = open_events(&args.events)?;
@@ -261,118 +268,35 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::new(args.max_label_sets, env!("CARGO_PKG_VERSION")));
     let ready = Arc::new(AtomicBool::new(false));
     let live = Arc::new(LiveTable::default());
-    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = metrics_listener.map(|listener| {
-        tokio::spawn(http::serve(
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(http::serve(
             listener,
             metrics.clone(),
             ready.clone(),
             Protection::new(args.web_config.as_deref()),
             live.clone(),
             async move {
-                let _ = metrics_stopped.await;
+                let _ = stopped.await;
             },
-        ))
+        ));
+        MetricsServer { task, stop }
     });
+    let sink = EventSink::start(output, EVENT_QUEUE_CAPACITY, args.format);
+    let mut tracker = Tracker::new(&args, unix_glob, sink, metrics, live.clone(), kept);
 
-    let mut tracker = Tracker {
-        table: ConnTable::default(),
-        clock: Clock::new(),
-        sink: EventSink::start(output, EVENT_QUEUE_CAPACITY, args.format),
-        metrics: metrics.clone(),
-        live: live.clone(),
-        limits: Thresholds {
-            stall_after: args.stall_after,
-            idle_in_transaction_after: args.idle_in_transaction_after,
-            close_wait_after: args.close_wait_after,
-            idle_after: args.idle_after,
-        },
-        ports: ports.clone(),
-        unix_glob: unix_glob.clone(),
-        cmdline: args.cmdline,
-        unix_paths: HashMap::new(),
-        unix_generation: 1,
-        pending_adoption: HashSet::new(),
-        held_opens: Some(Vec::new()),
-        adopting: false,
-        labels: FxHashMap::default(),
-        diag: None,
-        decode_errors: 0,
-        untracked: 0,
-        ticks: 0,
-        reconcile_needed: false,
-        backlog: false,
-        last_tick_ns: 0,
-        state: kept,
-        relations: Relations::default(),
-        state_dirty: true,
-    };
-
-    // Watch the Unix sockets Postgres listens on, then seed the connections that already
-    // exist. Records the kernel produced meanwhile are handled first, so a connection opened
-    // during start-up is reported once, by the kernel, and the scan skips it.
-    tracker.refresh_unix_listeners();
-    let paths: Vec<String> = tracker.unix_paths.values().cloned().collect();
-    probes.set_watched_unix(&paths, tracker.unix_generation)?;
-    probes.set_adopt_tcp(true)?;
-    tracker.adopting = true;
-    drain(ring.get_mut(), &mut tracker, usize::MAX);
-    let found = find_connections(
-        &tracker.ports,
-        &|p| unix_glob.matches(p),
-        Path::new("/proc"),
-    )
-    .context("listing existing sockets (sock_diag)")?;
-    let saved = tracker.state.as_ref().and_then(KeptState::load);
-    tracker.seed(found, monotonic_ns(), saved);
-    tracker.send(
-        monotonic_ns(),
-        EventBody::Ready {
-            version: env!("CARGO_PKG_VERSION"),
-            ports: ports.clone(),
-            probes: probes.hook_names(),
-            unix_socket_glob: args.unix_socket_glob.clone(),
-        },
-    );
-    tracker.publish_live(monotonic_ns());
+    tracker.start_up(&mut probes, ring.get_mut(), &args.unix_socket_glob)?;
     ready.store(true, Ordering::SeqCst);
-    log::info!(
-        "ready: watching TCP ports {ports:?} and Unix sockets {:?}; {} connections already open",
-        tracker.unix_paths.values().collect::<Vec<_>>(),
-        tracker.table.len()
-    );
-
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = Reported::default();
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                // Leave readiness set when records remain, so the loop comes straight back.
-                let empty = drain(guard.get_inner_mut(), &mut tracker, DRAIN_BATCH);
-                tracker.backlog = !empty;
-                if empty {
-                    guard.clear_ready();
-                }
-            }
-            _ = tick.tick() => {
-                // Records sent without waking the reader (pooler links) are in first, all
-                // of them: while any wait, the kernel wakes the reader for no record (it
-                // wakes only a reader that has caught up), so the tick is what keeps up with
-                // a busy pooler's links (two per pooled transaction). The ring's size bounds
-                // this work.
-                drain(ring.get_mut(), &mut tracker, usize::MAX);
-                tracker.backlog = false;
-                // Losses first: they trigger the check for missed closes, which must run
-                // before the detectors see the missed ones as idle.
-                report_losses(&probes, &mut tracker, &mut reported);
-                tracker.tick(&mut probes);
-            }
-        }
-    }
+    follow(
+        &mut tracker,
+        &mut probes,
+        &mut ring,
+        &mut reported,
+        &mut sigterm,
+        &mut sigint,
+    )
+    .await?;
 
     log::info!("shutting down");
     // A second signal during shutdown exits at once.
@@ -392,17 +316,148 @@ pub async fn run(args: RunArgs) -> Result<()> {
     tracker.save_state(monotonic_ns(), true);
     drop(ring);
     drop(probes);
-    let _ = stop_metrics.send(());
     if let Some(server) = server {
-        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        let _ = server.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(2), server.task).await;
     }
-    log::info!(
-        "detached; {} connections still open, {} records for unknown connections",
-        tracker.table.len(),
-        tracker.untracked
-    );
-    if !tracker.sink.finish(FLUSH_TIMEOUT) {
-        log::warn!("event output did not drain within {FLUSH_TIMEOUT:?}; exiting anyway");
-    }
+    tracker.finish();
     Ok(())
+}
+
+/// The daemon at work until SIGTERM or SIGINT: kernel records as they come, the tick every
+/// second.
+async fn follow(
+    tracker: &mut Tracker,
+    probes: &mut Probes,
+    ring: &mut AsyncFd<RingBuf<MapData>>,
+    reported: &mut Reported,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                // Leave readiness set when records remain, so the loop comes straight back.
+                let empty = drain(guard.get_inner_mut(), tracker, DRAIN_BATCH);
+                tracker.backlog = !empty;
+                if empty {
+                    guard.clear_ready();
+                }
+            }
+            _ = tick.tick() => {
+                // Records sent without waking the reader (pooler links) are in first, all
+                // of them: while any wait, the kernel wakes the reader for no record (it
+                // wakes only a reader that has caught up), so the tick is what keeps up with
+                // a busy pooler's links (two per pooled transaction). The ring's size bounds
+                // this work.
+                drain(ring.get_mut(), tracker, usize::MAX);
+                tracker.backlog = false;
+                // Losses first: they trigger the check for missed closes, which must run
+                // before the detectors see the missed ones as idle.
+                report_losses(probes, tracker, reported);
+                tracker.tick(probes);
+            }
+        }
+    }
+}
+
+impl Tracker {
+    fn new(
+        args: &RunArgs,
+        unix_glob: Glob,
+        sink: EventSink,
+        metrics: Arc<Metrics>,
+        live: Arc<LiveTable>,
+        state: Option<KeptState>,
+    ) -> Self {
+        Self {
+            table: ConnTable::default(),
+            clock: Clock::new(),
+            sink,
+            metrics,
+            live,
+            limits: Thresholds {
+                stall_after: args.stall_after,
+                idle_in_transaction_after: args.idle_in_transaction_after,
+                close_wait_after: args.close_wait_after,
+                idle_after: args.idle_after,
+            },
+            ports: args.unique_ports(),
+            unix_glob,
+            cmdline: args.cmdline,
+            unix_paths: HashMap::new(),
+            unix_generation: 1,
+            pending_adoption: HashSet::new(),
+            held_opens: Some(Vec::new()),
+            adopting: false,
+            labels: FxHashMap::default(),
+            diag: None,
+            decode_errors: 0,
+            untracked: 0,
+            ticks: 0,
+            reconcile_needed: false,
+            backlog: false,
+            last_tick_ns: 0,
+            state,
+            relations: Relations::default(),
+            state_dirty: true,
+        }
+    }
+
+    /// Watches the Unix sockets Postgres listens on, then seeds the connections that already
+    /// exist, and says `ready`. Records the kernel produced meanwhile are handled first, so a
+    /// connection opened during start-up is reported once, by the kernel, and the scan skips
+    /// it.
+    fn start_up(
+        &mut self,
+        probes: &mut Probes,
+        ring: &mut RingBuf<MapData>,
+        unix_socket_glob: &str,
+    ) -> Result<()> {
+        self.refresh_unix_listeners();
+        let paths: Vec<String> = self.unix_paths.values().cloned().collect();
+        probes.set_watched_unix(&paths, self.unix_generation)?;
+        probes.set_adopt_tcp(true)?;
+        self.adopting = true;
+        drain(ring, self, usize::MAX);
+        let glob = self.unix_glob.clone();
+        let found = find_connections(&self.ports, &|p| glob.matches(p), Path::new("/proc"))
+            .context("listing existing sockets (sock_diag)")?;
+        let saved = self.state.as_ref().and_then(KeptState::load);
+        self.seed(found, monotonic_ns(), saved);
+        self.send(
+            monotonic_ns(),
+            EventBody::Ready {
+                version: env!("CARGO_PKG_VERSION"),
+                ports: self.ports.clone(),
+                probes: probes.hook_names(),
+                unix_socket_glob: unix_socket_glob.to_owned(),
+            },
+        );
+        self.publish_live(monotonic_ns());
+        log::info!(
+            "ready: watching TCP ports {:?} and Unix sockets {:?}; {} connections already open",
+            self.ports,
+            self.unix_paths.values().collect::<Vec<_>>(),
+            self.table.len()
+        );
+        Ok(())
+    }
+
+    /// The last words: what is left open, and the event output flushed.
+    fn finish(self) {
+        log::info!(
+            "detached; {} connections still open, {} records for unknown connections",
+            self.table.len(),
+            self.untracked
+        );
+        if !self.sink.finish(FLUSH_TIMEOUT) {
+            log::warn!("event output did not drain within {FLUSH_TIMEOUT:?}; exiting anyway");
+        }
+    }
 }
