@@ -28,45 +28,58 @@ pub fn version_of(release: &str) -> Option<(u32, u32)> {
 pub const MIN_KERNEL: (u32, u32) = (5, 15);
 
 pub fn run_checks() -> Vec<Check> {
-    let mut checks = Vec::new();
     let release = kernel_release();
-    let version_ok = version_of(&release).is_some_and(|v| v >= MIN_KERNEL);
-    checks.push(Check {
+    let mut checks = vec![kernel(&release), btf(), tracefs(), capabilities()];
+    checks.extend(hooks_and_probes());
+    checks.push(sock_diag(&release));
+    checks.push(process_titles());
+    checks
+}
+
+fn kernel(release: &str) -> Check {
+    let ok = version_of(release).is_some_and(|v| v >= MIN_KERNEL);
+    Check {
         name: "kernel",
-        ok: version_ok,
-        detail: if version_ok {
-            release.clone()
+        ok,
+        detail: if ok {
+            release.to_owned()
         } else {
             format!(
                 "{release}: needs Linux {}.{} or newer",
                 MIN_KERNEL.0, MIN_KERNEL.1
             )
         },
-    });
+    }
+}
 
+fn btf() -> Check {
     let btf = Probes::kernel_offsets();
-    checks.push(Check {
+    Check {
         name: "btf",
         ok: btf.is_ok(),
         detail: match &btf {
             Ok(_) => format!("{VMLINUX_BTF} readable, structure offsets resolved"),
             Err(e) => format!("{e:#}: the kernel needs CONFIG_DEBUG_INFO_BTF=y"),
         },
-    });
+    }
+}
 
-    let tracefs = Path::new("/sys/kernel/tracing/events").exists();
-    checks.push(Check {
+fn tracefs() -> Check {
+    let mounted = Path::new("/sys/kernel/tracing/events").exists();
+    Check {
         name: "tracefs",
         ok: true,
-        detail: if tracefs {
+        detail: if mounted {
             "mounted (not required: the probes attach through BTF)".into()
         } else {
             "not mounted; not required: the probes attach through BTF".into()
         },
-    });
+    }
+}
 
+fn capabilities() -> Check {
     let missing = privileges::missing(privileges::effective());
-    checks.push(Check {
+    Check {
         name: "capabilities",
         ok: missing.is_empty(),
         detail: if missing.is_empty() {
@@ -77,20 +90,23 @@ pub fn run_checks() -> Vec<Check> {
                 missing.join(", ")
             )
         },
-    });
+    }
+}
 
-    match Probes::hook_set() {
-        Ok((set, why)) => checks.push(Check {
+/// The hook set this kernel gets, then one line per probe: does it load and attach.
+fn hooks_and_probes() -> Vec<Check> {
+    let mut checks = vec![match Probes::hook_set() {
+        Ok((set, why)) => Check {
             name: "hooks",
             ok: true,
             detail: format!("{}: {why}", set.name()),
-        }),
-        Err(e) => checks.push(Check {
+        },
+        Err(e) => Check {
             name: "hooks",
             ok: false,
             detail: one_line(&format!("{e:#}")),
-        }),
-    }
+        },
+    }];
     match Probes::check_each() {
         Ok(results) => checks.extend(results.into_iter().map(|(hook, result)| Check {
             name: "probe",
@@ -106,9 +122,12 @@ pub fn run_checks() -> Vec<Check> {
             detail: one_line(&format!("{e:#}")),
         }),
     }
+    checks
+}
 
+fn sock_diag(release: &str) -> Check {
     let diag = sockdiag::tcp_sockets().and_then(|_| sockdiag::unix_sockets());
-    checks.push(Check {
+    Check {
         name: "sock_diag",
         ok: diag.is_ok(),
         detail: match diag {
@@ -123,9 +142,7 @@ pub fn run_checks() -> Vec<Check> {
             ),
             Err(e) => format!("{e}: needed to find connections opened before start-up"),
         },
-    });
-    checks.push(process_titles());
-    checks
+    }
 }
 
 /// Whether Postgres's process titles can seed the state of connections found at start-up.

@@ -41,6 +41,23 @@ impl Tracker {
         }
         self.last_tick_ns = now;
 
+        self.housekeeping(probes, now);
+        let live_states = match probes.sock_states(self.table.len()) {
+            Ok(states) => states,
+            Err(err) => {
+                log::warn!("{err:#}");
+                return;
+            }
+        };
+        self.judge(&live_states, now);
+        self.export_gauges(now);
+        self.publish_live(now);
+        self.save_state(now, false);
+    }
+
+    /// The kernel-side bookkeeping: the watched Unix paths, the end of start-up adoption, and
+    /// closes the kernel could not report.
+    fn housekeeping(&mut self, probes: &mut Probes, now: u64) {
         if self.ticks.is_multiple_of(UNIX_LISTENER_REFRESH_TICKS)
             && self.refresh_unix_listeners().is_some()
         {
@@ -61,15 +78,15 @@ impl Tracker {
             self.reconcile_needed = false;
             self.close_gone_tcp(probes, now);
         }
+    }
 
-        // Live state, detectors, gauges.
-        let live_states = match probes.sock_states(self.table.len()) {
-            Ok(states) => states,
-            Err(err) => {
-                log::warn!("{err:#}");
-                return;
-            }
-        };
+    /// Takes in the kernel's live state of every connection, runs the detectors on it and
+    /// reports what they found.
+    fn judge(
+        &mut self,
+        live_states: &rustc_hash::FxHashMap<u64, tracer_common::SockState>,
+        now: u64,
+    ) {
         let mut findings = Vec::new();
         let mut ended_unseen = false;
         let mut changed = false;
@@ -107,6 +124,10 @@ impl Tracker {
                 self.report(conn, now, finding);
             }
         }
+    }
+
+    /// Rebuilds every gauge from the table.
+    fn export_gauges(&self, now: u64) {
         let mut fallback = HashMap::new();
         for conn in self.table.iter() {
             if !self.labels.contains_key(&conn.cookie) {
@@ -134,8 +155,6 @@ impl Tracker {
             .collect();
         self.metrics.set_open(&snapshot);
         self.metrics.set_pooler_servers(&self.pooler_servers());
-        self.publish_live(now);
-        self.save_state(now, false);
     }
 
     /// `pgconn_pooler_server_connections`: each pooler's server connections by state and

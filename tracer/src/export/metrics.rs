@@ -140,31 +140,64 @@ struct Aggregate {
 /// Every metric the tracer exports, in one registry.
 pub struct Metrics {
     registry: Registry,
-    open_connections: IntGaugeVec,
+    counters: ConnCounters,
+    gauges: ConnGauges,
+    tracer: TracerMetrics,
+    label_sets: Mutex<LabelSets>,
+}
+
+/// Connection metrics that move as connections open, stall and close.
+struct ConnCounters {
     opened_total: IntCounterVec,
     closed_total: IntCounterVec,
     duration: HistogramVec,
+    stalls_total: IntCounterVec,
+    bytes_sent: IntCounterVec,
+    bytes_received: IntCounterVec,
+}
+
+/// Connection gauges, rebuilt each tick by [`Metrics::set_open`].
+struct ConnGauges {
+    open_connections: IntGaugeVec,
     oldest_age: GaugeVec,
     max_idle: GaugeVec,
     stalled: IntGaugeVec,
-    stalls_total: IntCounterVec,
     leak_suspected: IntGaugeVec,
-    bytes_sent: IntCounterVec,
-    bytes_received: IntCounterVec,
+}
+
+/// The tracer's own health, and the pooler view.
+struct TracerMetrics {
     events_lost: IntCounterVec,
     tracked: IntGauge,
     pooler_servers: IntGaugeVec,
     label_sets_overflow: IntCounter,
-    label_sets: Mutex<LabelSets>,
 }
 
 const STATIC_DEFINITION: &str = "static metric definitions are valid and registered once";
 
-fn register<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
-    registry
-        .register(Box::new(collector.clone()))
-        .expect(STATIC_DEFINITION);
-    collector
+/// Creates metrics and registers them in one registry.
+struct Registrar<'r>(&'r Registry);
+
+impl Registrar<'_> {
+    fn add<C: Collector + Clone + 'static>(&self, collector: Result<C, prometheus::Error>) -> C {
+        let collector = collector.expect(STATIC_DEFINITION);
+        self.0
+            .register(Box::new(collector.clone()))
+            .expect(STATIC_DEFINITION);
+        collector
+    }
+
+    fn int_gauges(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+
+    fn gauges(&self, name: &str, help: &str) -> GaugeVec {
+        self.add(GaugeVec::new(Opts::new(name, help), &CONN_LABEL_NAMES))
+    }
+
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels))
+    }
 }
 
 fn conn_labels_and(extra: &'static str) -> [&'static str; 5] {
@@ -182,142 +215,173 @@ fn seconds(value: f64) -> f64 {
     }
 }
 
+impl ConnCounters {
+    fn register(r: &Registrar<'_>) -> Self {
+        Self {
+            opened_total: r.counters(
+                "pgconn_connections_opened_total",
+                "Postgres connections opened (or found open at start-up).",
+                &CONN_LABEL_NAMES,
+            ),
+            closed_total: r.counters(
+                "pgconn_connections_closed_total",
+                "Postgres connections closed, by who closed them.",
+                &conn_labels_and("closed_by"),
+            ),
+            duration: r.add(HistogramVec::new(
+                HistogramOpts::new(
+                    "pgconn_connection_duration_seconds",
+                    "Lifetime of closed Postgres connections.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &CONN_LABEL_NAMES,
+            )),
+            stalls_total: r.counters(
+                "pgconn_stalls_total",
+                "Requests that waited longer than stall-after for an answer.",
+                &CONN_LABEL_NAMES,
+            ),
+            bytes_sent: r.counters(
+                "pgconn_bytes_sent_total",
+                "Payload bytes sent by the owning process, counted at close.",
+                &CONN_LABEL_NAMES,
+            ),
+            bytes_received: r.counters(
+                "pgconn_bytes_received_total",
+                "Payload bytes received by the owning process, counted at close.",
+                &CONN_LABEL_NAMES,
+            ),
+        }
+    }
+}
+
+impl ConnGauges {
+    fn register(r: &Registrar<'_>) -> Self {
+        Self {
+            open_connections: r.int_gauges(
+                "pgconn_open_connections",
+                "Open Postgres connections, by protocol state.",
+                &conn_labels_and("state"),
+            ),
+            oldest_age: r.gauges(
+                "pgconn_oldest_connection_age_seconds",
+                "Age of the oldest open connection.",
+            ),
+            max_idle: r.gauges(
+                "pgconn_max_idle_seconds",
+                "Longest silence (no traffic either way) among open connections.",
+            ),
+            stalled: r.int_gauges(
+                "pgconn_stalled_connections",
+                "Open connections with a request waiting longer than stall-after for an answer.",
+                &CONN_LABEL_NAMES,
+            ),
+            leak_suspected: r.int_gauges(
+                "pgconn_leak_suspected_connections",
+                "Open connections under a leak verdict, by reason.",
+                &conn_labels_and("reason"),
+            ),
+        }
+    }
+
+    /// Drops the gauge series of a label set with no open connection left.
+    fn remove(&self, labels: &ConnLabels) {
+        // A series that is already gone is fine: removal is all that is wanted.
+        for state in ConnState::ALL {
+            let _ = self
+                .open_connections
+                .remove_label_values(&labels.values_with(state.as_str()));
+        }
+        for reason in LeakReason::ALL {
+            let _ = self
+                .leak_suspected
+                .remove_label_values(&labels.values_with(reason.as_str()));
+        }
+        let values = labels.values();
+        let _ = self.oldest_age.remove_label_values(&values);
+        let _ = self.max_idle.remove_label_values(&values);
+        let _ = self.stalled.remove_label_values(&values);
+    }
+
+    fn set(&self, labels: &ConnLabels, agg: &Aggregate) {
+        for (state, count) in ConnState::ALL.iter().zip(agg.states) {
+            self.open_connections
+                .with_label_values(&labels.values_with(state.as_str()))
+                .set(count);
+        }
+        for (reason, count) in LeakReason::ALL.iter().zip(agg.leaks) {
+            self.leak_suspected
+                .with_label_values(&labels.values_with(reason.as_str()))
+                .set(count);
+        }
+        let values = labels.values();
+        self.oldest_age
+            .with_label_values(&values)
+            .set(agg.oldest_age_s);
+        self.max_idle.with_label_values(&values).set(agg.max_idle_s);
+        self.stalled.with_label_values(&values).set(agg.stalled);
+    }
+}
+
+impl TracerMetrics {
+    fn register(r: &Registrar<'_>) -> Self {
+        let events_lost = r.counters(
+            "pgconn_tracer_events_lost_total",
+            "Events the tracer dropped, by where they were lost.",
+            &["where"],
+        );
+        // Losses are alerted on with rate(); the series must exist before the first loss.
+        for location in LOSS_WHERE {
+            events_lost.with_label_values(&[location]).inc_by(0);
+        }
+        Self {
+            events_lost,
+            tracked: r.add(IntGauge::new(
+                "pgconn_tracer_tracked_connections",
+                "Connections in the tracer's table.",
+            )),
+            pooler_servers: r.int_gauges(
+                "pgconn_pooler_server_connections",
+                "A pooler's connections to Postgres, by state and by the client holding them.",
+                &[
+                    "comm",
+                    "state",
+                    "client_comm",
+                    "client_container",
+                    "client_ip",
+                ],
+            ),
+            label_sets_overflow: r.add(IntCounter::new(
+                "pgconn_tracer_label_sets_overflow_total",
+                "Connections folded into comm=\"~other\" because the label-set cap was reached.",
+            )),
+        }
+    }
+}
+
 impl Metrics {
     /// Registers every metric. At most `max_label_sets` distinct [`ConnLabels`] appear on the
     /// connection metrics; the overflow sets (`comm="~other"`, one per role) come on top.
     pub fn new(max_label_sets: usize, version: &str) -> Self {
         let registry = Registry::new();
-        let int_gauges = |name: &str, help: &str, labels: &[&str]| {
-            register(
-                &registry,
-                IntGaugeVec::new(Opts::new(name, help), labels).expect(STATIC_DEFINITION),
-            )
-        };
-        let counters = |name: &str, help: &str, labels: &[&str]| {
-            register(
-                &registry,
-                IntCounterVec::new(Opts::new(name, help), labels).expect(STATIC_DEFINITION),
-            )
-        };
-        let gauges = |name: &str, help: &str| {
-            register(
-                &registry,
-                GaugeVec::new(Opts::new(name, help), &CONN_LABEL_NAMES).expect(STATIC_DEFINITION),
-            )
-        };
-
-        let metrics = Self {
-            open_connections: int_gauges(
-                "pgconn_open_connections",
-                "Open Postgres connections, by protocol state.",
-                &conn_labels_and("state"),
-            ),
-            opened_total: counters(
-                "pgconn_connections_opened_total",
-                "Postgres connections opened (or found open at start-up).",
-                &CONN_LABEL_NAMES,
-            ),
-            closed_total: counters(
-                "pgconn_connections_closed_total",
-                "Postgres connections closed, by who closed them.",
-                &conn_labels_and("closed_by"),
-            ),
-            duration: register(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "pgconn_connection_duration_seconds",
-                        "Lifetime of closed Postgres connections.",
-                    )
-                    .buckets(DURATION_BUCKETS.to_vec()),
-                    &CONN_LABEL_NAMES,
-                )
-                .expect(STATIC_DEFINITION),
-            ),
-            oldest_age: gauges(
-                "pgconn_oldest_connection_age_seconds",
-                "Age of the oldest open connection.",
-            ),
-            max_idle: gauges(
-                "pgconn_max_idle_seconds",
-                "Longest silence (no traffic either way) among open connections.",
-            ),
-            stalled: int_gauges(
-                "pgconn_stalled_connections",
-                "Open connections with a request waiting longer than stall-after for an answer.",
-                &CONN_LABEL_NAMES,
-            ),
-            stalls_total: counters(
-                "pgconn_stalls_total",
-                "Requests that waited longer than stall-after for an answer.",
-                &CONN_LABEL_NAMES,
-            ),
-            leak_suspected: int_gauges(
-                "pgconn_leak_suspected_connections",
-                "Open connections under a leak verdict, by reason.",
-                &conn_labels_and("reason"),
-            ),
-            bytes_sent: counters(
-                "pgconn_bytes_sent_total",
-                "Payload bytes sent by the owning process, counted at close.",
-                &CONN_LABEL_NAMES,
-            ),
-            bytes_received: counters(
-                "pgconn_bytes_received_total",
-                "Payload bytes received by the owning process, counted at close.",
-                &CONN_LABEL_NAMES,
-            ),
-            events_lost: counters(
-                "pgconn_tracer_events_lost_total",
-                "Events the tracer dropped, by where they were lost.",
-                &["where"],
-            ),
-            tracked: register(
-                &registry,
-                IntGauge::new(
-                    "pgconn_tracer_tracked_connections",
-                    "Connections in the tracer's table.",
-                )
-                .expect(STATIC_DEFINITION),
-            ),
-            pooler_servers: int_gauges(
-                "pgconn_pooler_server_connections",
-                "A pooler's connections to Postgres, by state and by the client holding them.",
-                &["comm", "state", "client_comm", "client_container", "client_ip"],
-            ),
-            label_sets_overflow: register(
-                &registry,
-                IntCounter::new(
-                    "pgconn_tracer_label_sets_overflow_total",
-                    "Connections folded into comm=\"~other\" because the label-set cap was reached.",
-                )
-                .expect(STATIC_DEFINITION),
-            ),
+        let r = Registrar(&registry);
+        let build_info = r.int_gauges(
+            "pgconn_tracer_build_info",
+            "Always 1; the tracer's version is in the label.",
+            &["version"],
+        );
+        build_info.with_label_values(&[version]).set(1);
+        Self {
+            counters: ConnCounters::register(&r),
+            gauges: ConnGauges::register(&r),
+            tracer: TracerMetrics::register(&r),
             label_sets: Mutex::new(LabelSets {
                 max: max_label_sets,
                 admitted: FxHashSet::default(),
                 exported: FxHashSet::default(),
             }),
             registry,
-        };
-
-        let build_info = register(
-            &metrics.registry,
-            IntGaugeVec::new(
-                Opts::new(
-                    "pgconn_tracer_build_info",
-                    "Always 1; the tracer's version is in the label.",
-                ),
-                &["version"],
-            )
-            .expect(STATIC_DEFINITION),
-        );
-        build_info.with_label_values(&[version]).set(1);
-        // Losses are alerted on with rate(); the series must exist before the first loss.
-        for location in LOSS_WHERE {
-            metrics.events_lost.with_label_values(&[location]).inc_by(0);
         }
-        metrics
     }
 
     fn label_sets(&self) -> MutexGuard<'_, LabelSets> {
@@ -332,14 +396,23 @@ impl Metrics {
     pub fn connection_opened(&self, labels: &ConnLabels) {
         let (labels, folded) = self.label_sets().resolve(labels);
         if folded {
-            self.label_sets_overflow.inc();
+            self.tracer.label_sets_overflow.inc();
         }
         let values = labels.values();
-        self.opened_total.with_label_values(&values).inc();
+        self.counters.opened_total.with_label_values(&values).inc();
         // Create the series now so rate() sees the first increment.
-        self.bytes_sent.with_label_values(&values).inc_by(0);
-        self.bytes_received.with_label_values(&values).inc_by(0);
-        self.stalls_total.with_label_values(&values).inc_by(0);
+        self.counters
+            .bytes_sent
+            .with_label_values(&values)
+            .inc_by(0);
+        self.counters
+            .bytes_received
+            .with_label_values(&values)
+            .inc_by(0);
+        self.counters
+            .stalls_total
+            .with_label_values(&values)
+            .inc_by(0);
     }
 
     /// Counts a closed connection.
@@ -353,16 +426,20 @@ impl Metrics {
     ) {
         let (labels, _) = self.label_sets().resolve(labels);
         let values = labels.values();
-        self.closed_total
+        self.counters
+            .closed_total
             .with_label_values(&labels.values_with(closed_by.as_str()))
             .inc();
-        self.duration
+        self.counters
+            .duration
             .with_label_values(&values)
             .observe(seconds(duration_s));
-        self.bytes_sent
+        self.counters
+            .bytes_sent
             .with_label_values(&values)
             .inc_by(bytes_sent);
-        self.bytes_received
+        self.counters
+            .bytes_received
             .with_label_values(&values)
             .inc_by(bytes_received);
     }
@@ -370,7 +447,10 @@ impl Metrics {
     /// Counts a request that started to stall (`pgconn_stalls_total`).
     pub fn stall_started(&self, labels: &ConnLabels) {
         let (labels, _) = self.label_sets().resolve(labels);
-        self.stalls_total.with_label_values(&labels.values()).inc();
+        self.counters
+            .stalls_total
+            .with_label_values(&labels.values())
+            .inc();
     }
 
     /// Replaces every gauge from the full set of open connections (called each tick):
@@ -396,41 +476,28 @@ impl Metrics {
         sets.exported.retain(|labels| {
             let keep = current.contains_key(labels);
             if !keep {
-                self.remove_gauges(labels);
+                self.gauges.remove(labels);
             }
             keep
         });
         for (labels, agg) in &current {
-            for (state, count) in ConnState::ALL.iter().zip(agg.states) {
-                self.open_connections
-                    .with_label_values(&labels.values_with(state.as_str()))
-                    .set(count);
-            }
-            for (reason, count) in LeakReason::ALL.iter().zip(agg.leaks) {
-                self.leak_suspected
-                    .with_label_values(&labels.values_with(reason.as_str()))
-                    .set(count);
-            }
-            let values = labels.values();
-            self.oldest_age
-                .with_label_values(&values)
-                .set(agg.oldest_age_s);
-            self.max_idle.with_label_values(&values).set(agg.max_idle_s);
-            self.stalled.with_label_values(&values).set(agg.stalled);
+            self.gauges.set(labels, agg);
             if !sets.exported.contains(labels.as_ref()) {
                 sets.exported.insert(labels.as_ref().clone());
             }
         }
-        self.tracked
+        self.tracer
+            .tracked
             .set(i64::try_from(snapshot.len()).unwrap_or(i64::MAX));
     }
 
     /// Replaces `pgconn_pooler_server_connections` (called each tick). Its label sets are
     /// bounded by the poolers' server connections, so they need no cap.
     pub fn set_pooler_servers(&self, counts: &std::collections::HashMap<PoolerServerLabels, i64>) {
-        self.pooler_servers.reset();
+        self.tracer.pooler_servers.reset();
         for (l, count) in counts {
-            self.pooler_servers
+            self.tracer
+                .pooler_servers
                 .with_label_values(&[
                     l.comm.as_str(),
                     l.state,
@@ -442,27 +509,10 @@ impl Metrics {
         }
     }
 
-    fn remove_gauges(&self, labels: &ConnLabels) {
-        // A series that is already gone is fine: removal is all that is wanted.
-        for state in ConnState::ALL {
-            let _ = self
-                .open_connections
-                .remove_label_values(&labels.values_with(state.as_str()));
-        }
-        for reason in LeakReason::ALL {
-            let _ = self
-                .leak_suspected
-                .remove_label_values(&labels.values_with(reason.as_str()));
-        }
-        let values = labels.values();
-        let _ = self.oldest_age.remove_label_values(&values);
-        let _ = self.max_idle.remove_label_values(&values);
-        let _ = self.stalled.remove_label_values(&values);
-    }
-
     /// Counts dropped events; `location` is one of [`LOSS_WHERE`].
     pub fn events_lost(&self, location: &str, count: u64) {
-        self.events_lost
+        self.tracer
+            .events_lost
             .with_label_values(&[location])
             .inc_by(count);
     }

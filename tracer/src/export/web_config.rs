@@ -32,8 +32,9 @@ use std::{
 
 use rustls::{
     RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
+    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
 };
 use serde::Deserialize;
 
@@ -195,6 +196,39 @@ fn read_pem(dir: &Path, key: &str, file: &str) -> Result<Vec<u8>, String> {
 
 /// The rustls server set-up of a `tls_server_config`.
 fn server_config(t: TlsFile, dir: &Path) -> Result<ServerConfig, String> {
+    reject_unsupported(&t)?;
+    let cert_file = t.cert_file.ok_or("tls_server_config: missing cert_file")?;
+    let key_file = t.key_file.ok_or("tls_server_config: missing key_file")?;
+    let certs = CertificateDer::pem_slice_iter(&read_pem(dir, "cert_file", &cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cert_file {cert_file}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("cert_file {cert_file}: no PEM certificate in it"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read_pem(dir, "key_file", &key_file)?)
+        .map_err(|e| format!("key_file {key_file}: no PEM private key in it ({e})"))?;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions = protocol_versions(t.min_version.as_deref(), t.max_version.as_deref())?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&versions)
+        .map_err(|e| format!("tls_server_config: {e}"))?;
+    let auth_type = t.client_auth_type.as_deref().unwrap_or("NoClientCert");
+    let builder = match client_verifier(auth_type, t.client_ca_file, dir, provider)? {
+        None => builder.with_no_client_auth(),
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("cert_file {cert_file} / key_file {key_file}: {e}"))?;
+    // The endpoint speaks HTTP/1.1 only.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Keys of exporter-toolkit's `tls_server_config` that the tracer does not implement: refused
+/// by name rather than ignored.
+fn reject_unsupported(t: &TlsFile) -> Result<(), String> {
     for (key, given) in [
         ("cert", t.cert.is_some()),
         ("key", t.key.is_some()),
@@ -214,35 +248,25 @@ fn server_config(t: TlsFile, dir: &Path) -> Result<ServerConfig, String> {
             ));
         }
     }
-    let cert_file = t.cert_file.ok_or("tls_server_config: missing cert_file")?;
-    let key_file = t.key_file.ok_or("tls_server_config: missing key_file")?;
-    let certs = CertificateDer::pem_slice_iter(&read_pem(dir, "cert_file", &cert_file)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("cert_file {cert_file}: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!("cert_file {cert_file}: no PEM certificate in it"));
-    }
-    let key = PrivateKeyDer::from_pem_slice(&read_pem(dir, "key_file", &key_file)?)
-        .map_err(|e| format!("key_file {key_file}: no PEM private key in it ({e})"))?;
+    Ok(())
+}
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions = protocol_versions(t.min_version.as_deref(), t.max_version.as_deref())?;
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&versions)
-        .map_err(|e| format!("tls_server_config: {e}"))?;
-    let auth_type = t.client_auth_type.as_deref().unwrap_or("NoClientCert");
-    let builder = match (auth_type, t.client_ca_file) {
-        ("NoClientCert", None) => builder.with_no_client_auth(),
+/// The client-certificate check of `client_auth_type` (exporter-toolkit's names), or `None`
+/// for no client certificates.
+fn client_verifier(
+    auth_type: &str,
+    ca_file: Option<String>,
+    dir: &Path,
+    provider: Arc<CryptoProvider>,
+) -> Result<Option<Arc<dyn ClientCertVerifier>>, String> {
+    match (auth_type, ca_file) {
+        ("NoClientCert", None) => Ok(None),
         ("NoClientCert", Some(_)) => {
-            return Err(
-                "tls_server_config: client_ca_file given without a client_auth_type".into(),
-            );
+            Err("tls_server_config: client_ca_file given without a client_auth_type".into())
         }
-        ("VerifyClientCertIfGiven" | "RequireAndVerifyClientCert", None) => {
-            return Err(format!(
-                "tls_server_config: client_auth_type {auth_type} needs client_ca_file"
-            ));
-        }
+        ("VerifyClientCertIfGiven" | "RequireAndVerifyClientCert", None) => Err(format!(
+            "tls_server_config: client_auth_type {auth_type} needs client_ca_file"
+        )),
         (kind @ ("VerifyClientCertIfGiven" | "RequireAndVerifyClientCert"), Some(ca_file)) => {
             let mut roots = RootCertStore::empty();
             for ca in CertificateDer::pem_slice_iter(&read_pem(dir, "client_ca_file", &ca_file)?) {
@@ -256,39 +280,27 @@ fn server_config(t: TlsFile, dir: &Path) -> Result<ServerConfig, String> {
                     "client_ca_file {ca_file}: no PEM certificate in it"
                 ));
             }
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = if kind == "VerifyClientCertIfGiven" {
                 verifier.allow_unauthenticated()
             } else {
                 verifier
             };
-            builder.with_client_cert_verifier(
-                verifier
-                    .build()
-                    .map_err(|e| format!("client_ca_file {ca_file}: {e}"))?,
-            )
+            verifier
+                .build()
+                .map(Some)
+                .map_err(|e| format!("client_ca_file {ca_file}: {e}"))
         }
-        ("RequestClientCert" | "RequireAnyClientCert", _) => {
-            return Err(format!(
-                "tls_server_config: client_auth_type {auth_type} is not supported by tracer: \
-                 client certificates are always verified (VerifyClientCertIfGiven or \
-                 RequireAndVerifyClientCert)"
-            ));
-        }
-        (other, _) => {
-            return Err(format!(
-                "tls_server_config: unknown client_auth_type {other:?} (NoClientCert, \
-                 VerifyClientCertIfGiven, RequireAndVerifyClientCert)"
-            ));
-        }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("cert_file {cert_file} / key_file {key_file}: {e}"))?;
-    // The endpoint speaks HTTP/1.1 only.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+        ("RequestClientCert" | "RequireAnyClientCert", _) => Err(format!(
+            "tls_server_config: client_auth_type {auth_type} is not supported by tracer: \
+             client certificates are always verified (VerifyClientCertIfGiven or \
+             RequireAndVerifyClientCert)"
+        )),
+        (other, _) => Err(format!(
+            "tls_server_config: unknown client_auth_type {other:?} (NoClientCert, \
+             VerifyClientCertIfGiven, RequireAndVerifyClientCert)"
+        )),
+    }
 }
 
 fn protocol_versions(

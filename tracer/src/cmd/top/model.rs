@@ -311,26 +311,7 @@ pub fn groups(rows: &[Row], view: &View) -> Vec<Group> {
             held: Vec::new(),
         });
     }
-    // Held server connections go under their holder, whether or not they pass the filters
-    // themselves: they are part of what the holder pins.
-    for server in rows {
-        let Some(holder) = holders.get(&server.conn_id) else {
-            continue;
-        };
-        let group = groups.values_mut().find(|g| match view.group_by {
-            GroupBy::Process => g.key == GroupKey::Process(holder.pid),
-            GroupBy::Container => g.conns.iter().any(|c| c.row.pid == holder.pid),
-        });
-        let Some(group) = group else { continue };
-        let conn = holder
-            .conn_id
-            .as_ref()
-            .and_then(|id| group.conns.iter_mut().find(|c| &c.row.conn_id == id));
-        match conn {
-            Some(conn) => conn.held.push(server.clone()),
-            None => group.held.push(server.clone()),
-        }
-    }
+    attach_held(&mut groups, rows, &holders, view.group_by);
     let mut groups: Vec<Group> = groups.into_values().collect();
     for group in &mut groups {
         let mut comms: Vec<&str> = group.conns.iter().map(|c| c.row.comm.as_str()).collect();
@@ -344,10 +325,44 @@ pub fn groups(rows: &[Row], view: &View) -> Vec<Group> {
                 .then_with(|| a.row.conn_id.cmp(&b.row.conn_id))
         });
     }
+    order(&mut groups, view.sort);
+    groups
+}
+
+/// Puts held server connections under their holder, whether or not they pass the filters
+/// themselves: they are part of what the holder pins.
+fn attach_held(
+    groups: &mut HashMap<GroupKey, Group>,
+    rows: &[Row],
+    holders: &HashMap<String, Holder>,
+    group_by: GroupBy,
+) {
+    for server in rows {
+        let Some(holder) = holders.get(&server.conn_id) else {
+            continue;
+        };
+        let group = groups.values_mut().find(|g| match group_by {
+            GroupBy::Process => g.key == GroupKey::Process(holder.pid),
+            GroupBy::Container => g.conns.iter().any(|c| c.row.pid == holder.pid),
+        });
+        let Some(group) = group else { continue };
+        let conn = holder
+            .conn_id
+            .as_ref()
+            .and_then(|id| group.conns.iter_mut().find(|c| &c.row.conn_id == id));
+        match conn {
+            Some(conn) => conn.held.push(server.clone()),
+            None => group.held.push(server.clone()),
+        }
+    }
+}
+
+/// Groups in the order of `sort`, ties by key.
+fn order(groups: &mut [Group], sort: SortKey) {
     groups.sort_by(|a, b| {
         let conns = |g: &Group| g.conns.len();
         let problems = |g: &Group| g.leaks + g.stalls;
-        match view.sort {
+        match sort {
             SortKey::Problems => (problems(b), b.counts.in_tx, conns(b)).cmp(&(
                 problems(a),
                 a.counts.in_tx,
@@ -361,7 +376,6 @@ pub fn groups(rows: &[Row], view: &View) -> Vec<Group> {
         }
         .then_with(|| a.key.cmp(&b.key))
     });
-    groups
 }
 
 #[cfg(test)]
