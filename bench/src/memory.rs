@@ -13,7 +13,7 @@ use tests::TempDir;
 
 use crate::util::{Daemon, held_maps, raise_nofile, rss_kb};
 
-pub struct Memory {
+pub(crate) struct Memory {
     pub command: String,
     pub connections: usize,
     pub tracked: usize,
@@ -52,7 +52,7 @@ sys.stdin.read()
 
 /// Opens `n` loopback TCP connections to a listener on a watched port (both ends are local,
 /// so the daemon tracks 2n sockets: n client, n server), each with one byte of traffic.
-pub fn measure(tracer_bin: &Path, n: usize) -> Result<Memory> {
+pub(crate) fn measure(tracer_bin: &Path, n: usize) -> Result<Memory> {
     raise_nofile((n + 1024) as u64)?;
     let mut server = Command::new("python3")
         .args(["-c", SERVER, &n.to_string()])

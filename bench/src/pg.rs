@@ -14,13 +14,13 @@ use tests::{Postgres, TempDir};
 use crate::util::{BpfStats, Daemon, Mode, WorkloadCgroup, median, min_max, start_mode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
+pub(crate) enum Transport {
     Tcp,
     Unix,
 }
 
 impl Transport {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
             Transport::Unix => "unix",
@@ -29,18 +29,18 @@ impl Transport {
 }
 
 /// A Postgres cluster whose processes, and the pgbench runs, are in one cgroup.
-pub struct Cluster {
+pub(crate) struct Cluster {
     pub pg: Postgres,
     pub cgroup: WorkloadCgroup,
 }
 
-pub struct PgbenchResult {
+pub(crate) struct PgbenchResult {
     pub txns: u64,
     pub tps: f64,
 }
 
 /// One timed pgbench run.
-pub struct Run {
+pub(crate) struct Run {
     pub mode: Mode,
     pub txns: u64,
     pub tps: f64,
@@ -58,7 +58,7 @@ pub struct Run {
 const BACKGROUND_WINDOW: Duration = Duration::from_secs(1);
 
 impl Cluster {
-    pub fn start() -> Result<Self> {
+    pub(crate) fn start() -> Result<Self> {
         let cgroup = WorkloadCgroup::create()?;
         let pg = cgroup.inside(Postgres::start)??;
         let cluster = Self { pg, cgroup };
@@ -75,7 +75,7 @@ impl Cluster {
     }
 
     /// pgbench against this cluster, in the workload cgroup, and how to type it.
-    pub fn pgbench(&self, transport: Transport, args: &[&str]) -> (Command, String) {
+    pub(crate) fn pgbench(&self, transport: Transport, args: &[&str]) -> (Command, String) {
         let mut cmd = self.cgroup.command("pgbench");
         let host = self.host(transport);
         let port = self.pg.port.to_string();
@@ -89,7 +89,7 @@ impl Cluster {
         (cmd, text)
     }
 
-    pub fn run_pgbench(&self, mut cmd: Command) -> Result<PgbenchResult> {
+    pub(crate) fn run_pgbench(&self, mut cmd: Command) -> Result<PgbenchResult> {
         let out = tests::run_ok(&mut cmd)?;
         let text = String::from_utf8_lossy(&out.stdout);
         let txns = text
@@ -106,7 +106,7 @@ impl Cluster {
     }
 
     /// One pgbench run of `secs` with `mode` attached; costs measured around the run only.
-    pub fn timed_run(
+    pub(crate) fn timed_run(
         &self,
         mode: Mode,
         transport: Transport,
@@ -189,7 +189,7 @@ impl Cluster {
 
     /// Syscalls per select-only transaction (client + backend), counted with strace as the
     /// difference of two runs so connection start-up cancels out.
-    pub fn syscalls_per_txn(&self, transport: Transport) -> Result<f64> {
+    pub(crate) fn syscalls_per_txn(&self, transport: Transport) -> Result<f64> {
         let dir = TempDir::new("bench-strace")?;
         let postmaster = self.postmaster()?;
         let mut totals = Vec::new();
@@ -237,7 +237,7 @@ fn strace_total(path: &Path) -> Result<u64> {
 }
 
 /// All runs of figures 2, 3 and 7 for one transport.
-pub struct Workload {
+pub(crate) struct Workload {
     pub command: String,
     pub runs: Vec<Vec<Run>>,
 }
@@ -258,25 +258,25 @@ impl Workload {
     }
 
     /// Median workload CPU per transaction without any tracer, ns.
-    pub fn workload_ns_per_txn(&self) -> f64 {
+    pub(crate) fn workload_ns_per_txn(&self) -> f64 {
         self.median_per_txn(Mode::Off, |r| r.workload_ns as f64)
     }
 
-    pub fn bpf_ns_per_txn(&self, mode: Mode) -> f64 {
+    pub(crate) fn bpf_ns_per_txn(&self, mode: Mode) -> f64 {
         self.median_per_txn(mode, |r| r.bpf.run_time_ns as f64)
     }
 
     /// Host background BPF work during the run (estimated), per transaction.
-    pub fn background_ns_per_txn(&self, mode: Mode) -> f64 {
+    pub(crate) fn background_ns_per_txn(&self, mode: Mode) -> f64 {
         self.median_per_txn(mode, |r| r.background_ns)
     }
 
-    pub fn background_runs_per_txn(&self, mode: Mode) -> f64 {
+    pub(crate) fn background_runs_per_txn(&self, mode: Mode) -> f64 {
         self.median_per_txn(mode, |r| r.background_cnt)
     }
 
     /// BPF run time per transaction with the host's background removed, ns (>= 0).
-    pub fn own_bpf_ns_per_txn(&self, mode: Mode) -> f64 {
+    pub(crate) fn own_bpf_ns_per_txn(&self, mode: Mode) -> f64 {
         median(
             &self
                 .of(mode)
@@ -285,16 +285,16 @@ impl Workload {
         )
     }
 
-    pub fn runs_per_txn(&self, mode: Mode) -> f64 {
+    pub(crate) fn runs_per_txn(&self, mode: Mode) -> f64 {
         self.median_per_txn(mode, |r| r.bpf.run_cnt as f64)
     }
 
-    pub fn daemon_ns_per_txn(&self, mode: Mode) -> f64 {
+    pub(crate) fn daemon_ns_per_txn(&self, mode: Mode) -> f64 {
         self.median_per_txn(mode, |r| r.daemon_ns as f64)
     }
 
     /// Per-round TPS ratio mode / off.
-    pub fn tps_ratios(&self, mode: Mode) -> Vec<f64> {
+    pub(crate) fn tps_ratios(&self, mode: Mode) -> Vec<f64> {
         self.runs
             .iter()
             .filter_map(|round| {
@@ -305,12 +305,12 @@ impl Workload {
             .collect()
     }
 
-    pub fn tps(&self, mode: Mode) -> f64 {
+    pub(crate) fn tps(&self, mode: Mode) -> f64 {
         median(&self.of(mode).map(|r| r.tps).collect::<Vec<_>>())
     }
 }
 
-pub fn measure_workload(
+pub(crate) fn measure_workload(
     cluster: &Cluster,
     transport: Transport,
     modes: &[Mode],
@@ -336,7 +336,7 @@ pub fn measure_workload(
     Ok(Workload { command, runs })
 }
 
-pub fn print_ratio(label: &str, ratios: &[f64]) {
+pub(crate) fn print_ratio(label: &str, ratios: &[f64]) {
     let (lo, hi) = min_max(ratios);
     let list: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
     println!(
@@ -347,7 +347,7 @@ pub fn print_ratio(label: &str, ratios: &[f64]) {
 }
 
 /// Figure 4: connection churn with and without the tracer, and the events it wrote.
-pub struct Churn {
+pub(crate) struct Churn {
     pub command: String,
     pub tracer_command: String,
     pub tps_off: Vec<f64>,
@@ -360,7 +360,7 @@ pub struct Churn {
     pub lost: u64,
 }
 
-pub fn measure_churn(
+pub(crate) fn measure_churn(
     cluster: &Cluster,
     transport: Transport,
     rounds: usize,

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use crate::util::{Mode, median, min_max, start_mode};
 
 /// The loops timed in each block.
-pub const LOOPS: [&str; 3] = ["getppid", "pipe", "unix"];
+pub(crate) const LOOPS: [&str; 3] = ["getppid", "pipe", "unix"];
 
 /// ns per `getppid()` (raw syscall).
 fn getppid_ns(calls: u32) -> f64 {
@@ -65,7 +65,7 @@ impl Drop for Fds {
 }
 
 /// Short runs per loop in one block.
-pub const SUB_RUNS: usize = 9;
+pub(crate) const SUB_RUNS: usize = 9;
 
 /// One block: the fastest of a few short runs of each loop, ns per syscall. Other load on
 /// the machine only ever adds time (preemption, cache pollution), so the minimum of short
@@ -81,7 +81,7 @@ fn block(fds: &Fds, scale: u32) -> [f64; 3] {
 }
 
 /// ns per syscall of each loop, per mode, per round.
-pub struct Tax {
+pub(crate) struct Tax {
     pub rounds: Vec<Vec<(Mode, [f64; 3])>>,
     /// Per attached block: (mode, BPF run time ns, program runs) of the daemon's programs,
     /// fired by the socketpair loop (and whatever socket I/O the host did meanwhile).
@@ -89,7 +89,7 @@ pub struct Tax {
 }
 
 impl Tax {
-    pub fn values(&self, mode: Mode, which: usize) -> Vec<f64> {
+    pub(crate) fn values(&self, mode: Mode, which: usize) -> Vec<f64> {
         self.rounds
             .iter()
             .flat_map(|r| r.iter().filter(|(m, _)| *m == mode).map(|(_, v)| v[which]))
@@ -97,7 +97,7 @@ impl Tax {
     }
 
     /// Per-round difference `mode - off`.
-    pub fn diffs(&self, mode: Mode, which: usize) -> Vec<f64> {
+    pub(crate) fn diffs(&self, mode: Mode, which: usize) -> Vec<f64> {
         self.rounds
             .iter()
             .filter_map(|r| {
@@ -110,12 +110,12 @@ impl Tax {
 
     /// Median per-round added ns per syscall of `mode` on the getppid loop (the figure used
     /// in the per-transaction cost).
-    pub fn getppid_tax(&self, mode: Mode) -> f64 {
+    pub(crate) fn getppid_tax(&self, mode: Mode) -> f64 {
         median(&self.diffs(mode, 0))
     }
 
     /// ns per BPF program run of `mode` during the blocks, and runs per block.
-    pub fn bpf_per_run(&self, mode: Mode) -> (f64, f64) {
+    pub(crate) fn bpf_per_run(&self, mode: Mode) -> (f64, f64) {
         let of: Vec<_> = self.bpf.iter().filter(|b| b.0 == mode).collect();
         let ns: u64 = of.iter().map(|b| b.1).sum();
         let runs: u64 = of.iter().map(|b| b.2).sum();
@@ -125,7 +125,7 @@ impl Tax {
         )
     }
 
-    pub fn print(&self, modes: &[Mode]) {
+    pub(crate) fn print(&self, modes: &[Mode]) {
         for (which, name) in LOOPS.iter().enumerate() {
             let off = median(&self.values(Mode::Off, which));
             let mut line = format!("    {name:8} off {off:7.1} ns/syscall");
@@ -144,7 +144,7 @@ impl Tax {
     }
 }
 
-pub fn measure(
+pub(crate) fn measure(
     modes: &[Mode],
     rounds: usize,
     scale: u32,

@@ -21,7 +21,7 @@ use anyhow::Result;
 use crate::util::{BpfStats, bpf_prog_stats, held_bpf_ids, median, min_max};
 
 /// The kinds measured, in print order.
-pub const KINDS: [&str; 3] = ["tcp loopback", "unix socketpair", "unix named"];
+pub(crate) const KINDS: [&str; 3] = ["tcp loopback", "unix socketpair", "unix named"];
 
 /// A connected pair of one kind: (writer end, reader end).
 struct Pair {
@@ -72,10 +72,10 @@ fn ping_pong(pair: &mut Pair, rounds: u32) -> Result<()> {
     Ok(())
 }
 
-pub const SYSCALLS_PER_ROUND: u32 = 4;
+pub(crate) const SYSCALLS_PER_ROUND: u32 = 4;
 
 /// Per kind: BPF ns per socket syscall, one value per repetition.
-pub struct Untracked {
+pub(crate) struct Untracked {
     pub per_syscall_ns: Vec<Vec<f64>>,
 }
 
@@ -88,11 +88,11 @@ fn delta(after: BpfStats, before: BpfStats) -> (f64, f64) {
 
 /// Where the programs whose run time counts are: a daemon, or this process (the empty
 /// calibration programs it attached itself).
-pub fn stats_of(pid: u32) -> impl Fn() -> Result<BpfStats> {
+pub(crate) fn stats_of(pid: u32) -> impl Fn() -> Result<BpfStats> {
     move || bpf_prog_stats(&held_bpf_ids(pid, "prog_id:"))
 }
 
-pub fn measure(
+pub(crate) fn measure(
     stats: impl Fn() -> Result<BpfStats>,
     repetitions: usize,
     rounds: u32,
@@ -130,11 +130,11 @@ pub fn measure(
 
 impl Untracked {
     /// Each kind's median.
-    pub fn medians(&self) -> Vec<f64> {
+    pub(crate) fn medians(&self) -> Vec<f64> {
         self.per_syscall_ns.iter().map(|v| median(v)).collect()
     }
 
-    pub fn print(&self) {
+    pub(crate) fn print(&self) {
         for (kind, values) in KINDS.iter().zip(&self.per_syscall_ns) {
             let (lo, hi) = min_max(values);
             println!(

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
 /// Median of the values (NaN for none).
-pub fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
@@ -27,7 +27,7 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-pub fn min_max(values: &[f64]) -> (f64, f64) {
+pub(crate) fn min_max(values: &[f64]) -> (f64, f64) {
     values
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
@@ -37,7 +37,7 @@ pub fn min_max(values: &[f64]) -> (f64, f64) {
 
 /// What is being measured against: nothing, our daemon, or libbpf-tools' tcplife.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Off,
     /// An idle child process started and stopped like the daemons: shows what the harness
     /// itself changes.
@@ -47,7 +47,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Off => "off",
             Mode::Control => "control",
@@ -57,7 +57,7 @@ impl Mode {
     }
 
     /// The modes of round `round`, rotated so none is always first.
-    pub fn rotation(modes: &[Mode], round: usize) -> Vec<Mode> {
+    pub(crate) fn rotation(modes: &[Mode], round: usize) -> Vec<Mode> {
         let n = modes.len();
         (0..n).map(|i| modes[(i + round) % n]).collect()
     }
@@ -67,7 +67,7 @@ impl Mode {
 /// goes to a file that is polled for the ready line: no reader thread, because a second
 /// thread in this process would itself slow the fd syscalls being timed (a process whose
 /// file table is shared takes atomic references on every fd lookup).
-pub struct Daemon {
+pub(crate) struct Daemon {
     child: Option<Child>,
     pub pid: u32,
     pub command: String,
@@ -78,7 +78,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// `tracer run --metrics-addr off --events EVENTS ARGS`, ready when it logs `ready:`.
-    pub fn tracer(bin: &Path, events: &str, args: &[String]) -> Result<Self> {
+    pub(crate) fn tracer(bin: &Path, events: &str, args: &[String]) -> Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--metrics-addr", "off", "--events", events])
             .args(args);
@@ -91,7 +91,7 @@ impl Daemon {
     }
 
     /// libbpf-tools' `tcplife` (line-buffered), ready once it prints its header.
-    pub fn tcplife() -> Result<Self> {
+    pub(crate) fn tcplife() -> Result<Self> {
         tests::ensure_tracefs()?;
         let mut cmd = Command::new("stdbuf");
         cmd.args(["-oL", "tcplife"]);
@@ -99,7 +99,7 @@ impl Daemon {
     }
 
     /// An idle process (`sleep`) started and stopped the same way as the daemons.
-    pub fn control() -> Result<Self> {
+    pub(crate) fn control() -> Result<Self> {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo ready; exec sleep 3600"]);
         Self::start(cmd, "sleep 3600".into(), "ready", libc::SIGINT, true)
@@ -153,18 +153,18 @@ impl Daemon {
     }
 
     /// CPU time of all its threads so far, ns (`/proc/PID/task/*/schedstat`).
-    pub fn cpu_ns(&self) -> u64 {
+    pub(crate) fn cpu_ns(&self) -> u64 {
         process_cpu_ns(self.pid)
     }
 
     /// Summed BPF run time and run count of the programs this process holds.
-    pub fn bpf_stats(&self) -> Result<BpfStats> {
+    pub(crate) fn bpf_stats(&self) -> Result<BpfStats> {
         let ids = held_bpf_ids(self.pid, "prog_id:");
         bpf_prog_stats(&ids)
     }
 
     /// Stops it (SIGTERM / SIGINT), up to 10 s, then kills it.
-    pub fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
@@ -202,7 +202,11 @@ impl Drop for Daemon {
 }
 
 /// Starts the daemon of `mode` (None for `Mode::Off`).
-pub fn start_mode(mode: Mode, tracer_bin: &Path, tracer_args: &[String]) -> Result<Option<Daemon>> {
+pub(crate) fn start_mode(
+    mode: Mode,
+    tracer_bin: &Path,
+    tracer_args: &[String],
+) -> Result<Option<Daemon>> {
     Ok(match mode {
         Mode::Off => None,
         Mode::Control => Some(Daemon::control()?),
@@ -212,7 +216,7 @@ pub fn start_mode(mode: Mode, tracer_bin: &Path, tracer_args: &[String]) -> Resu
 }
 
 /// CPU time of every thread of `pid`, ns.
-pub fn process_cpu_ns(pid: u32) -> u64 {
+pub(crate) fn process_cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
@@ -224,7 +228,7 @@ pub fn process_cpu_ns(pid: u32) -> u64 {
 }
 
 /// Ids of the BPF objects (`prog_id:` or `map_id:`) among the fds of `pid`.
-pub fn held_bpf_ids(pid: u32, key: &str) -> HashSet<u64> {
+pub(crate) fn held_bpf_ids(pid: u32, key: &str) -> HashSet<u64> {
     let mut ids = HashSet::new();
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return ids;
@@ -258,12 +262,12 @@ fn bpftool_json(args: &[&str]) -> Result<Vec<Value>> {
 }
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct BpfStats {
+pub(crate) struct BpfStats {
     pub run_time_ns: u64,
     pub run_cnt: u64,
 }
 
-pub fn bpf_prog_stats(ids: &HashSet<u64>) -> Result<BpfStats> {
+pub(crate) fn bpf_prog_stats(ids: &HashSet<u64>) -> Result<BpfStats> {
     let mut stats = BpfStats::default();
     for prog in bpftool_json(&["prog", "show"])? {
         if prog["id"].as_u64().is_some_and(|id| ids.contains(&id)) {
@@ -275,7 +279,7 @@ pub fn bpf_prog_stats(ids: &HashSet<u64>) -> Result<BpfStats> {
 }
 
 /// (name, type, bytes_memlock, max_entries) of the maps `pid` holds.
-pub fn held_maps(pid: u32) -> Result<Vec<(String, String, u64, u64)>> {
+pub(crate) fn held_maps(pid: u32) -> Result<Vec<(String, String, u64, u64)>> {
     let ids = held_bpf_ids(pid, "map_id:");
     Ok(bpftool_json(&["map", "show"])?
         .into_iter()
@@ -292,7 +296,7 @@ pub fn held_maps(pid: u32) -> Result<Vec<(String, String, u64, u64)>> {
 }
 
 /// Other processes holding BPF programs right now (concurrent tools skew the figures).
-pub fn other_bpf_holders() -> Vec<String> {
+pub(crate) fn other_bpf_holders() -> Vec<String> {
     let me = std::process::id();
     let mut found = Vec::new();
     let Ok(procs) = fs::read_dir("/proc") else {
@@ -319,10 +323,10 @@ pub fn other_bpf_holders() -> Vec<String> {
 }
 
 /// `kernel.bpf_stats_enabled` on while alive, restored on drop.
-pub struct BpfStatsEnabled(String);
+pub(crate) struct BpfStatsEnabled(String);
 
 impl BpfStatsEnabled {
-    pub fn on() -> Result<Self> {
+    pub(crate) fn on() -> Result<Self> {
         let path = "/proc/sys/kernel/bpf_stats_enabled";
         let old = fs::read_to_string(path)?.trim().to_owned();
         fs::write(path, "1").context("enabling kernel.bpf_stats_enabled")?;
@@ -337,14 +341,14 @@ impl Drop for BpfStatsEnabled {
 }
 
 /// A cgroup2 directory whose `cpu.stat` sums the CPU of the workload (Postgres + pgbench).
-pub struct WorkloadCgroup {
+pub(crate) struct WorkloadCgroup {
     pub path: PathBuf,
 }
 
 const CGROUP2: &str = "/sys/fs/cgroup/unified";
 
 impl WorkloadCgroup {
-    pub fn create() -> Result<Self> {
+    pub(crate) fn create() -> Result<Self> {
         let root = if Path::new(CGROUP2).join("cgroup.procs").exists() {
             PathBuf::from(CGROUP2)
         } else {
@@ -356,7 +360,7 @@ impl WorkloadCgroup {
     }
 
     /// CPU used by everything in the cgroup so far, ns.
-    pub fn usage_ns(&self) -> u64 {
+    pub(crate) fn usage_ns(&self) -> u64 {
         fs::read_to_string(self.path.join("cpu.stat"))
             .ok()
             .and_then(|s| {
@@ -369,7 +373,7 @@ impl WorkloadCgroup {
     }
 
     /// Runs `f` with this process inside the cgroup (processes it starts stay there).
-    pub fn inside<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+    pub(crate) fn inside<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         let own = fs::read_to_string("/proc/self/cgroup")?
             .lines()
             .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
@@ -387,7 +391,7 @@ impl WorkloadCgroup {
     }
 
     /// A command whose process joins the cgroup before it executes.
-    pub fn command(&self, program: &str) -> Command {
+    pub(crate) fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         tests::join_cgroup_before_exec(&mut cmd, &self.path).expect("no NUL in path");
         cmd
@@ -406,7 +410,7 @@ impl Drop for WorkloadCgroup {
 }
 
 /// Raises the open-files soft limit to at least `n` (and the hard one when it must and may).
-pub fn raise_nofile(n: u64) -> Result<()> {
+pub(crate) fn raise_nofile(n: u64) -> Result<()> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -427,7 +431,7 @@ pub fn raise_nofile(n: u64) -> Result<()> {
 }
 
 /// `VmRSS` / `VmHWM` of a process, kB.
-pub fn rss_kb(pid: u32, field: &str) -> u64 {
+pub(crate) fn rss_kb(pid: u32, field: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -1,5 +1,9 @@
 //! Harness for the root tests: a real Postgres cluster, the real daemon, and helpers to wait
 //! for its events. Every test in `tests/tests/` starts what it needs and stops it on drop.
+#![allow(
+    clippy::let_underscore_must_use,
+    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
+)]
 
 use std::{
     collections::BTreeMap,

@@ -2,6 +2,10 @@
 //! the daemon first, and `tracer top` in a real terminal (tmux). A worker holds 3
 //! connections idle in a transaction, another process holds one idle; `pg_stat_activity`
 //! is the oracle for what each backend is doing.
+#![allow(
+    clippy::let_underscore_must_use,
+    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
+)]
 
 use std::{
     collections::BTreeMap,

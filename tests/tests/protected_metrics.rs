@@ -3,6 +3,10 @@
 //! made by the openssl commands of deploy/README.md and a bcrypt hash, and a real Prometheus
 //! running the shipped scrape job (deploy/kubernetes/prometheus-scrape.yaml) with its TLS and
 //! basic-auth settings, pointed at the daemon instead of Kubernetes service discovery.
+#![allow(
+    clippy::let_underscore_must_use,
+    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
+)]
 
 use std::{
     fs,

@@ -3,6 +3,10 @@
 //! property, secret flags, `PGPASSWORD=` given through `env`). None of the secrets may come
 //! out of the daemon (events, logs) or `tracer list` (table and JSON), while the rest of each
 //! command line does; `--cmdline off` emits none, `--cmdline full` all of it.
+#![allow(
+    clippy::let_underscore_must_use,
+    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
+)]
 
 use std::{
     io::{BufRead, BufReader},

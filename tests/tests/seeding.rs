@@ -2,6 +2,10 @@
 //! restart, is still flagged. Before start-up the state comes from Postgres's process titles
 //! (the backend's view, and the client's when it is on this host too); across a restart or
 //! a crash, from the state file the previous daemon left. `pg_stat_activity` is the oracle.
+#![allow(
+    clippy::let_underscore_must_use,
+    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
+)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},

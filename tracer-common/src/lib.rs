@@ -311,15 +311,15 @@ pub mod proto {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<EventHeader>() == 24);
-    assert!(core::mem::size_of::<ProcInfo>() == 48);
-    assert!(core::mem::size_of::<ConnOpen>() == 24 + 48 + 8 + 8 + 8 + 32);
-    assert!(core::mem::size_of::<ConnClose>() == 24 + 32);
-    assert!(core::mem::size_of::<ConnOwner>() == 72);
-    assert!(core::mem::size_of::<ConnPeerClosed>() == 24);
-    assert!(core::mem::size_of::<ConnLink>() == 32);
-    assert!(core::mem::size_of::<SockState>() == 168);
-    assert!(core::mem::size_of::<KernelOffsets>() == 88);
+    assert!(size_of::<EventHeader>() == 24);
+    assert!(size_of::<ProcInfo>() == 48);
+    assert!(size_of::<ConnOpen>() == 24 + 48 + 8 + 8 + 8 + 32);
+    assert!(size_of::<ConnClose>() == 24 + 32);
+    assert!(size_of::<ConnOwner>() == 72);
+    assert!(size_of::<ConnPeerClosed>() == 24);
+    assert!(size_of::<ConnLink>() == 32);
+    assert!(size_of::<SockState>() == 168);
+    assert!(size_of::<KernelOffsets>() == 88);
 };
 
 /// Indexes of the `SETTINGS` array map (u32 values), which user space may change while the

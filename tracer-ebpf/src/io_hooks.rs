@@ -29,7 +29,7 @@ use crate::{
 const MSG_PEEK: i32 = 2;
 
 #[btf_tracepoint(function = "sock_send_length")]
-pub fn pgc_sock_send(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn pgc_sock_send(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
     on_io(sk, ret, true);
@@ -37,7 +37,7 @@ pub fn pgc_sock_send(ctx: BtfTracePointContext) -> i32 {
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
-pub fn pgc_sock_recv(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn pgc_sock_recv(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
     let flags: i32 = ctx.arg(2);
@@ -52,7 +52,7 @@ pub fn pgc_sock_recv(ctx: BtfTracePointContext) -> i32 {
 /// `sendto` never reaches its trampoline), while `tcp_sendmsg` is reached through the
 /// protocol's function pointer and so always called.
 #[fexit(function = "tcp_sendmsg")]
-pub fn pgc_tcp_sendmsg_exit(ctx: FExitContext) -> i32 {
+pub(crate) fn pgc_tcp_sendmsg_exit(ctx: FExitContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let ret: i32 = ctx.arg(3);
     on_io(sk, ret, true);
@@ -62,7 +62,7 @@ pub fn pgc_tcp_sendmsg_exit(ctx: FExitContext) -> i32 {
 /// `int unix_stream_sendmsg(struct socket *sock, struct msghdr *msg, size_t len)`: Unix
 /// stream sockets (libpq's default transport), reached through the socket's operations.
 #[fexit(function = "unix_stream_sendmsg")]
-pub fn pgc_unix_sendmsg_exit(ctx: FExitContext) -> i32 {
+pub(crate) fn pgc_unix_sendmsg_exit(ctx: FExitContext) -> i32 {
     let sock: *const c_void = ctx.arg(0);
     let ret: i32 = ctx.arg(3);
     on_io(socket_sk(sock), ret, true);
@@ -71,7 +71,7 @@ pub fn pgc_unix_sendmsg_exit(ctx: FExitContext) -> i32 {
 
 /// `int sock_recvmsg(struct socket *sock, struct msghdr *msg, int flags)`.
 #[fexit(function = "sock_recvmsg")]
-pub fn pgc_recvmsg_exit(ctx: FExitContext) -> i32 {
+pub(crate) fn pgc_recvmsg_exit(ctx: FExitContext) -> i32 {
     let sock: *const c_void = ctx.arg(0);
     let flags: i32 = ctx.arg(2);
     let ret: i32 = ctx.arg(3);
@@ -93,11 +93,11 @@ fn socket_sk(sock: *const c_void) -> *const c_void {
 /// benchmark attaches them alone to measure what `kernel.bpf_stats_enabled` accounts to any
 /// program on these hooks (its own clock reads), the floor under every per-call figure.
 #[btf_tracepoint(function = "sock_send_length")]
-pub fn pgc_floor_send(_ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn pgc_floor_send(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
-pub fn pgc_floor_recv(_ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn pgc_floor_recv(_ctx: BtfTracePointContext) -> i32 {
     0
 }

@@ -27,7 +27,7 @@ pub(crate) use offset;
 
 /// Reads a `T` at `base + offset` from kernel memory; `None` if the read faults.
 #[inline(always)]
-pub fn read_at<T>(base: *const c_void, offset: u32) -> Option<T> {
+pub(crate) fn read_at<T>(base: *const c_void, offset: u32) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one returns an error.
     unsafe { bpf_probe_read_kernel(base.byte_add(offset as usize).cast::<T>()).ok() }
 }
@@ -35,7 +35,7 @@ pub fn read_at<T>(base: *const c_void, offset: u32) -> Option<T> {
 /// Loads a `T` at `base + offset` through a BTF pointer (`base` typed by the verifier, from a
 /// hook argument or a helper returning one): no helper call, and a fault reads as zero.
 #[inline(always)]
-pub fn load_at<T>(base: *const c_void, offset: u32) -> T {
+pub(crate) fn load_at<T>(base: *const c_void, offset: u32) -> T {
     let at = base.wrapping_byte_add(offset as usize);
     // SAFETY: the verifier checks the access against the pointer's BTF type and turns it
     // into a fault-safe load.
@@ -45,7 +45,7 @@ pub fn load_at<T>(base: *const c_void, offset: u32) -> T {
 /// Writes the current process, as seen from its own context, into `owner` (in place: a
 /// `ProcInfo` built on the stack would cost 48 of the 512 bytes).
 #[inline(always)]
-pub fn fill_current_proc(owner: &mut ProcInfo) {
+pub(crate) fn fill_current_proc(owner: &mut ProcInfo) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     owner.tgid = (pid_tgid >> 32) as u32;
@@ -74,13 +74,13 @@ fn process_start_boottime() -> u64 {
 }
 
 #[inline(always)]
-pub fn current_tgid() -> u32 {
+pub(crate) fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
 /// True when the current task is exiting (its files are being closed by `do_exit()`).
 #[inline(always)]
-pub fn current_is_exiting() -> bool {
+pub(crate) fn current_is_exiting() -> bool {
     // SAFETY: helper without arguments; the pointer is only used for a checked read.
     let task = unsafe { bpf_get_current_task_btf() } as *const c_void;
     let flags: u32 = read_at(task, offset!(task_flags)).unwrap_or(0);

@@ -14,27 +14,27 @@ use tracer_common::{KernelOffsets, SockState, loss, setting};
 
 /// Watched TCP ports: index = port, value 1 = watched. Filled by user space.
 #[map]
-pub static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+pub(crate) static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
 /// Per-socket state of tracked connections, keyed by `struct sock` address. The entry is
 /// removed when the socket reaches TCP_CLOSE, so an address reused later starts afresh.
 #[map]
-pub static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
+pub(crate) static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
 
 /// Records for user space.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 /// Loss counters, indexed by [`tracer_common::loss`].
 #[map]
-pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
+pub(crate) static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
 
 /// Structure offsets of the running kernel, set by the loader from BTF.
 #[unsafe(no_mangle)]
-pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::DEFAULT);
+pub(crate) static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::DEFAULT);
 
 #[inline(always)]
-pub fn count_loss(index: u32) {
+pub(crate) fn count_loss(index: u32) {
     if let Some(counter) = LOSSES.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *counter += 1 };
@@ -42,28 +42,28 @@ pub fn count_loss(index: u32) {
 }
 
 #[inline(always)]
-pub fn port_watched(port: u16) -> bool {
+pub(crate) fn port_watched(port: u16) -> bool {
     matches!(PORTS.get(u32::from(port)), Some(&1))
 }
 
 /// Run-time settings, indexed by [`tracer_common::setting`].
 #[map]
-pub static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
+pub(crate) static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
 
 /// Hashes ([`tracer_common::path_hash`]) of the Unix socket paths that count as Postgres,
 /// filled by user space from the listening sockets that match the configured glob.
 #[map]
-pub static WATCHED_UNIX: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+pub(crate) static WATCHED_UNIX: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
 
 /// What the programs already know of a socket, kept on the socket itself (socket-local
 /// storage, freed with the socket): most socket I/O on a host is not Postgres, and a socket
 /// judged once must then cost one helper call, not a hash lookup, a path read and a hash.
 #[btf_map]
-pub static SOCK_MARKS: SkStorage<SockMark> = SkStorage::new();
+pub(crate) static SOCK_MARKS: SkStorage<SockMark> = SkStorage::new();
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct SockMark {
+pub(crate) struct SockMark {
     /// One of [`mark`].
     pub verdict: u32,
     /// For [`mark::UNIX_UNWATCHED`]: the `UNIX_GENERATION` of watched paths it was judged
@@ -72,18 +72,18 @@ pub struct SockMark {
 }
 
 /// Verdicts of [`SockMark`].
-pub mod mark {
+pub(crate) mod mark {
     /// The socket is in `SOCKS`.
-    pub const TRACKED: u32 = 1;
+    pub(crate) const TRACKED: u32 = 1;
     /// A Unix socket that is never a Postgres connection (a socket pair, a datagram socket).
-    pub const NOT_POSTGRES: u32 = 2;
+    pub(crate) const NOT_POSTGRES: u32 = 2;
     /// A Unix stream socket whose path is not watched (yet).
-    pub const UNIX_UNWATCHED: u32 = 3;
+    pub(crate) const UNIX_UNWATCHED: u32 = 3;
 }
 
 /// The mark of socket `sk` (a BTF `struct sock *`), if it has one.
 #[inline(always)]
-pub fn sock_mark(sk: *const c_void) -> Option<&'static mut SockMark> {
+pub(crate) fn sock_mark(sk: *const c_void) -> Option<&'static mut SockMark> {
     // SAFETY: the map pointer is the map's own definition (the loader relocates it) and `sk`
     // is a BTF socket pointer, as the helper requires; it returns null or the socket's value.
     let value = unsafe {
@@ -102,7 +102,7 @@ pub fn sock_mark(sk: *const c_void) -> Option<&'static mut SockMark> {
 /// Marks socket `sk`; a full map or an allocation failure leaves it unmarked (it is then
 /// judged again on its next I/O, which costs time, not correctness).
 #[inline(always)]
-pub fn set_sock_mark(sk: *const c_void, verdict: u32, generation: u32) {
+pub(crate) fn set_sock_mark(sk: *const c_void, verdict: u32, generation: u32) {
     // SAFETY: as in `sock_mark`; with F_CREATE the helper allocates a zeroed value.
     let value = unsafe {
         bpf_sk_storage_get(
@@ -120,7 +120,7 @@ pub fn set_sock_mark(sk: *const c_void, verdict: u32, generation: u32) {
 }
 
 #[inline(always)]
-pub fn setting_value(index: u32) -> u32 {
+pub(crate) fn setting_value(index: u32) -> u32 {
     SETTINGS.get(index).copied().unwrap_or(0)
 }
 
@@ -128,11 +128,11 @@ pub fn setting_value(index: u32) -> u32 {
 /// connection and sends what it got on the connection linked to it, in the same thread
 /// (see `sock_io::relay`).
 #[map]
-pub static LAST_RECV: PerCpuArray<LastRecv> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static LAST_RECV: PerCpuArray<LastRecv> = PerCpuArray::with_max_entries(1, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct LastRecv {
+pub(crate) struct LastRecv {
     /// The thread that received (0: none yet).
     pub tid: u32,
     /// The connection's role.
@@ -145,13 +145,13 @@ pub struct LastRecv {
 
 /// Per-CPU scratch space for values too large for the 512-byte BPF stack.
 #[map]
-pub static SCRATCH_STATE: PerCpuArray<SockState> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH_STATE: PerCpuArray<SockState> = PerCpuArray::with_max_entries(1, 0);
 #[map]
-pub static SCRATCH_PATH: PerCpuArray<[u8; 128]> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH_PATH: PerCpuArray<[u8; 128]> = PerCpuArray::with_max_entries(1, 0);
 
 /// A zeroed per-CPU `SockState` to fill and insert.
 #[inline(always)]
-pub fn scratch_state() -> Option<&'static mut SockState> {
+pub(crate) fn scratch_state() -> Option<&'static mut SockState> {
     let state = SCRATCH_STATE.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot owned by this program run; SockState is valid when zeroed.
     unsafe {
@@ -162,18 +162,18 @@ pub fn scratch_state() -> Option<&'static mut SockState> {
 
 /// Writes one record into the ring buffer in place (no stack copy); counts a loss when full.
 #[inline(always)]
-pub fn emit<T: 'static>(fill: impl FnOnce(*mut T)) {
+pub(crate) fn emit<T: 'static>(fill: impl FnOnce(*mut T)) {
     emit_with(0, fill);
 }
 
 /// `BPF_RB_NO_WAKEUP`: the record waits for the reader's next wake-up (another record, or
 /// its tick). Waking the reader queues an irq_work, a self-IPI: microseconds on a virtual
 /// machine, for records that come with every pooled transaction.
-pub const NO_WAKEUP: u64 = 1;
+pub(crate) const NO_WAKEUP: u64 = 1;
 
 /// [`emit`] with ring-buffer submit `flags`.
 #[inline(always)]
-pub fn emit_with<T: 'static>(flags: u64, fill: impl FnOnce(*mut T)) {
+pub(crate) fn emit_with<T: 'static>(flags: u64, fill: impl FnOnce(*mut T)) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             fill(entry.as_mut_ptr());

@@ -43,7 +43,7 @@ const SOCK_STREAM: u16 = 1;
 /// not Postgres and must cost next to nothing: a TCP socket is judged by its ports (a few
 /// direct loads and the port map), a Unix socket by the mark its first I/O left on it.
 #[inline(always)]
-pub fn on_io(sk: *const c_void, ret: i32, sending: bool) {
+pub(crate) fn on_io(sk: *const c_void, ret: i32, sending: bool) {
     let family: u16 = load_at(sk, offset!(sock_common_family));
     let state = if family == AF_INET || family == AF_INET6 {
         if tcp_role(sk).is_none() {

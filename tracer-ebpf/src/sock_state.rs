@@ -32,7 +32,7 @@ const TCP_CLOSE_WAIT: i32 = tcp_state::CLOSE_WAIT as i32;
 const IPPROTO_TCP: u16 = 6;
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn pgc_sock_state(ctx: BtfTracePointContext) -> i32 {
+pub(crate) fn pgc_sock_state(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     let old_state: i32 = ctx.arg(1);
     let new_state: i32 = ctx.arg(2);
@@ -67,7 +67,7 @@ fn on_state_change(sk: *const c_void, old_state: i32, new_state: i32) {
 /// The role of a TCP socket on a watched port: client when the remote port is watched,
 /// server when the local one is; `None` for other sockets and other protocols.
 #[inline(always)]
-pub fn tcp_role(sk: *const c_void) -> Option<u8> {
+pub(crate) fn tcp_role(sk: *const c_void) -> Option<u8> {
     // Direct loads through the BTF socket pointer: this runs on every I/O of every TCP
     // socket of the host, where a helper call per field would be most of the cost.
     let protocol: u16 = load_at(sk, offset!(sock_protocol));
@@ -103,7 +103,7 @@ fn adopt_preexisting(sk: *const c_void, key: u64) -> Option<*mut SockState> {
 /// A new entry (in per-CPU scratch) for a TCP connection on a watched port that existed
 /// before the probes were attached; `None` for other sockets.
 #[inline(always)]
-pub fn preexisting_state(sk: *const c_void, family: u16) -> Option<&'static mut SockState> {
+pub(crate) fn preexisting_state(sk: *const c_void, family: u16) -> Option<&'static mut SockState> {
     let sock_role = tcp_role(sk)?;
     let state = scratch_state()?;
     // SAFETY: `sk` is the tracepoint's `struct sock *` argument.
@@ -205,7 +205,7 @@ fn on_tracked_change(
 /// Takes the cookie of a server's child socket once it is final (any transition after
 /// SYN_RECV, or its first I/O): every record carries it.
 #[inline(always)]
-pub fn settle_cookie(sk: *const c_void, state: &mut SockState) {
+pub(crate) fn settle_cookie(sk: *const c_void, state: &mut SockState) {
     if state.cookie == 0 {
         // SAFETY: `sk` is the hook's BTF socket argument.
         state.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
@@ -247,7 +247,7 @@ fn on_close(sk: *const c_void, key: u64, state: &mut SockState, old_state: i32) 
 
 /// Emits `CONN_CLOSE` with the connection's final counts.
 #[inline(always)]
-pub fn emit_close(state: &SockState, old_state: u8) {
+pub(crate) fn emit_close(state: &SockState, old_state: u8) {
     emit::<ConnClose>(|record| {
         // SAFETY: `record` points at a reserved, writable ring-buffer slot of this type;
         // every field is written.
@@ -264,7 +264,7 @@ pub fn emit_close(state: &SockState, old_state: u8) {
 }
 
 #[inline(always)]
-pub fn header(record_kind: u32, size: usize, cookie: u64) -> EventHeader {
+pub(crate) fn header(record_kind: u32, size: usize, cookie: u64) -> EventHeader {
     EventHeader {
         kind: record_kind,
         size: size as u32,
@@ -306,7 +306,7 @@ fn snapshot_addresses(sk: *const c_void, state: &mut SockState) {
 /// Emits `CONN_OPEN` with the socket's addresses (for Unix, the path hash) and the owner
 /// recorded in `state`.
 #[inline(always)]
-pub fn emit_open(sk: *const c_void, state: &mut SockState, unix_hash: u64, flags: u8) {
+pub(crate) fn emit_open(sk: *const c_void, state: &mut SockState, unix_hash: u64, flags: u8) {
     let family = state.family;
     let (mut num, mut dport, mut local_addr, mut remote_addr) = (0, 0, [0u8; 16], [0u8; 16]);
     if family == AF_UNIX {
@@ -351,7 +351,7 @@ pub fn emit_open(sk: *const c_void, state: &mut SockState, unix_hash: u64, flags
 }
 
 #[inline(always)]
-pub fn emit_peer_closed(state: &SockState) {
+pub(crate) fn emit_peer_closed(state: &SockState) {
     emit::<ConnPeerClosed>(|record| {
         // SAFETY: reserved, writable ring-buffer slot of this type; every field is written.
         unsafe {

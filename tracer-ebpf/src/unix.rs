@@ -18,7 +18,7 @@ use crate::{
 /// the socket itself is bound to it, i.e. the server side). Socket pairs and unconnected
 /// sockets have none: they are rejected after two or three reads.
 #[inline(always)]
-pub fn unix_address(sk: *const c_void) -> Option<(u64, bool)> {
+pub(crate) fn unix_address(sk: *const c_void) -> Option<(u64, bool)> {
     let own: u64 = read_at(sk, offset!(unix_sock_addr))?;
     if own != 0 {
         return Some((own, true));
@@ -33,7 +33,7 @@ pub fn unix_address(sk: *const c_void) -> Option<(u64, bool)> {
 
 /// Hash of the filesystem path of a `struct unix_address`; `None` for abstract names.
 #[inline(always)]
-pub fn address_path_hash(address: u64) -> Option<u64> {
+pub(crate) fn address_path_hash(address: u64) -> Option<u64> {
     let address = address as *const c_void;
     // `len` counts sun_family (2 bytes) plus the path.
     let len: i32 = read_at(address, offset!(unix_address_len))?;

@@ -23,7 +23,7 @@ const SYS_RECVMSG: u64 = 47;
 const MAX_IOVECS: u32 = 8;
 
 #[derive(Clone, Copy)]
-pub enum Buffer {
+pub(crate) enum Buffer {
     /// One contiguous buffer.
     Flat(u64),
     /// An array of `struct iovec` and its length.
@@ -31,14 +31,14 @@ pub enum Buffer {
 }
 
 #[inline(always)]
-pub fn read_user<T>(address: u64) -> Option<T> {
+pub(crate) fn read_user<T>(address: u64) -> Option<T> {
     // SAFETY: bpf_probe_read_user checks the address; a bad one returns an error.
     unsafe { bpf_probe_read_user(address as *const T).ok() }
 }
 
 /// Where the data of the current syscall is, if it is a socket syscall we understand.
 #[inline(always)]
-pub fn current_syscall_buffer(sending: bool) -> Option<Buffer> {
+pub(crate) fn current_syscall_buffer(sending: bool) -> Option<Buffer> {
     // SAFETY: helpers without preconditions; the result is a BTF `struct pt_regs *`.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const c_void;
     if regs.is_null() {
@@ -69,7 +69,7 @@ pub fn current_syscall_buffer(sending: bool) -> Option<Buffer> {
 
 /// The first `N` bytes of the data, when the first segment holds them.
 #[inline(always)]
-pub fn head<const N: usize>(buffer: Buffer, len: u64) -> Option<[u8; N]> {
+pub(crate) fn head<const N: usize>(buffer: Buffer, len: u64) -> Option<[u8; N]> {
     if len < N as u64 {
         return None;
     }
@@ -92,7 +92,7 @@ pub fn head<const N: usize>(buffer: Buffer, len: u64) -> Option<[u8; N]> {
 /// The last bytes of the data (up to 8, from the segment holding the end), right-aligned
 /// in the returned array, with their count.
 #[inline(always)]
-pub fn tail8(buffer: Buffer, len: u64) -> Option<([u8; 8], usize)> {
+pub(crate) fn tail8(buffer: Buffer, len: u64) -> Option<([u8; 8], usize)> {
     let (base, used) = match buffer {
         Buffer::Flat(base) => (base, len),
         Buffer::Vector(iov, count) => {

@@ -277,6 +277,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Protection::new(args.web_config.as_deref()),
             live.clone(),
             async move {
+                #[allow(
+                    clippy::let_underscore_must_use,
+                    reason = "a dropped sender means stop as well"
+                )]
                 let _ = stopped.await;
             },
         ));
@@ -317,7 +321,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     drop(ring);
     drop(probes);
     if let Some(server) = server {
+        #[allow(
+            clippy::let_underscore_must_use,
+            reason = "the server may have stopped already; shutdown goes on"
+        )]
         let _ = server.stop.send(());
+        #[allow(
+            clippy::let_underscore_must_use,
+            reason = "a server that does not stop in time is dropped with the runtime"
+        )]
         let _ = tokio::time::timeout(Duration::from_secs(2), server.task).await;
     }
     tracker.finish();

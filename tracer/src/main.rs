@@ -10,6 +10,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(cli::CliError::Info(info)) => {
             // --help / --version
+            #[allow(
+                clippy::let_underscore_must_use,
+                reason = "nothing to tell if stdout is closed"
+            )]
             let _ = info.print();
             return ExitCode::SUCCESS;
         }

@@ -23,7 +23,7 @@ fn release_dir() -> PathBuf {
     target.join("release")
 }
 
-pub fn bench(args: Vec<String>) -> Result<()> {
+pub(crate) fn bench(args: Vec<String>) -> Result<()> {
     if !is_root() {
         bail!("`cargo xtask bench` attaches BPF programs and runs Postgres: run it as root");
     }

@@ -150,7 +150,7 @@ fn wait_port(port: u16, what: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn demo(tracer: &Path) -> Result<()> {
+pub(crate) fn demo(tracer: &Path) -> Result<()> {
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     let mut demo = Demo {
         dir: std::env::temp_dir().join(format!("tracer-demo-{}", std::process::id())),

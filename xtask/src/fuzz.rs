@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, root_dir, run};
 
 /// The targets in `fuzz/fuzz_targets/`.
-pub const TARGETS: [&str; 3] = ["decode", "protocol", "cmdline"];
+pub(crate) const TARGETS: [&str; 3] = ["decode", "protocol", "cmdline"];
 
 fn has_cargo_fuzz() -> bool {
     cargo()
@@ -32,7 +32,7 @@ fn cargo_fuzz() -> Command {
     cmd
 }
 
-pub fn fuzz(seconds: u64) -> Result<()> {
+pub(crate) fn fuzz(seconds: u64) -> Result<()> {
     if !has_cargo_fuzz() {
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))
             .context("installing cargo-fuzz")?;

@@ -107,7 +107,7 @@ fn tracer_bin() -> Result<PathBuf> {
     Ok(target.join("debug/tracer"))
 }
 
-pub fn soak(minutes: u64) -> Result<()> {
+pub(crate) fn soak(minutes: u64) -> Result<()> {
     if !is_root() {
         bail!("the soak runs the daemon, which needs root");
     }

@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, root_dir, run};
 
 /// A kernel the VM tier boots.
-pub struct Kernel {
+pub(crate) struct Kernel {
     /// Debian package; a newer ABI of the same series is taken when this one has left the
     /// archive.
     pub package: &'static str,
@@ -35,7 +35,7 @@ pub struct Kernel {
 
 /// Debian 12's kernels: 6.1 (also Amazon Linux 2023's series) has no I/O tracepoints and
 /// gets the trampolines; 6.12 has both sets and gets the tracepoints.
-pub const KERNELS: &[Kernel] = &[
+pub(crate) const KERNELS: &[Kernel] = &[
     Kernel {
         package: "linux-image-6.1.0-50-amd64-unsigned",
         expect_hooks: "trampolines",
@@ -56,7 +56,7 @@ pub const KERNELS: &[Kernel] = &[
 /// incident replay, `tracer check` loading every program the kernel can run, and one test
 /// per later feature that reads what the kernel sees: pooler links, leaks older than the
 /// daemon and across restarts, the live table and `tracer top`, redacted command lines.
-pub const TESTS: &[(&str, &str)] = &[
+pub(crate) const TESTS: &[(&str, &str)] = &[
     ("operations", "check_passes_as_root_and_loads_every_probe"),
     (
         "foundation",
@@ -296,7 +296,7 @@ fn guest_script(kernel: &Kernel, binaries: &[(String, PathBuf)]) -> Result<Strin
     Ok(script)
 }
 
-pub fn vm_test(kernels: &[String]) -> Result<()> {
+pub(crate) fn vm_test(kernels: &[String]) -> Result<()> {
     let vng = setup_vm_tools()?;
     let selected: Vec<&Kernel> = if kernels.is_empty() {
         KERNELS.iter().collect()

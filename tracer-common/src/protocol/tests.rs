@@ -1310,7 +1310,9 @@ fn client_packet_classifier_table() {
         assert_ne!(bits & FIRST, 0);
         assert_eq!(bits & !(FIRST | ENC | CANCEL | ENCRYPTED), 0);
         assert!(
-            ((bits & ENC != 0) as u8 + (bits & CANCEL != 0) as u8 + (bits & ENCRYPTED != 0) as u8)
+            (u8::from(bits & ENC != 0)
+                + u8::from(bits & CANCEL != 0)
+                + u8::from(bits & ENCRYPTED != 0))
                 <= 1
         );
     }

@@ -290,6 +290,10 @@ impl StateDir {
             .truncate(true)
             .mode(0o600)
             .open(&probe)?;
+        #[allow(
+            clippy::let_underscore_must_use,
+            reason = "the probe file only proved the directory writable"
+        )]
         let _ = fs::remove_file(&probe);
         Ok(Self {
             dir: dir.to_owned(),

@@ -82,11 +82,7 @@ impl Tracker {
 
     /// Takes in the kernel's live state of every connection, runs the detectors on it and
     /// reports what they found.
-    fn judge(
-        &mut self,
-        live_states: &rustc_hash::FxHashMap<u64, tracer_common::SockState>,
-        now: u64,
-    ) {
+    fn judge(&mut self, live_states: &FxHashMap<u64, tracer_common::SockState>, now: u64) {
         let mut findings = Vec::new();
         let mut ended_unseen = false;
         let mut changed = false;
@@ -242,6 +238,10 @@ impl Tracker {
                 {
                     conn.live = live;
                 }
+                #[allow(
+                    clippy::let_underscore_must_use,
+                    reason = "the kernel may have let go of it already"
+                )]
                 let _ = probes.forget_sock(conn.sock_key, cookie);
             }
             let owner_alive = Path::new("/proc").join(conn.owner.pid.to_string()).exists();

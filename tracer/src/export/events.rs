@@ -108,7 +108,9 @@ fn write_lines(mut output: Box<dyn Write + Send>, lines: Receiver<String>) {
             return;
         }
     }
-    let _ = output.flush();
+    if let Err(err) = output.flush() {
+        log::error!("event output: {err}");
+    }
 }
 
 #[cfg(test)]

@@ -268,6 +268,10 @@ async fn fetch_now(
         .map_err(http)?;
     tokio::spawn(async move {
         // Ends when the response is read and `sender` is dropped.
+        #[allow(
+            clippy::let_underscore_must_use,
+            reason = "a client that went away needs nothing more"
+        )]
         let _ = connection.await;
     });
     let request = Request::get(API_PATH)

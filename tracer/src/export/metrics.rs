@@ -285,8 +285,11 @@ impl ConnGauges {
     }
 
     /// Drops the gauge series of a label set with no open connection left.
+    #[allow(
+        clippy::let_underscore_must_use,
+        reason = "a series that is already gone is fine: removal is all that is wanted"
+    )]
     fn remove(&self, labels: &ConnLabels) {
-        // A series that is already gone is fine: removal is all that is wanted.
         for state in ConnState::ALL {
             let _ = self
                 .open_connections

@@ -29,7 +29,7 @@ struct BatchAttr {
 
 /// Every entry of the hash map behind `fd`. `K` and `V` must be the map's exact key and
 /// value types (plain `repr(C)` data, valid for any bit pattern: `aya::Pod`).
-pub fn read_all<K, V>(fd: BorrowedFd<'_>, expected: usize) -> io::Result<FxHashMap<K, V>>
+pub(super) fn read_all<K, V>(fd: BorrowedFd<'_>, expected: usize) -> io::Result<FxHashMap<K, V>>
 where
     K: aya::Pod + Eq + Hash,
     V: aya::Pod,

@@ -365,6 +365,10 @@ impl Probes {
                 .ok_or_else(|| anyhow!("map SOCKS missing"))?,
         )?;
         if map.get(&key, 0).is_ok_and(|s| s.cookie == cookie) {
+            #[allow(
+                clippy::let_underscore_must_use,
+                reason = "an entry the kernel removed already is fine"
+            )]
             let _ = map.remove(&key);
         }
         Ok(())
@@ -387,6 +391,10 @@ impl Probes {
             .filter(|k| !wanted.contains(k))
             .collect();
         for key in stale {
+            #[allow(
+                clippy::let_underscore_must_use,
+                reason = "an entry the kernel removed already is fine"
+            )]
             let _ = map.remove(&key);
         }
         for hash in wanted {

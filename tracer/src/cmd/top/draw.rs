@@ -29,7 +29,7 @@ fn style(severity: Severity, kind: LineKind) -> Style {
     }
 }
 
-pub fn frame(frame: &mut Frame, screen: &Screen) {
+pub(super) fn frame(frame: &mut Frame, screen: &Screen) {
     let [title, summary, header, body, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(1),

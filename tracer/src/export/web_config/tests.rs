@@ -1,5 +1,9 @@
 //! The web config: what is accepted, every refusal as one line, and the real endpoint behind
 //! it (TLS handshakes with certificates made here, basic auth, the bcrypt cache).
+#![allow(
+    clippy::let_underscore_must_use,
+    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
+)]
 
 use std::{
     net::SocketAddr,
@@ -360,7 +364,7 @@ fn status(answer: &str) -> &str {
     answer.split_whitespace().nth(1).unwrap_or("")
 }
 
-async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(10), future)
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
