@@ -13,6 +13,7 @@ use tracer_common::{
 use crate::{
     decode::KernelEvent,
     detectors::{ConnView, Episodes, Seeded},
+    endpoint::Endpoint,
     owner::ProcessDetails,
 };
 
@@ -115,8 +116,8 @@ pub struct Conn {
     pub cookie: u64,
     pub role: Role,
     pub transport: Transport,
-    pub local: String,
-    pub remote: String,
+    pub local: Endpoint,
+    pub remote: Endpoint,
     pub owner: Owner,
     /// What `/proc` said of the owner (filled in by the daemon).
     pub details: ProcessDetails,
@@ -164,8 +165,8 @@ impl Conn {
         cookie: u64,
         role: Role,
         transport: Transport,
-        local: String,
-        remote: String,
+        local: Endpoint,
+        remote: Endpoint,
         owner: Owner,
         start_ns: u64,
     ) -> Self {
@@ -381,23 +382,23 @@ fn endpoints(
     open: &ConnOpen,
     role: Role,
     unix_path: &dyn Fn(u64) -> Option<String>,
-) -> (Transport, String, String) {
+) -> (Transport, Endpoint, Endpoint) {
     if open.family == AF_UNIX {
         let hash = u64::from_ne_bytes(open.local_addr[..8].try_into().expect("8 bytes"));
         let path = unix_path(hash).unwrap_or_else(|| format!("unix-path-hash:{hash:016x}"));
         let local = if role == Role::Server {
-            path.clone()
+            Endpoint::Unix(path.clone())
         } else {
-            String::new()
+            Endpoint::None
         };
-        (Transport::Unix, local, path)
+        (Transport::Unix, local, Endpoint::Unix(path))
     } else {
         let local = SocketAddr::new(ip_from_wire(open.family, &open.local_addr), open.local_port);
         let remote = SocketAddr::new(
             ip_from_wire(open.family, &open.remote_addr),
             open.remote_port,
         );
-        (Transport::Tcp, local.to_string(), remote.to_string())
+        (Transport::Tcp, local.into(), remote.into())
     }
 }
 

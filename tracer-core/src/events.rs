@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::{
     conn_table::{ClosedBy, Conn, Role, Transport},
     detectors::{ConnState, LeakReason},
+    endpoint::Endpoint,
 };
 
 /// The fields every connection event carries.
@@ -17,8 +18,12 @@ pub struct ConnFields {
     pub conn_id: String,
     pub role: Role,
     pub transport: Transport,
-    pub local: String,
-    pub remote: String,
+    /// In its text form (`ip:port`, `[v6]:port`, a path, or `""`), written straight into
+    /// the line.
+    #[serde(serialize_with = "as_text")]
+    pub local: Endpoint,
+    #[serde(serialize_with = "as_text")]
+    pub remote: Endpoint,
     pub pid: u32,
     pub comm: String,
     pub exe: Option<String>,
@@ -36,6 +41,16 @@ pub struct ConnFields {
     pub backend_pid: Option<u32>,
     /// Through a pooler: the connection on its other side paired with this one right now.
     pub linked: Option<Linked>,
+}
+
+fn as_text<S: serde::Serializer>(end: &Endpoint, s: S) -> Result<S::Ok, S::Error> {
+    match end {
+        Endpoint::None => s.serialize_str(""),
+        Endpoint::Unix(path) => s.serialize_str(path),
+        // Formatted on the stack, then written in one piece: `collect_str` would pass each
+        // octet and colon through the JSON escaper separately.
+        Endpoint::Inet(addr) => s.serialize_str(&crate::endpoint::InetText::new(addr)),
+    }
 }
 
 /// `linked`: what a connection through a pooler is paired with right now.

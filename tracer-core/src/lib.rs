@@ -1,6 +1,6 @@
 //! The tracer's pure parts, in pipeline order: decoding the kernel's records into typed
-//! events (`decode`), the table of connections they feed (`conn_table`) with who owns each
-//! (`owner`), the stall and leak detectors (`detectors`), how connections pair up through a
+//! events (`decode`), the table of connections they feed (`conn_table`, their ends typed in
+//! `endpoint`) with who owns each (`owner`), the stall and leak detectors (`detectors`), how connections pair up through a
 //! pooler (`pooler`), the events the daemon emits (`events`), what of a command line they
 //! may show (`redact`), and the run settings' defaults and limits (`settings`).
 //!
@@ -10,6 +10,7 @@
 pub mod conn_table;
 pub mod decode;
 pub mod detectors;
+pub mod endpoint;
 pub mod events;
 pub mod owner;
 pub mod pooler;

@@ -23,6 +23,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::{
     conn_table::{Conn, ConnTable, Role, Transport},
+    endpoint::Endpoint,
     events::{ConnFields, Linked},
 };
 
@@ -33,7 +34,7 @@ pub const PID_MAX_LIMIT: u32 = 4 * 1024 * 1024;
 #[derive(Default)]
 pub struct Relations {
     /// TCP connections by `(local, remote)` address.
-    by_addr: HashMap<(String, String), u64>,
+    by_addr: HashMap<(Endpoint, Endpoint), u64>,
     /// Unix connections' peers (both directions), from sock_diag.
     unix_peer: HashMap<u64, u64>,
     /// Open connections whose peer has closed already: the peer's `conn_id`, so that their
@@ -244,7 +245,7 @@ impl Relations {
                 pid: app.map(|a| a.owner.pid),
                 comm: app.map(|a| a.owner.comm.clone()),
                 container_id: app.and_then(|a| a.details.container.container_id.clone()),
-                remote: client.remote.clone(),
+                remote: client.remote.to_string(),
             });
         }
         let server = self.server_of(conn.cookie).or_else(|| {
@@ -257,7 +258,7 @@ impl Relations {
         Some(Linked::Server {
             conn_id: server.cookie.to_string(),
             backend_pid: self.pinned_backend(table, server),
-            remote: server.remote.clone(),
+            remote: server.remote.to_string(),
         })
     }
 

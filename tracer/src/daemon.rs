@@ -59,6 +59,7 @@ use crate::{
     kernel::probes::{KernelLosses, Probes},
     model::conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
     model::detectors::{Finding, Thresholds},
+    model::endpoint::Endpoint,
     model::pooler::Relations,
 };
 
@@ -166,13 +167,9 @@ fn owner_details(owner: &Owner, cmdline: CmdlineMode) -> ProcessDetails {
 /// Metric labels of a connection. A server's `remote` drops the client's ephemeral port,
 /// which would otherwise make a label set per connection.
 fn labels_of(conn: &Conn) -> ConnLabels {
-    let remote = match (conn.role, conn.transport) {
-        (Role::Server, Transport::Tcp) => conn
-            .remote
-            .parse::<std::net::SocketAddr>()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_else(|_| conn.remote.clone()),
-        _ => conn.remote.clone(),
+    let remote = match (conn.role, conn.remote.ip()) {
+        (Role::Server, Some(ip)) => ip.to_string(),
+        _ => conn.remote.to_string(),
     };
     ConnLabels {
         role: conn.role.as_str(),

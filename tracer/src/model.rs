@@ -3,4 +3,4 @@
 //! (`detectors`), and how connections pair up: both ends on this host, pooler links
 //! (`pooler`).
 
-pub use tracer_core::{conn_table, detectors, pooler};
+pub use tracer_core::{conn_table, detectors, endpoint, pooler};

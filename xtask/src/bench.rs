@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: set up, build the daemon and the `bench` crate in release mode, and
-//! run the benchmark as root. It prints the seven figures of docs/performance.md, each with
+//! run the benchmark as root. It prints the eight figures of docs/performance.md, each with
 //! the command that made it, in under 10 minutes on the project's 2-core machines.
 
 use std::{path::PathBuf, process::Command};

@@ -60,15 +60,17 @@ enum Task {
         no_vm: bool,
     },
     /// Boot Debian kernels in qemu over this machine's root filesystem and run the root
-    /// tests that prove each one (needs root): the foundation, Unix sockets, connections
-    /// open before start-up, the incident replay, every probe loading.
+    /// tests that prove each one (needs root): every probe loading, the foundation, Unix
+    /// sockets, connections open before start-up, the incident replay, and one test per
+    /// later feature (pooler links, leaks older than the daemon, the live table and `top`,
+    /// redaction). `TRACER_VM_TESTS=a,b` picks tests.
     VmTest {
         /// Debian kernel package (or part of its name), repeatable; default: every kernel
         /// of the tier (6.1 and 6.12).
         #[arg(long)]
         kernel: Vec<String>,
     },
-    /// Set up, build (release) and run the benchmark as root: the seven figures of
+    /// Set up, build (release) and run the benchmark as root: the eight figures of
     /// docs/performance.md. Arguments after `--` go to the bench binary (`--help`).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

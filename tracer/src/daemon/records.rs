@@ -87,7 +87,7 @@ impl Tracker {
                 server.cookie,
                 server.local,
                 client.map_or("-".to_owned(), |c| c.cookie.to_string()),
-                client.map_or("-", |c| c.remote.as_str()),
+                client.map_or("-".to_owned(), |c| c.remote.to_string()),
             );
         }
     }

@@ -17,11 +17,9 @@ impl Tracker {
             let mut conn = f.to_conn(now, proc_root, self.cmdline);
             conn.seeded = titles.get(&f.cookie).copied();
             from_titles += usize::from(conn.seeded.is_some());
-            if f.transport == Transport::Unix {
-                self.unix_paths.insert(
-                    path_hash(f.remote.as_bytes(), f.remote.len()),
-                    f.remote.clone(),
-                );
+            if let Endpoint::Unix(path) = &f.remote {
+                self.unix_paths
+                    .insert(path_hash(path.as_bytes(), path.len()), path.clone());
             } else if self.table.get(f.cookie).is_none() {
                 self.pending_adoption.insert(f.cookie);
             }

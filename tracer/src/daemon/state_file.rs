@@ -24,6 +24,7 @@ use crate::{
     host::process::{Container, ProcessDetails},
     model::conn_table::{Conn, Owner, Role, Transport},
     model::detectors::{ConnState, Episodes, LeakReason, Seeded},
+    model::endpoint::Endpoint,
 };
 
 pub const FILE_NAME: &str = "state.json";
@@ -105,8 +106,8 @@ impl SavedConn {
             cookie: conn.cookie,
             role: conn.role,
             transport: conn.transport,
-            local: conn.local.clone(),
-            remote: conn.remote.clone(),
+            local: conn.local.to_string(),
+            remote: conn.remote.to_string(),
             pid: conn.owner.pid,
             uid: conn.owner.uid,
             comm: conn.owner.comm.clone(),
@@ -158,8 +159,8 @@ impl SavedConn {
             self.cookie,
             self.role,
             self.transport,
-            self.local.clone(),
-            self.remote.clone(),
+            Endpoint::parse(&self.local),
+            Endpoint::parse(&self.remote),
             owner,
             self.born_ns,
         );

@@ -166,8 +166,8 @@ impl Tracker {
                     app.and_then(|a| a.details.container.container_id.as_deref()),
                 ),
                 client_ip: client
-                    .and_then(|c| c.remote.parse::<std::net::SocketAddr>().ok())
-                    .map(|a| a.ip().to_string())
+                    .and_then(|c| c.remote.ip())
+                    .map(|ip| ip.to_string())
                     .unwrap_or_default(),
             };
             *counts.entry(labels).or_insert(0) += 1;

@@ -3,7 +3,7 @@
 //! owners from `/proc`. The daemon seeds its table with them at start-up (they are the
 //! connections opened before it ran); `tracer list` prints them.
 
-use std::{collections::HashMap, net::SocketAddr, path::Path};
+use std::{collections::HashMap, path::Path};
 
 use crate::{
     host::owners::{process_age_s, socket_owners},
@@ -12,6 +12,7 @@ use crate::{
     host::sockdiag::{self, DiagError, TCP_CLOSE_WAIT, TCP_LISTEN, TcpSocket},
     host::unix_pairs::{UnixConnection, UnixRole, unix_connections},
     model::conn_table::{Conn, Owner, Role, Transport},
+    model::endpoint::Endpoint,
 };
 
 /// One connection found in the socket tables.
@@ -23,8 +24,8 @@ pub struct FoundConn {
     pub peer_inode: Option<u64>,
     pub role: Role,
     pub transport: Transport,
-    pub local: String,
-    pub remote: String,
+    pub local: Endpoint,
+    pub remote: Endpoint,
     /// The processes holding the socket (sorted; several after fork or fd passing).
     pub pids: Vec<u32>,
     pub uid: u32,
@@ -89,11 +90,6 @@ impl FoundConn {
     }
 }
 
-/// Renders an address the way events do: `ip:port`, `[v6]:port`.
-pub fn render_addr(addr: &SocketAddr) -> String {
-    addr.to_string()
-}
-
 /// The role of a TCP socket given the watched ports, or `None` when it is not one of ours.
 pub fn tcp_role(socket: &TcpSocket, ports: &[u16]) -> Option<Role> {
     if socket.state == TCP_LISTEN {
@@ -151,8 +147,8 @@ pub fn tcp_connections(
                 peer_inode: None,
                 role,
                 transport: Transport::Tcp,
-                local: render_addr(&s.local),
-                remote: render_addr(&s.remote),
+                local: s.local.into(),
+                remote: s.remote.into(),
                 pids,
                 uid: s.uid,
                 peer_closed: s.state == TCP_CLOSE_WAIT,
@@ -187,7 +183,7 @@ pub fn unix_found(
                 role,
                 transport: Transport::Unix,
                 local: unix_local(role, &c.path),
-                remote: c.path.clone(),
+                remote: Endpoint::Unix(c.path.clone()),
                 uid: pids.first().and_then(|&p| uid_of(p)).unwrap_or(0),
                 pids,
                 peer_closed: false,
@@ -201,10 +197,10 @@ pub fn unix_found(
 
 /// `local` of a Unix connection: the server end is bound to the path, the client end is
 /// unnamed.
-pub fn unix_local(role: Role, path: &str) -> String {
+pub fn unix_local(role: Role, path: &str) -> Endpoint {
     match role {
-        Role::Server => path.to_owned(),
-        Role::Client => String::new(),
+        Role::Server => Endpoint::Unix(path.to_owned()),
+        Role::Client => Endpoint::None,
     }
 }
 

@@ -14,6 +14,7 @@ use crate::{
     host::discovery::FoundConn,
     model::conn_table::{Role, Transport},
     model::detectors::{ConnState, Seeded},
+    model::endpoint::Endpoint,
 };
 
 const PREFIX: &str = "postgres: ";
@@ -135,8 +136,10 @@ pub fn read_title(proc_root: &Path, pid: u32) -> Option<String> {
         .map(|bytes| title_of_cmdline(&bytes))
 }
 
-fn canonical(addr: &str) -> Option<SocketAddr> {
-    let addr: SocketAddr = addr.parse().ok()?;
+fn canonical(end: &Endpoint) -> Option<SocketAddr> {
+    let Endpoint::Inet(addr) = end else {
+        return None;
+    };
     Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
@@ -151,7 +154,7 @@ pub fn seeds(
     now: u64,
 ) -> HashMap<u64, Seeded> {
     type Pair = (SocketAddr, SocketAddr);
-    let tcp_pair = |local: &str, remote: &str| -> Option<Pair> {
+    let tcp_pair = |local: &Endpoint, remote: &Endpoint| -> Option<Pair> {
         Some((canonical(local)?, canonical(remote)?))
     };
     let mut clients_by_pair: HashMap<Pair, Vec<u64>> = HashMap::new();

@@ -99,11 +99,15 @@ fn picks_unix_connections_by_path() {
     });
     assert_eq!(found.len(), 2);
     assert_eq!(
-        (found[0].role, found[0].local.as_str(), found[0].uid),
+        (
+            found[0].role,
+            found[0].local.to_string().as_str(),
+            found[0].uid
+        ),
         (Role::Client, "", 1010)
     );
     assert_eq!(
-        (found[1].role, found[1].local.as_str()),
+        (found[1].role, found[1].local.to_string().as_str()),
         (Role::Server, "/run/postgresql/.s.PGSQL.5432")
     );
     assert!(
