@@ -87,14 +87,6 @@ pub fn roll_window(window: &mut [u8; 8], tail: &[u8; 8], count: usize) {
     }
 }
 
-/// Rolls a whole chunk into the window, as the kernel does for one read (its last 8 bytes).
-pub fn roll_chunk(window: &mut [u8; 8], chunk: &[u8]) {
-    let count = chunk.len().min(8);
-    let mut tail = [0u8; 8];
-    tail[8 - count..].copy_from_slice(&chunk[chunk.len() - count..]);
-    roll_window(window, &tail, count);
-}
-
 /// The status byte when the window ends with a complete ReadyForQuery message.
 #[inline(always)]
 pub fn ready_for_query_status(window: &[u8; 8]) -> Option<u8> {
@@ -174,28 +166,6 @@ pub fn scan_startup(
         return StartupScan::Continue((at - len) as u32);
     }
     StartupScan::Over
-}
-
-/// [`scan_startup`] over a byte stream split into `reads`, as the kernel sees it: the pid,
-/// if BackendKeyData was found.
-pub fn backend_pid_of(reads: &[&[u8]]) -> Option<u32> {
-    let mut skip = 0;
-    for read in reads {
-        let bytes = *read;
-        let at = |at: u64, n: usize| bytes.get(at as usize..at as usize + n);
-        let scan = scan_startup(
-            skip,
-            bytes.len() as u64,
-            |a| at(a, 5).map(|b| [b[0], b[1], b[2], b[3], b[4]]),
-            |a| at(a, 4).map(|b| [b[0], b[1], b[2], b[3]]),
-        );
-        match scan {
-            StartupScan::Continue(next) => skip = next,
-            StartupScan::BackendPid(pid) => return Some(pid),
-            StartupScan::Over => return None,
-        }
-    }
-    None
 }
 
 #[cfg(test)]

@@ -196,7 +196,8 @@ impl Relations {
     }
 
     /// Whether the pooler `pid` was seen pooling by transaction.
-    pub fn pools_by_transaction(&self, pid: u32) -> bool {
+    #[cfg(test)]
+    pub(crate) fn pools_by_transaction(&self, pid: u32) -> bool {
         self.transaction_pooling.contains(&pid)
     }
 

@@ -148,11 +148,5 @@ fn compile_class(chars: &[char], open: usize) -> Result<(Token, usize), String> 
     }
 }
 
-/// Whether `path` matches the glob `pattern` (see [`Glob`]); an invalid pattern matches
-/// nothing.
-pub fn glob_matches(pattern: &str, path: &str) -> bool {
-    Glob::compile(pattern).is_ok_and(|g| g.matches(path))
-}
-
 // ---------------------------------------------------------------------------------------
 // The TOML file

@@ -3,6 +3,11 @@ use std::path::Path;
 
 use super::*;
 
+/// Whether `path` matches the glob `pattern`; an invalid pattern matches nothing.
+fn glob_matches(pattern: &str, path: &str) -> bool {
+    Glob::compile(pattern).is_ok_and(|g| g.matches(path))
+}
+
 #[test]
 fn durations() {
     let ms = Duration::from_millis;
