@@ -87,6 +87,15 @@ pub fn roll_window(window: &mut [u8; 8], tail: &[u8; 8], count: usize) {
     }
 }
 
+/// Rolls a whole chunk into the window, as the kernel does for one read (its last 8
+/// bytes): what the model test and the fuzz target drive the reader with.
+pub fn roll_chunk(window: &mut [u8; 8], chunk: &[u8]) {
+    let count = chunk.len().min(8);
+    let mut tail = [0u8; 8];
+    tail[8 - count..].copy_from_slice(&chunk[chunk.len() - count..]);
+    roll_window(window, &tail, count);
+}
+
 /// The status byte when the window ends with a complete ReadyForQuery message.
 #[inline(always)]
 pub fn ready_for_query_status(window: &[u8; 8]) -> Option<u8> {

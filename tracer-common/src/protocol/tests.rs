@@ -4,14 +4,6 @@
 
 use super::*;
 
-/// Rolls a whole chunk into the window, as the kernel does for one read (its last 8 bytes).
-fn roll_chunk(window: &mut [u8; 8], chunk: &[u8]) {
-    let count = chunk.len().min(8);
-    let mut tail = [0u8; 8];
-    tail[8 - count..].copy_from_slice(&chunk[chunk.len() - count..]);
-    roll_window(window, &tail, count);
-}
-
 /// [`scan_startup`] over a byte stream split into `reads`, as the kernel sees it: the pid,
 /// if BackendKeyData was found.
 fn backend_pid_of(reads: &[&[u8]]) -> Option<u32> {
