@@ -125,18 +125,21 @@ fn groups_by_container() {
     assert_eq!(groups[1].comm, "cron");
 }
 
+/// The group keys of `rows` in the order of `sort`.
+fn sorted(rows: &[Row], sort: SortKey) -> Vec<GroupKey> {
+    keys(&groups(
+        rows,
+        &View {
+            sort,
+            ..View::default()
+        },
+    ))
+}
+
 #[test]
 fn sort_keys_order_the_groups() {
     let rows = incident();
-    let order = |sort| {
-        keys(&groups(
-            &rows,
-            &View {
-                sort,
-                ..View::default()
-            },
-        ))
-    };
+    let order = |sort| sorted(&rows, sort);
     let p = GroupKey::Process;
     assert_eq!(order(SortKey::Connections), vec![p(10), p(20), p(30)]);
     assert_eq!(order(SortKey::InTransaction), vec![p(10), p(20), p(30)]);
@@ -150,15 +153,7 @@ fn sort_keys_order_the_groups() {
     for i in 0..5 {
         rows.push(row(&format!("c{i}"), 30, "cron", ConnState::Idle));
     }
-    let order = |sort| {
-        keys(&groups(
-            &rows,
-            &View {
-                sort,
-                ..View::default()
-            },
-        ))
-    };
+    let order = |sort| sorted(&rows, sort);
     assert_eq!(order(SortKey::Connections), vec![p(30), p(10), p(20)]);
     assert_eq!(order(SortKey::Problems), vec![p(10), p(20), p(30)]);
     // The sort cycle visits every key and comes back.
