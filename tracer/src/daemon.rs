@@ -242,6 +242,48 @@ struct MetricsServer {
     stop: tokio::sync::oneshot::Sender<()>,
 }
 
+impl MetricsServer {
+    /// Serves `/metrics`, the health endpoints and the live table on `listener` until
+    /// [`Self::stop`].
+    fn start(
+        listener: tokio::net::TcpListener,
+        metrics: &Arc<Metrics>,
+        ready: &Arc<AtomicBool>,
+        args: &RunArgs,
+        live: &Arc<LiveTable>,
+    ) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(http::serve(
+            listener,
+            metrics.clone(),
+            ready.clone(),
+            Protection::new(args.web_config.as_deref()),
+            live.clone(),
+            async move {
+                #[allow(
+                    clippy::let_underscore_must_use,
+                    reason = "a dropped sender means stop as well"
+                )]
+                let _ = stopped.await;
+            },
+        ));
+        Self { task, stop }
+    }
+
+    async fn stop(self) {
+        #[allow(
+            clippy::let_underscore_must_use,
+            reason = "the server may have stopped already; shutdown goes on"
+        )]
+        let _ = self.stop.send(());
+        #[allow(
+            clippy::let_underscore_must_use,
+            reason = "a server that does not stop in time is dropped with the runtime"
+        )]
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
     // Everything that can fail on bad input or a busy port fails here, before any probe.
     let ports = args.unique_ports();
@@ -265,24 +307,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::new(args.max_label_sets, env!("CARGO_PKG_VERSION")));
     let ready = Arc::new(AtomicBool::new(false));
     let live = Arc::new(LiveTable::default());
-    let server = metrics_listener.map(|listener| {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(http::serve(
-            listener,
-            metrics.clone(),
-            ready.clone(),
-            Protection::new(args.web_config.as_deref()),
-            live.clone(),
-            async move {
-                #[allow(
-                    clippy::let_underscore_must_use,
-                    reason = "a dropped sender means stop as well"
-                )]
-                let _ = stopped.await;
-            },
-        ));
-        MetricsServer { task, stop }
-    });
+    let server = metrics_listener
+        .map(|listener| MetricsServer::start(listener, &metrics, &ready, &args, &live));
     let sink = EventSink::start(output, EVENT_QUEUE_CAPACITY, args.format);
     let mut tracker = Tracker::new(&args, unix_glob, sink, metrics, live.clone(), kept);
 
@@ -318,16 +344,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     drop(ring);
     drop(probes);
     if let Some(server) = server {
-        #[allow(
-            clippy::let_underscore_must_use,
-            reason = "the server may have stopped already; shutdown goes on"
-        )]
-        let _ = server.stop.send(());
-        #[allow(
-            clippy::let_underscore_must_use,
-            reason = "a server that does not stop in time is dropped with the runtime"
-        )]
-        let _ = tokio::time::timeout(Duration::from_secs(2), server.task).await;
+        server.stop().await;
     }
     tracker.finish();
     Ok(())
