@@ -43,14 +43,10 @@ pub struct ConnFields {
     pub linked: Option<Linked>,
 }
 
+/// Written in one piece: `collect_str` would pass each octet and colon of an address
+/// through the JSON escaper separately.
 fn as_text<S: serde::Serializer>(end: &Endpoint, s: S) -> Result<S::Ok, S::Error> {
-    match end {
-        Endpoint::None => s.serialize_str(""),
-        Endpoint::Unix(path) => s.serialize_str(path),
-        // Formatted on the stack, then written in one piece: `collect_str` would pass each
-        // octet and colon through the JSON escaper separately.
-        Endpoint::Inet(addr) => s.serialize_str(&crate::endpoint::InetText::new(addr)),
-    }
+    s.serialize_str(&end.text())
 }
 
 /// `linked`: what a connection through a pooler is paired with right now.

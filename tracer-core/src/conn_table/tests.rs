@@ -61,8 +61,8 @@ fn open_then_close_reports_bytes_and_cause() {
         Change::Opened(1)
     );
     let conn = table.get(1).expect("tracked");
-    assert_eq!(conn.local, "127.0.0.1:40000");
-    assert_eq!(conn.remote, "127.0.0.1:5432");
+    assert_eq!(conn.local.to_string(), "127.0.0.1:40000");
+    assert_eq!(conn.remote.to_string(), "127.0.0.1:5432");
     assert_eq!(conn.owner.comm, "psql");
     assert_eq!(
         (conn.role, conn.transport, conn.sock_key),
@@ -88,7 +88,7 @@ fn ipv6_addresses_are_bracketed_and_unix_paths_resolved() {
     open.local_addr = v6;
     open.remote_addr = v6;
     table.apply(&KernelEvent::Open(open), &paths);
-    assert_eq!(table.get(2).expect("v6").remote, "[::1]:5432");
+    assert_eq!(table.get(2).expect("v6").remote.to_string(), "[::1]:5432");
 
     let mut unix = open_v4(3);
     unix.family = AF_UNIX;
@@ -98,8 +98,8 @@ fn ipv6_addresses_are_bracketed_and_unix_paths_resolved() {
     table.apply(&KernelEvent::Open(unix), &paths);
     let conn = table.get(3).expect("unix");
     assert_eq!(conn.transport, Transport::Unix);
-    assert_eq!(conn.local, "/run/postgresql/.s.PGSQL.5432");
-    assert_eq!(conn.remote, "/run/postgresql/.s.PGSQL.5432");
+    assert_eq!(conn.local.to_string(), "/run/postgresql/.s.PGSQL.5432");
+    assert_eq!(conn.remote.to_string(), "/run/postgresql/.s.PGSQL.5432");
 }
 
 #[test]

@@ -57,7 +57,7 @@ fn picks_watched_tcp_connections_with_roles_and_owners() {
             (5, Role::Client, Some(55), true),
         ]
     );
-    assert_eq!(found[2].remote, "[::1]:6432");
+    assert_eq!(found[2].remote.to_string(), "[::1]:6432");
     // Timings are capped at the owner's age (1.5 s) and mirrored for the server role.
     assert_eq!(found[0].to_server_ago_s, Some(1.5));
     assert_eq!(found[0].from_server_ago_s, Some(1.0));
@@ -113,6 +113,7 @@ fn picks_unix_connections_by_path() {
     assert!(
         found
             .iter()
-            .all(|f| f.remote == "/run/postgresql/.s.PGSQL.5432" && f.transport == Transport::Unix)
+            .all(|f| f.remote.to_string() == "/run/postgresql/.s.PGSQL.5432"
+                && f.transport == Transport::Unix)
     );
 }
