@@ -1,22 +1,148 @@
-//! Queries over the daemon's events (one JSON object a line, docs/events.schema.json), the
-//! same for every test file: one matcher, `Want`, instead of a filter per file, and the
-//! accessors that fail with the event in the message when a field is missing.
+//! The daemon's events (one JSON object a line, docs/events.schema.json) as one typed
+//! `Event` for every test file, one matcher, `Want`, instead of a filter per file, and the
+//! selections by port and by Unix socket path.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    fmt, fs,
+    io::{BufRead as _, BufReader},
+    path::Path,
+};
+
+use serde::Deserialize;
 
 use crate::{Value, port_of};
 
-/// The fields an event must carry, each with the given value; fields not named match
-/// anything. `Want::kind("leak").role("client").pid(pid)` selects one client's leaks.
+/// One event line (or one line of `tracer list --json`, which has the connection fields
+/// and `age_s`, `idle_s`, without `type` and `ts`). Connection fields are empty (`""`, 0) on `ready` and `lost`, which have
+/// none; a field only some types carry is `None` on the others, and so is a JSON `null`.
+/// Unknown fields fail the parse: this is the tests' own reading of the schema.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Event {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub ts: String,
+    // `ready`
+    pub version: Option<String>,
+    pub ports: Option<Vec<u16>>,
+    pub probes: Option<Vec<String>>,
+    pub unix_socket_glob: Option<String>,
+    // every connection event
+    pub conn_id: String,
+    pub role: String,
+    pub transport: String,
+    pub local: String,
+    pub remote: String,
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    pub container_runtime: Option<String>,
+    pub pod_uid: Option<String>,
+    pub systemd_unit: Option<String>,
+    pub state: String,
+    pub peer_conn_id: Option<String>,
+    pub backend_pid: Option<u32>,
+    pub linked: Option<Linked>,
+    // by type
+    pub preexisting: Option<bool>,
+    pub age_s: Option<f64>,
+    pub idle_s: Option<f64>,
+    pub duration_s: Option<f64>,
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: Option<u64>,
+    pub closed_by: Option<String>,
+    pub waiting_s: Option<f64>,
+    pub waited_s: Option<f64>,
+    pub reason: Option<String>,
+    pub lasted_s: Option<f64>,
+    // `lost`
+    pub count: Option<u64>,
+    #[serde(rename = "where")]
+    pub lost_where: Option<String>,
+    /// The line as the daemon wrote it: what `Display` shows and what the schema checks.
+    #[serde(skip)]
+    pub line: String,
+}
+
+/// `linked` on a pooler's connections: the other side of the pooler (a client connection
+/// with its application, or a server connection with the backend it pins).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Linked {
+    pub conn_id: String,
+    pub remote: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub container_id: Option<String>,
+    pub backend_pid: Option<u32>,
+}
+
+impl Event {
+    /// Parses one line, or says which line did not parse and why.
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let mut event: Self =
+            serde_json::from_str(line).map_err(|e| format!("bad event line {line}: {e}"))?;
+        event.line = line.to_owned();
+        Ok(event)
+    }
+
+    /// No container id, runtime or pod: a process of the host itself.
+    pub fn in_no_container(&self) -> bool {
+        self.container_id.is_none() && self.container_runtime.is_none() && self.pod_uid.is_none()
+    }
+
+    /// The line as JSON, for what is about the encoding itself (the schema, `null`s,
+    /// which keys are present).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.line).expect("parsed once already")
+    }
+}
+
+/// `e.idle_s()`: the seconds the field holds, or a panic naming the field and the event.
+macro_rules! seconds {
+    ($($field:ident),*) => {
+        impl Event {
+            $(
+                pub fn $field(&self) -> f64 {
+                    self.$field
+                        .unwrap_or_else(|| panic!(concat!(stringify!($field), " missing in {}"), self))
+                }
+            )*
+        }
+    };
+}
+seconds!(age_s, idle_s, duration_s, waiting_s, waited_s, lasted_s);
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.line)
+    }
+}
+
+/// What an event must be; what is not named matches anything.
+/// `Want::kind("leak").role("client").pid(pid)` selects one client's leaks.
 #[derive(Clone, Debug, Default)]
 pub struct Want {
-    fields: Vec<(&'static str, Value)>,
+    kind: Option<String>,
+    conn_id: Option<String>,
+    role: Option<String>,
+    pid: Option<u32>,
+    reason: Option<String>,
+    remote: Option<String>,
 }
 
 impl Want {
     /// Events of `type` `kind`.
     pub fn kind(kind: &str) -> Self {
-        Self::default().with("type", kind)
+        Self {
+            kind: Some(kind.to_owned()),
+            ..Self::default()
+        }
     }
 
     /// Events of `type` `kind` for `role` (client or server) owned by `pid`.
@@ -26,61 +152,70 @@ impl Want {
 
     /// Events of one connection, by `conn_id`, whatever their type.
     pub fn conn(conn_id: &str) -> Self {
-        Self::default().with("conn_id", conn_id)
+        Self {
+            conn_id: Some(conn_id.to_owned()),
+            ..Self::default()
+        }
     }
 
-    /// Also `field` equal to `value`.
-    pub fn with(mut self, field: &'static str, value: impl Into<Value>) -> Self {
-        self.fields.push((field, value.into()));
+    pub fn role(mut self, role: &str) -> Self {
+        self.role = Some(role.to_owned());
         self
     }
 
-    pub fn role(self, role: &str) -> Self {
-        self.with("role", role)
+    pub fn pid(mut self, pid: u32) -> Self {
+        self.pid = Some(pid);
+        self
     }
 
-    pub fn pid(self, pid: u32) -> Self {
-        self.with("pid", pid)
+    pub fn reason(mut self, reason: &str) -> Self {
+        self.reason = Some(reason.to_owned());
+        self
     }
 
-    pub fn reason(self, reason: &str) -> Self {
-        self.with("reason", reason)
+    pub fn remote(mut self, remote: &str) -> Self {
+        self.remote = Some(remote.to_owned());
+        self
     }
 
-    pub fn matches(&self, event: &Value) -> bool {
-        self.fields
-            .iter()
-            .all(|(field, value)| event[*field] == *value)
+    pub fn matches(&self, e: &Event) -> bool {
+        let same = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        same(&self.kind, &e.kind)
+            && same(&self.conn_id, &e.conn_id)
+            && same(&self.role, &e.role)
+            && same(&self.remote, &e.remote)
+            && self.pid.is_none_or(|pid| pid == e.pid)
+            && (self.reason.is_none() || self.reason == e.reason)
     }
-
     /// Whether any of `events` matches.
-    pub fn found_in(&self, events: &[Value]) -> bool {
+    pub fn found_in(&self, events: &[Event]) -> bool {
         events.iter().any(|e| self.matches(e))
     }
 
     /// The events that match, in order.
-    pub fn find<'e>(&self, events: &'e [Value]) -> Vec<&'e Value> {
+    pub fn find<'e>(&self, events: &'e [Event]) -> Vec<&'e Event> {
         self.find_where(events, |_| true)
     }
 
     /// How many of `events` match.
-    pub fn count(&self, events: &[Value]) -> usize {
+    pub fn count(&self, events: &[Event]) -> usize {
         events.iter().filter(|e| self.matches(e)).count()
     }
 
     /// The `conn_id`s of the events that match, in order (events without one skipped).
-    pub fn conn_ids_in<'e>(&self, events: &'e [Value]) -> impl Iterator<Item = &'e str> {
+    pub fn conn_ids_in<'e>(&self, events: &'e [Event]) -> impl Iterator<Item = &'e str> {
         self.find(events)
             .into_iter()
-            .filter_map(|e| e["conn_id"].as_str())
+            .map(|e| e.conn_id.as_str())
+            .filter(|id| !id.is_empty())
     }
 
     /// The events that match and also satisfy `pred` (for what is not one field's value).
     pub fn find_where<'e>(
         &self,
-        events: &'e [Value],
-        pred: impl Fn(&Value) -> bool,
-    ) -> Vec<&'e Value> {
+        events: &'e [Event],
+        pred: impl Fn(&Event) -> bool,
+    ) -> Vec<&'e Event> {
         events
             .iter()
             .filter(|e| self.matches(e) && pred(e))
@@ -88,40 +223,39 @@ impl Want {
     }
 }
 
+/// Every complete event line in the file at `path` so far (none if it is not there yet).
+pub fn read_events(path: &Path) -> Vec<Event> {
+    let Ok(file) = fs::File::open(path) else {
+        return Vec::new();
+    };
+    BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        // A line the daemon is still writing has no closing brace yet.
+        .filter(|l| l.ends_with('}'))
+        .map(|l| Event::parse(&l).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
 /// The connection events touching `port` on either end.
-pub fn conn_events(events: &[Value], port: u16) -> Vec<Value> {
+pub fn conn_events(events: &[Event], port: u16) -> Vec<Event> {
     events
         .iter()
-        .filter(|e| port_of(&e["local"]) == Some(port) || port_of(&e["remote"]) == Some(port))
+        .filter(|e| port_of(&e.local) == Some(port) || port_of(&e.remote) == Some(port))
         .cloned()
         .collect()
 }
 
 /// The connection events with the Unix socket `path` on either end.
-pub fn path_events(events: &[Value], path: &str) -> Vec<Value> {
+pub fn path_events(events: &[Event], path: &str) -> Vec<Event> {
     events
         .iter()
-        .filter(|e| e["remote"] == path || e["local"] == path)
+        .filter(|e| e.remote == path || e.local == path)
         .cloned()
         .collect()
 }
 
-pub fn pid_of(event: &Value) -> u32 {
-    event["pid"].as_u64().expect("pid") as u32
-}
-
-pub fn conn_id_of(event: &Value) -> String {
-    event["conn_id"].as_str().expect("conn_id").to_owned()
-}
-
 /// The `conn_id`s of `events`.
-pub fn conn_ids<'a>(events: impl IntoIterator<Item = &'a Value>) -> BTreeSet<String> {
-    events.into_iter().map(conn_id_of).collect()
-}
-
-/// A numeric field, or a panic naming the field and the event.
-pub fn f64_of(event: &Value, field: &str) -> f64 {
-    event[field]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{field} missing in {event}"))
+pub fn conn_ids<'a>(events: impl IntoIterator<Item = &'a Event>) -> BTreeSet<String> {
+    events.into_iter().map(|e| e.conn_id.clone()).collect()
 }

@@ -504,8 +504,8 @@ pub fn wall_now() -> f64 {
 }
 
 /// An event's `ts` (RFC 3339 UTC, `YYYY-MM-DDTHH:MM:SS.ffffffZ`) as epoch seconds.
-pub fn ts_secs(event: &Value) -> Option<f64> {
-    let ts = event["ts"].as_str()?.strip_suffix('Z')?;
+pub fn ts_secs(ts: &str) -> Option<f64> {
+    let ts = ts.strip_suffix('Z')?;
     let (date, time) = ts.split_once('T')?;
     let mut d = date.split('-').map(|p| p.parse::<i64>());
     let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);

@@ -9,7 +9,6 @@ use std::{
     collections::BTreeMap,
     ffi::CString,
     fs,
-    io::{BufRead, BufReader},
     net::{Ipv6Addr, TcpListener},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
@@ -19,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-pub use events::conn_events;
+pub use events::{Event, conn_events};
 pub use serde_json::Value;
 
 pub mod clients;
@@ -305,7 +304,7 @@ impl Tracer {
             _dir: dir,
         };
         let ready = tracer.wait_for(Duration::from_secs(30), |evs| {
-            evs.iter().any(|e| e["type"] == "ready")
+            evs.iter().any(|e| e.kind == "ready")
         });
         if ready.is_err() {
             let status = tracer
@@ -335,24 +334,16 @@ impl Tracer {
     }
 
     /// Every event written so far.
-    pub fn events(&self) -> Vec<Value> {
-        let Ok(file) = fs::File::open(&self.events_path) else {
-            return Vec::new();
-        };
-        BufReader::new(file)
-            .lines()
-            .map_while(Result::ok)
-            .filter(|l| l.ends_with('}'))
-            .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
-            .collect()
+    pub fn events(&self) -> Vec<Event> {
+        events::read_events(&self.events_path)
     }
 
     /// Polls the events until `done` holds, or fails after `timeout`.
     pub fn wait_for(
         &self,
         timeout: Duration,
-        done: impl Fn(&[Value]) -> bool,
-    ) -> Result<Vec<Value>> {
+        done: impl Fn(&[Event]) -> bool,
+    ) -> Result<Vec<Event>> {
         let timeout = patience(timeout);
         let deadline = Instant::now() + timeout;
         loop {
@@ -408,13 +399,13 @@ impl Drop for Tracer {
     }
 }
 
-pub fn lines(events: &[Value]) -> String {
+pub fn lines(events: &[Event]) -> String {
     events.iter().map(|e| format!("{e}\n")).collect()
 }
 
 /// Port part of `ip:port` / `[v6]:port`.
-pub fn port_of(addr: &Value) -> Option<u16> {
-    addr.as_str()?.rsplit(':').next()?.parse().ok()
+pub fn port_of(addr: &str) -> Option<u16> {
+    addr.rsplit(':').next()?.parse().ok()
 }
 
 /// Names of the BPF programs loaded right now (`bpftool prog show`).

@@ -12,9 +12,8 @@ use std::{
     time::Duration,
 };
 
-use serde_json::json;
 use tests::{
-    Postgres, Tracer, Value, conn_events,
+    Event, Postgres, Tracer, Value, conn_events,
     events::{Want, path_events},
     hosts::{
         FakeContainer, HeldConn, NetNs, PYTHON, PyClient, cgroup2_of, cmdline_of, conn_spec, dsn,
@@ -61,22 +60,48 @@ impl Owner {
     }
 
     /// Every field that differs from the event's, as `field: got X, want Y`.
-    fn mismatches(&self, event: &Value) -> Vec<String> {
-        let want = [
-            ("pid", json!(self.pid)),
-            ("comm", json!(self.comm)),
-            ("exe", json!(self.exe)),
-            ("cmdline", json!(self.cmdline)),
-            ("uid", json!(self.uid)),
-            ("cgroup", json!(self.cgroup)),
-            ("container_id", json!(self.container_id)),
-            ("container_runtime", json!(self.container_runtime)),
-            ("pod_uid", json!(self.pod_uid)),
-            ("systemd_unit", json!(self.systemd_unit)),
+    fn mismatches(&self, e: &Event) -> Vec<String> {
+        let text = |v: Option<&str>| format!("{v:?}");
+        let pairs = [
+            ("pid", e.pid.to_string(), self.pid.to_string()),
+            ("comm", e.comm.clone(), self.comm.to_owned()),
+            ("exe", text(e.exe.as_deref()), text(Some(&self.exe))),
+            (
+                "cmdline",
+                text(e.cmdline.as_deref()),
+                text(Some(&self.cmdline)),
+            ),
+            ("uid", e.uid.to_string(), self.uid.to_string()),
+            (
+                "cgroup",
+                text(e.cgroup.as_deref()),
+                text(Some(&self.cgroup)),
+            ),
+            (
+                "container_id",
+                text(e.container_id.as_deref()),
+                text(self.container_id.as_deref()),
+            ),
+            (
+                "container_runtime",
+                text(e.container_runtime.as_deref()),
+                text(self.container_runtime),
+            ),
+            (
+                "pod_uid",
+                text(e.pod_uid.as_deref()),
+                text(self.pod_uid.as_deref()),
+            ),
+            (
+                "systemd_unit",
+                text(e.systemd_unit.as_deref()),
+                text(self.systemd_unit.as_deref()),
+            ),
         ];
-        want.into_iter()
-            .filter(|(k, v)| &event[*k] != v)
-            .map(|(k, v)| format!("{k}: got {}, want {v}", event[k]))
+        pairs
+            .into_iter()
+            .filter(|(_, got, want)| got != want)
+            .map(|(k, got, want)| format!("{k}: got {got}, want {want}"))
             .collect()
     }
 }
@@ -150,35 +175,32 @@ fn clients_in_containers_are_attributed(layouts: Vec<Container>) {
         assert_eq!(opens.len(), 1, "one open for pid {}: {dump}", owner.pid);
         let open = opens[0];
         eprintln!(
-            "{} -> container_id {} runtime {} pod {} unit {}",
+            "{} -> container_id {:?} runtime {:?} pod {:?} unit {:?}",
             owner.cgroup,
-            open["container_id"],
-            open["container_runtime"],
-            open["pod_uid"],
-            open["systemd_unit"]
+            open.container_id,
+            open.container_runtime,
+            open.pod_uid,
+            open.systemd_unit
         );
         for m in owner.mismatches(open) {
             failures.push(format!("{} client open {m}", owner.cgroup));
         }
-        assert_eq!(open["role"], "client", "{open}");
-        assert_eq!(open["transport"], "tcp", "{open}");
-        assert_eq!(open["local"], conn.local, "{open}");
-        assert_eq!(open["remote"], format!("127.0.0.1:{}", pg.port), "{open}");
-        assert_eq!(open["preexisting"], false, "{open}");
+        assert_eq!(open.role, "client", "{open}");
+        assert_eq!(open.transport, "tcp", "{open}");
+        assert_eq!(open.local, conn.local, "{open}");
+        assert_eq!(open.remote, format!("127.0.0.1:{}", pg.port), "{open}");
+        assert_eq!(open.preexisting, Some(false), "{open}");
 
         let servers = Want::kind("open").pid(conn.backend_pid).find(&events);
         assert_eq!(servers.len(), 1, "one server open: {dump}");
         let server = servers[0];
-        assert_eq!(server["role"], "server", "{server}");
-        assert_eq!(server["comm"], "postgres", "{server}");
-        assert_eq!(server["remote"], conn.local, "{server}");
-        for k in ["container_id", "container_runtime", "pod_uid"] {
-            assert_eq!(
-                server[k],
-                Value::Null,
-                "Postgres is in no container: {server}"
-            );
-        }
+        assert_eq!(server.role, "server", "{server}");
+        assert_eq!(server.comm, "postgres", "{server}");
+        assert_eq!(server.remote, conn.local, "{server}");
+        assert!(
+            server.in_no_container(),
+            "Postgres is in no container: {server}"
+        );
     }
 
     let pids: Vec<u32> = running.iter().map(|(_, c, _)| c.pid()).collect();
@@ -334,7 +356,7 @@ fn socket_path(pg: &Postgres) -> String {
 fn wait_for_unix_closes(tracer: &Tracer, path: &str, closes: usize, what: &str) {
     tracer
         .wait_for(WAIT, |evs| {
-            Want::kind("close").with("remote", path).count(evs) >= closes
+            Want::kind("close").remote(path).count(evs) >= closes
         })
         .unwrap_or_else(|e| panic!("{what}: {e:#}\ntracer stderr:\n{}", tracer.stderr()));
 }
@@ -360,33 +382,30 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
         assert_eq!((client.len(), server.len()), (1, 1), "{kind}: {dump}");
         let (c, s) = (client[0], server[0]);
         for e in [c, s] {
-            assert_eq!(e["transport"], "unix", "{e}");
-            assert_eq!(e["remote"], path, "{e}");
+            assert_eq!(e.transport, "unix", "{e}");
+            assert_eq!(e.remote, path, "{e}");
         }
-        assert_eq!(c["pid"], psql, "{c}");
-        assert_eq!(c["comm"], "psql", "{c}");
-        assert_eq!(c["exe"], psql_exe(), "{c}");
+        assert_eq!(c.pid, psql, "{c}");
+        assert_eq!(c.comm, "psql", "{c}");
+        assert_eq!(c.exe, Some(psql_exe()), "{c}");
         let sql = "select pg_backend_pid(), pg_sleep(0.3)";
-        assert_eq!(c["cmdline"], psql_cmdline(&host, pg.port, sql), "{c}");
+        assert_eq!(c.cmdline, Some(psql_cmdline(&host, pg.port, sql)), "{c}");
         assert_host_process(c, 0);
         assert_host_process(s, postgres_uid());
         // An unnamed client socket has no address of its own.
-        assert_eq!(c["local"], "", "{c}");
-        assert_eq!(s["pid"], backend, "the backend, not the postmaster: {s}");
-        assert_eq!(s["comm"], "postgres", "{s}");
-        assert_eq!(s["local"], path, "{s}");
+        assert_eq!(c.local, "", "{c}");
+        assert_eq!(s.pid, backend, "the backend, not the postmaster: {s}");
+        assert_eq!(s.comm, "postgres", "{s}");
+        assert_eq!(s.local, path, "{s}");
     }
     let opens = Want::kind("open").find(&events);
-    assert!(opens.iter().all(|e| e["preexisting"] == false), "{dump}");
+    assert!(opens.iter().all(|e| e.preexisting == Some(false)), "{dump}");
     let closes = Want::kind("close").find(&events);
-    assert_ne!(closes[0]["conn_id"], closes[1]["conn_id"], "{dump}");
+    assert_ne!(closes[0].conn_id, closes[1].conn_id, "{dump}");
     for close in closes {
-        let open = Want::kind("open").find_where(&events, |e| e["role"] == close["role"])[0];
-        assert_eq!(open["conn_id"], close["conn_id"], "{dump}");
-        assert!(
-            close["duration_s"].as_f64().unwrap_or(0.0) >= 0.3,
-            "{close}"
-        );
+        let open = Want::kind("open").find_where(&events, |e| e.role == close.role)[0];
+        assert_eq!(open.conn_id, close.conn_id, "{dump}");
+        assert!(close.duration_s.unwrap_or(0.0) >= 0.3, "{close}");
     }
 }
 
@@ -416,26 +435,21 @@ fn unix_connections_in_quick_succession_keep_their_own_byte_counts() {
             "{psql}/{backend}: {dump}"
         );
         let (c, s) = (client[0], server[0]);
-        let sent = c["bytes_sent"].as_u64().unwrap_or(0);
-        let received = c["bytes_received"].as_u64().unwrap_or(0);
-        counts.push((
-            sent,
-            received,
-            s["bytes_sent"].clone(),
-            s["bytes_received"].clone(),
-        ));
+        let sent = c.bytes_sent.unwrap_or(0);
+        let received = c.bytes_received.unwrap_or(0);
+        counts.push((sent, received, s.bytes_sent, s.bytes_received));
         if sent == 0 || received == 0 {
             failures.push(format!("psql {psql}: sent {sent}, received {received}"));
         }
-        if c["bytes_sent"] != s["bytes_received"] || c["bytes_received"] != s["bytes_sent"] {
+        if c.bytes_sent != s.bytes_received || c.bytes_received != s.bytes_sent {
             failures.push(format!(
                 "psql {psql} sent {sent} / received {received}, backend {backend} received {} / sent {}",
-                s["bytes_received"], s["bytes_sent"]
+                s.bytes_received.unwrap_or(0), s.bytes_sent.unwrap_or(0)
             ));
         }
     }
     eprintln!("(client sent, client received, server sent, server received): {counts:?}");
-    let first = counts[0].clone();
+    let first = counts[0];
     assert!(
         failures.is_empty() && counts.iter().all(|c| *c == first),
         "{}\n{dump}",
@@ -482,7 +496,7 @@ fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
         .expect("pid");
     let seen = tracer.wait_for(WAIT, |evs| {
         Want::kind("open")
-            .find_where(evs, |e| e["pid"] == pid && e["remote"] == path.as_str())
+            .find_where(evs, |e| e.pid == pid && e.remote == path.as_str())
             .len()
             >= rounds
     });
@@ -529,10 +543,10 @@ fn unix_socket_glob_decides_which_sockets_count() {
     // Unix closes are noticed on the daemon's 1 s tick: give the other one time to err.
     std::thread::sleep(Duration::from_millis(2500));
     let seen = path_events(&exact.events(), &path);
-    let unseen: Vec<Value> = elsewhere
+    let unseen: Vec<Event> = elsewhere
         .events()
         .into_iter()
-        .filter(|e| e["transport"] == "unix" || e["pid"] == psql)
+        .filter(|e| e.transport == "unix" || e.pid == psql)
         .collect();
     eprintln!(
         "glob {path}: {} events; glob /nonexistent-dir/*: {} Unix events",
@@ -542,7 +556,7 @@ fn unix_socket_glob_decides_which_sockets_count() {
     assert_eq!(seen.len(), 4, "{}", lines(&seen));
     assert!(
         Want::kind("open")
-            .find_where(&seen, |e| e["role"] == "client" && e["pid"] == psql)
+            .find_where(&seen, |e| e.role == "client" && e.pid == psql)
             .len()
             == 1,
         "{}",
@@ -581,7 +595,7 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
     tracer
         .wait_for(WAIT, |evs| {
             Want::kind("close")
-                .find_where(evs, |e| e["pid"] == psql || e["pid"] == backend)
+                .find_where(evs, |e| e.pid == psql || e.pid == backend)
                 .len()
                 >= 2
         })
@@ -599,29 +613,33 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
         let server = Want::kind(kind).role("server").find(&events);
         assert_eq!((client.len(), server.len()), (1, 1), "{kind}: {dump}");
         let (c, s) = (client[0], server[0]);
-        assert_eq!(c["pid"], psql, "{c}");
-        assert_eq!(c["comm"], "psql", "{c}");
-        assert_eq!(c["exe"], psql_exe(), "{c}");
+        assert_eq!(c.pid, psql, "{c}");
+        assert_eq!(c.comm, "psql", "{c}");
+        assert_eq!(c.exe, Some(psql_exe()), "{c}");
         let sql = "select pg_backend_pid(), inet_client_addr(), pg_sleep(0.3)";
-        assert_eq!(c["cmdline"], psql_cmdline(&ns.host_ip, pg.port, sql), "{c}");
+        assert_eq!(
+            c.cmdline,
+            Some(psql_cmdline(&ns.host_ip, pg.port, sql)),
+            "{c}"
+        );
         assert_host_process(c, 0);
         assert_host_process(s, postgres_uid());
-        assert_eq!(c["remote"], remote, "{c}");
-        let local = c["local"].as_str().unwrap_or_default();
+        assert_eq!(c.remote, remote, "{c}");
+        let local = c.local.as_str();
         assert!(
             local.starts_with(&format!("{}:", ns.ns_ip)),
             "the namespace's address: {c}"
         );
-        assert_eq!(s["pid"], backend, "{s}");
-        assert_eq!(s["comm"], "postgres", "{s}");
-        assert_eq!(s["local"], remote, "{s}");
-        assert_eq!(s["remote"], c["local"], "{s}");
+        assert_eq!(s.pid, backend, "{s}");
+        assert_eq!(s.comm, "postgres", "{s}");
+        assert_eq!(s.local, remote, "{s}");
+        assert_eq!(s.remote, c.local, "{s}");
     }
     let close = Want::kind("close").role("client").find(&events)[0];
-    assert!(close["bytes_sent"].as_u64().unwrap_or(0) > 0, "{close}");
+    assert!(close.bytes_sent.unwrap_or(0) > 0, "{close}");
     assert_eq!(
-        close["bytes_sent"],
-        Want::kind("close").role("server").find(&events)[0]["bytes_received"],
+        close.bytes_sent,
+        Want::kind("close").role("server").find(&events)[0].bytes_received,
         "{dump}"
     );
 }
@@ -660,11 +678,10 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
     let mut failures = Vec::new();
     for conn in &holder.conns {
         let client = Want::kind("open").find_where(&events, |e| {
-            e["role"] == "client" && e["local"] == conn.local.as_str()
+            e.role == "client" && e.local == conn.local.as_str()
         });
-        let server = Want::kind("open").find_where(&events, |e| {
-            e["role"] == "server" && e["pid"] == conn.backend_pid
-        });
+        let server = Want::kind("open")
+            .find_where(&events, |e| e.role == "server" && e.pid == conn.backend_pid);
         if client.len() != 1 {
             failures.push(format!("{} client opens of {}", client.len(), conn.local));
         }
@@ -672,18 +689,18 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
             failures.push(format!("{} server opens of {}", server.len(), conn.local));
         }
         for e in client.iter().chain(&server) {
-            if e["preexisting"] != true {
+            if e.preexisting != Some(true) {
                 failures.push(format!("not preexisting: {e}"));
             }
         }
         for e in &client {
-            if e["remote"] != remote.as_str() {
+            if e.remote != remote.as_str() {
                 failures.push(format!("remote: {e}"));
             }
             failures.extend(owner.mismatches(e).into_iter().map(|m| format!("{m}: {e}")));
         }
         for e in &server {
-            if e["remote"] != conn.local.as_str() || e["comm"] != "postgres" {
+            if e.remote != conn.local.as_str() || e.comm != "postgres" {
                 failures.push(format!("server end: {e}"));
             }
         }
@@ -697,39 +714,36 @@ fn a_client_in_another_network_namespace_connected_before_start_is_found() {
 }
 
 /// The opens, and how many there are, of each conn_id.
-fn opens_by_conn_id(events: &[Value]) -> HashMap<String, Vec<&Value>> {
-    let mut by_id: HashMap<String, Vec<&Value>> = HashMap::new();
+fn opens_by_conn_id(events: &[Event]) -> HashMap<String, Vec<&Event>> {
+    let mut by_id: HashMap<String, Vec<&Event>> = HashMap::new();
     for e in Want::kind("open").find(events) {
-        by_id
-            .entry(e["conn_id"].as_str().unwrap_or_default().to_owned())
-            .or_default()
-            .push(e);
+        by_id.entry(e.conn_id.clone()).or_default().push(e);
     }
     by_id
 }
 
 /// The client-side and server-side opens of one held connection.
 fn opens_of<'a>(
-    events: &'a [&'a Value],
+    events: &'a [&'a Event],
     conn: &HeldConn,
     client_pid: u32,
-) -> (Vec<&'a Value>, Vec<&'a Value>) {
+) -> (Vec<&'a Event>, Vec<&'a Event>) {
     let client = events
         .iter()
         .filter(|e| {
-            e["role"] == "client"
-                && e["pid"] == client_pid
+            e.role == "client"
+                && e.pid == client_pid
                 && if conn.local.is_empty() {
-                    e["transport"] == "unix"
+                    e.transport == "unix"
                 } else {
-                    e["local"] == conn.local
+                    e.local == conn.local
                 }
         })
         .copied()
         .collect();
     let server = events
         .iter()
-        .filter(|e| e["role"] == "server" && e["pid"] == conn.backend_pid)
+        .filter(|e| e.role == "server" && e.pid == conn.backend_pid)
         .copied()
         .collect();
     (client, server)
@@ -796,8 +810,8 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
     };
     let ready_ts = all
         .iter()
-        .find(|e| e["type"] == "ready")
-        .and_then(ts_secs)
+        .find(|e| e.kind == "ready")
+        .and_then(|e| ts_secs(&e.ts))
         .expect("ready ts");
     let mut ours = conn_events(&all, pg.port);
     ours.extend(path_events(&all, &path));
@@ -828,10 +842,10 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
         );
         assert_eq!(server.len(), 1, "server open of {conn:?}: {dump}");
         for e in client.iter().take(1).chain(&server) {
-            let true_age = ts_secs(e).expect("ts") - conn.t_start;
-            let age = e["age_s"].as_f64().unwrap_or(-1.0);
+            let true_age = ts_secs(&e.ts).expect("ts") - conn.t_start;
+            let age = e.age_s.unwrap_or(-1.0);
             ages.push(age);
-            if e["preexisting"] != true {
+            if e.preexisting != Some(true) {
                 failures.push(format!("not preexisting: {e}"));
             }
             if !(0.0..=true_age + 0.01).contains(&age) {
@@ -839,7 +853,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
             }
             // TCP knows when data last moved: at least the quiet time before the start.
             let quiet = spawned_at - conn.t_end - 0.5;
-            if e["transport"] == "tcp" && age < quiet {
+            if e.transport == "tcp" && age < quiet {
                 failures.push(format!(
                     "age_s {age} below the {quiet:.1} s it sat idle: {e}"
                 ));
@@ -848,7 +862,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
         for m in holder_owner.mismatches(client[0]) {
             failures.push(format!("holder's connection {}: {m}", conn.local));
         }
-        if server[0]["comm"] != "postgres" {
+        if server[0].comm != "postgres" {
             failures.push(format!("server comm: {}", server[0]));
         }
     }
@@ -866,7 +880,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
         let mut ends = client.clone();
         ends.extend(&server);
         for e in ends {
-            let pre = e["preexisting"] == true;
+            let pre = e.preexisting == Some(true);
             if conn.t_end < spawned_at {
                 before += 1;
                 if !pre {
@@ -884,7 +898,7 @@ fn connections_open_before_start_are_found_once_with_their_owners() {
     }
     let racer_unix = racer.conns.iter().filter(|c| c.local.is_empty()).count();
     let racer_unix_clients = Want::kind("open")
-        .find_where(&ours, |e| e["pid"] == racer_pid && e["transport"] == "unix")
+        .find_where(&ours, |e| e.pid == racer_pid && e.transport == "unix")
         .len();
     assert_eq!(racer_unix_clients, racer_unix, "{dump}");
     let racer_clients = Want::kind("open").pid(racer_pid).count(&ours);
@@ -971,14 +985,12 @@ fn postgres_uid() -> u32 {
 }
 
 /// A process of this host, started from the test (in its cgroups, in no container).
-fn assert_host_process(e: &Value, uid: u32) {
+fn assert_host_process(e: &Event, uid: u32) {
     let here = host_cgroup_of(std::process::id());
-    assert_eq!(e["uid"], uid, "{e}");
-    assert_eq!(e["cgroup"], here.cgroup, "{e}");
-    assert_eq!(e["systemd_unit"], json!(here.unit), "{e}");
-    for k in ["container_id", "container_runtime", "pod_uid"] {
-        assert_eq!(e[k], Value::Null, "{k}: {e}");
-    }
+    assert_eq!(e.uid, uid, "{e}");
+    assert_eq!(e.cgroup, Some(here.cgroup), "{e}");
+    assert_eq!(e.systemd_unit, here.unit, "{e}");
+    assert!(e.in_no_container(), "{e}");
 }
 
 /// `(role, local, remote, pid, cookie)` of one connection end.
@@ -1093,17 +1105,17 @@ fn list_json_agrees_with_ss_on_the_same_connections() {
     let unix = ss_unix(&path);
     let json_after = tracer_list(&["--json", "--port", &port]);
     let table = tracer_list(&["--port", &port]);
-    let listed: Vec<Value> = json_before
+    let listed: Vec<Event> = json_before
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
+        .map(|l| Event::parse(l).unwrap_or_else(|e| panic!("{e}")))
         .collect();
-    let is_ours = |c: &Value| {
-        c["remote"] == path.as_str()
-            || [&c["local"], &c["remote"]]
+    let is_ours = |c: &Event| {
+        c.remote == path.as_str()
+            || [&c.local, &c.remote]
                 .iter()
                 .any(|a| tests::port_of(a) == Some(pg.port))
     };
-    let ours: Vec<&Value> = listed.iter().filter(|c| is_ours(c)).collect();
+    let ours: Vec<&Event> = listed.iter().filter(|c| is_ours(c)).collect();
     eprintln!(
         "tracer list: {} connections ({} ours); ss: {} TCP ends, {} Unix ends",
         listed.len(),
@@ -1114,24 +1126,24 @@ fn list_json_agrees_with_ss_on_the_same_connections() {
     for c in &ours {
         eprintln!(
             "  {} {} {} {:>22} -> {:<22} pid {} {} {}",
-            c["conn_id"],
-            c["role"],
-            c["transport"],
-            c["local"],
-            c["remote"],
-            c["pid"],
-            c["comm"],
-            c["container_id"]
+            c.conn_id,
+            c.role,
+            c.transport,
+            c.local,
+            c.remote,
+            c.pid,
+            c.comm,
+            c.container_id.as_deref().unwrap_or("-")
         );
     }
     let identity = |text: &str| -> BTreeSet<String> {
         text.lines()
-            .map(|l| serde_json::from_str::<Value>(l).expect("json"))
-            .filter(is_ours)
+            .map(|l| Event::parse(l).expect("json"))
+            .filter(|c| is_ours(c))
             .map(|c| {
                 format!(
                     "{} {} {} {} {}",
-                    c["conn_id"], c["role"], c["local"], c["remote"], c["pid"]
+                    c.conn_id, c.role, c.local, c.remote, c.pid
                 )
             })
             .collect()
@@ -1142,8 +1154,8 @@ fn list_json_agrees_with_ss_on_the_same_connections() {
         "the connections were steady"
     );
 
-    let role = |c: &Value| -> &'static str {
-        if c["role"] == "client" {
+    let role = |c: &Event| -> &'static str {
+        if c.role == "client" {
             "client"
         } else {
             "server"
@@ -1151,23 +1163,21 @@ fn list_json_agrees_with_ss_on_the_same_connections() {
     };
     let list_tcp: BTreeSet<End> = ours
         .iter()
-        .filter(|c| c["transport"] == "tcp")
+        .filter(|c| c.transport == "tcp")
         .map(|c| {
             (
                 role(c),
-                c["local"].as_str().unwrap_or_default().to_owned(),
-                c["remote"].as_str().unwrap_or_default().to_owned(),
-                c["pid"].as_u64().unwrap_or(0) as u32,
-                c["conn_id"].as_str().and_then(|s| s.parse().ok()),
+                c.local.clone(),
+                c.remote.clone(),
+                c.pid,
+                c.conn_id.parse().ok(),
             )
         })
         .collect();
     let mut list_unix: BTreeMap<(&'static str, u32), usize> = BTreeMap::new();
-    for c in ours.iter().filter(|c| c["transport"] == "unix") {
-        assert_eq!(c["remote"], path, "{c}");
-        *list_unix
-            .entry((role(c), c["pid"].as_u64().unwrap_or(0) as u32))
-            .or_insert(0) += 1;
+    for c in ours.iter().filter(|c| c.transport == "unix") {
+        assert_eq!(c.remote, path, "{c}");
+        *list_unix.entry((role(c), c.pid)).or_insert(0) += 1;
     }
     assert_eq!(
         tcp.len(),
@@ -1191,11 +1201,11 @@ fn list_json_agrees_with_ss_on_the_same_connections() {
         ),
     );
     let mut failures = Vec::new();
-    for c in ours.iter().filter(|c| c["role"] == "client") {
+    for c in ours.iter().filter(|c| c.role == "client") {
         failures.extend(owner.mismatches(c).into_iter().map(|m| format!("{c}: {m}")));
     }
-    for c in ours.iter().filter(|c| c["role"] == "server") {
-        if c["comm"] != "postgres" || c["container_id"] != Value::Null {
+    for c in ours.iter().filter(|c| c.role == "server") {
+        if c.comm != "postgres" || c.container_id.is_some() {
             failures.push(format!("server end: {c}"));
         }
     }
@@ -1209,7 +1219,7 @@ fn list_json_agrees_with_ss_on_the_same_connections() {
     assert!(table.starts_with("PID"), "{table}");
     assert_eq!(rows.len(), ours.len(), "{table}");
     for c in &ours {
-        let pid = c["pid"].to_string();
+        let pid = c.pid.to_string();
         assert!(
             rows.iter()
                 .any(|r| r.split_whitespace().next() == Some(&pid)),
@@ -1253,7 +1263,7 @@ fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
         .wait_for(WAIT, |evs| {
             clients.iter().all(|(_, comm)| {
                 !Want::kind("close")
-                    .find_where(evs, |e| e["comm"] == comm.as_str())
+                    .find_where(evs, |e| e.comm == comm.as_str())
                     .is_empty()
             })
         })
@@ -1261,23 +1271,23 @@ fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
     let events = conn_events(&events, pg.port);
     let dump = lines(&events);
     for (pid, comm) in &clients {
-        let mine: Vec<&Value> = events
+        let mine: Vec<&Event> = events
             .iter()
-            .filter(|e| e["role"] == "client" && (e["pid"] == *pid || e["comm"] == comm.as_str()))
+            .filter(|e| e.role == "client" && (e.pid == *pid || e.comm == comm.as_str()))
             .collect();
         eprintln!(
             "pid {pid} {comm}: {:?}",
             mine.iter()
-                .map(|e| format!("{} comm={}", e["type"], e["comm"]))
+                .map(|e| format!("{} comm={}", e.kind, e.comm))
                 .collect::<Vec<_>>()
         );
         assert_eq!(mine.len(), 2, "one open and one close of pid {pid}: {dump}");
         for e in &mine {
-            assert_eq!(e["comm"], comm.as_str(), "{e}");
-            assert_eq!(e["pid"], *pid, "{e}");
+            assert_eq!(e.comm, comm.as_str(), "{e}");
+            assert_eq!(e.pid, *pid, "{e}");
         }
-        assert_eq!(mine[0]["type"], "open", "{dump}");
-        assert_eq!(mine[0]["conn_id"], mine[1]["conn_id"], "{dump}");
+        assert_eq!(mine[0].kind, "open", "{dump}");
+        assert_eq!(mine[0].conn_id, mine[1].conn_id, "{dump}");
     }
 }
 
@@ -1322,7 +1332,7 @@ fn a_reused_pid_names_each_connection_s_own_process() {
         tracer
             .wait_for(WAIT, |evs| {
                 !Want::kind("open")
-                    .find_where(evs, |e| e["pid"] == pid && e["comm"] == comm)
+                    .find_where(evs, |e| e.pid == pid && e.comm == comm)
                     .is_empty()
             })
             .expect("open");
@@ -1330,7 +1340,7 @@ fn a_reused_pid_names_each_connection_s_own_process() {
         tracer
             .wait_for(WAIT, |evs| {
                 !Want::kind("close")
-                    .find_where(evs, |e| e["pid"] == pid && e["comm"] == comm)
+                    .find_where(evs, |e| e.pid == pid && e.comm == comm)
                     .is_empty()
             })
             .expect("close");
@@ -1339,30 +1349,33 @@ fn a_reused_pid_names_each_connection_s_own_process() {
     std::thread::sleep(Duration::from_millis(500));
     let events = conn_events(&tracer.events(), pg.port);
     let dump = lines(&events);
-    let mine: Vec<&Value> = events
+    let mine: Vec<&Event> = events
         .iter()
-        .filter(|e| e["role"] == "client" && e["pid"] == pid)
+        .filter(|e| e.role == "client" && e.pid == pid)
         .collect();
     eprintln!(
         "pid {pid} reused: {:?}",
         mine.iter()
             .map(|e| format!(
                 "{} conn {} comm {} container {}",
-                e["type"], e["conn_id"], e["comm"], e["container_id"]
+                e.kind,
+                e.conn_id,
+                e.comm,
+                e.container_id.as_deref().unwrap_or("-")
             ))
             .collect::<Vec<_>>()
     );
     assert_eq!(mine.len(), 4, "open and close of each: {dump}");
-    let kinds: Vec<&Value> = mine.iter().map(|e| &e["type"]).collect();
+    let kinds: Vec<&str> = mine.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["open", "close", "open", "close"], "{dump}");
-    assert_eq!(mine[0]["conn_id"], mine[1]["conn_id"], "{dump}");
-    assert_eq!(mine[2]["conn_id"], mine[3]["conn_id"], "{dump}");
-    assert_ne!(mine[0]["conn_id"], mine[2]["conn_id"], "{dump}");
+    assert_eq!(mine[0].conn_id, mine[1].conn_id, "{dump}");
+    assert_eq!(mine[2].conn_id, mine[3].conn_id, "{dump}");
+    assert_ne!(mine[0].conn_id, mine[2].conn_id, "{dump}");
     let mut failures = Vec::new();
     for (i, e) in mine.iter().enumerate() {
         let owner = &owners[i / 2];
         for m in owner.mismatches(e) {
-            failures.push(format!("{} {}: {m}", owner.comm, e["type"]));
+            failures.push(format!("{} {}: {m}", owner.comm, e.kind));
         }
     }
     assert!(failures.is_empty(), "{}\n{dump}", failures.join("\n"));

@@ -15,9 +15,9 @@ use std::{
 };
 
 use tests::{
-    Postgres, TempDir, Tracer, Value,
+    Event, Postgres, TempDir, Tracer,
     clients::{Client, ClientKind, ClientOptions, DockerCgroup, Pgbench, Target},
-    events::{Want, conn_ids, f64_of},
+    events::{Want, conn_ids},
     lines,
     pgbouncer::PgBouncer,
     port_of, require_root, root_postgres, run_ok,
@@ -203,57 +203,49 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let worker_opens = Want::of("open", "client", worker_pid).find(&events);
     assert_eq!(conn_ids(worker_opens.iter().copied()), worker_ids, "{dump}");
     for e in &worker_leaks {
-        assert_eq!(e["reason"], "idle_in_transaction", "{e}");
-        assert_eq!(e["state"], "idle_in_transaction", "{e}");
-        assert_eq!(e["comm"], "python3", "{e}");
-        assert_eq!(e["transport"], "tcp", "{e}");
-        assert_eq!(port_of(&e["remote"]), Some(bouncer.port), "{e}");
-        assert_eq!(e["container_id"], container_id.as_str(), "{e}");
-        assert_eq!(e["container_runtime"], "docker", "{e}");
+        assert_eq!(e.reason.as_deref(), Some("idle_in_transaction"), "{e}");
+        assert_eq!(e.state, "idle_in_transaction", "{e}");
+        assert_eq!(e.comm, "python3", "{e}");
+        assert_eq!(e.transport, "tcp", "{e}");
+        assert_eq!(port_of(&e.remote), Some(bouncer.port), "{e}");
         assert_eq!(
-            e["cgroup"],
-            format!("/system.slice/docker-{container_id}.scope"),
+            e.container_id.as_deref(),
+            Some(container_id.as_str()),
             "{e}"
         );
-        assert!(f64_of(e, "idle_s") >= IDLE_IN_TX_S, "{e}");
-        assert!(
-            f64_of(e, "idle_s") < IDLE_IN_TX_S + SLACK.as_secs_f64(),
+        assert_eq!(e.container_runtime.as_deref(), Some("docker"), "{e}");
+        assert_eq!(
+            e.cgroup.as_deref(),
+            Some(format!("/system.slice/docker-{container_id}.scope").as_str()),
             "{e}"
         );
-        assert!(f64_of(e, "age_s") >= f64_of(e, "idle_s"), "{e}");
+        assert!(e.idle_s() >= IDLE_IN_TX_S, "{e}");
+        assert!(e.idle_s() < IDLE_IN_TX_S + SLACK.as_secs_f64(), "{e}");
+        assert!(e.age_s() >= e.idle_s(), "{e}");
     }
     // Only the worker leaks in a transaction among PgBouncer's clients.
-    let pooled_tx_leaks: Vec<&Value> = events
+    let pooled_tx_leaks: Vec<&Event> = events
         .iter()
         .filter(|e| {
-            e["type"] == "leak"
-                && e["role"] == "client"
-                && e["reason"] == "idle_in_transaction"
-                && port_of(&e["remote"]) == Some(bouncer.port)
+            e.kind == "leak"
+                && e.role == "client"
+                && e.reason.as_deref() == Some("idle_in_transaction")
+                && port_of(&e.remote) == Some(bouncer.port)
         })
         .collect();
     assert_eq!(conn_ids(pooled_tx_leaks), worker_ids, "{dump}");
     let worker_ends = Want::of("leak_end", "client", worker_pid).find(&events);
     assert_eq!(conn_ids(worker_ends.iter().copied()), worker_ids, "{dump}");
     for e in &worker_ends {
-        assert_eq!(e["reason"], "idle_in_transaction", "{e}");
-        assert!(f64_of(e, "lasted_s") >= IDLE_IN_TX_S, "{e}");
+        assert_eq!(e.reason.as_deref(), Some("idle_in_transaction"), "{e}");
+        assert!(e.lasted_s() >= IDLE_IN_TX_S, "{e}");
     }
 
     // 1b. PgBouncer's side of the same three connections (matched by address).
-    let worker_locals: BTreeSet<String> = worker_opens
+    let worker_locals: BTreeSet<String> = worker_opens.iter().map(|e| e.local.clone()).collect();
+    let bouncer_side: Vec<&Event> = events
         .iter()
-        .map(|e| e["local"].as_str().expect("local").to_owned())
-        .collect();
-    let bouncer_side: Vec<&Value> = events
-        .iter()
-        .filter(|e| {
-            e["type"] == "leak"
-                && e["role"] == "server"
-                && e["remote"]
-                    .as_str()
-                    .is_some_and(|r| worker_locals.contains(r))
-        })
+        .filter(|e| e.kind == "leak" && e.role == "server" && worker_locals.contains(&e.remote))
         .collect();
     assert_eq!(
         bouncer_side.len(),
@@ -261,10 +253,10 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
         "PgBouncer's view of the worker: {dump}"
     );
     for e in &bouncer_side {
-        assert_eq!(e["pid"], bouncer_pid, "{e}");
-        assert_eq!(e["comm"], "pgbouncer", "{e}");
-        assert_eq!(e["reason"], "idle_in_transaction", "{e}");
-        assert_eq!(port_of(&e["local"]), Some(bouncer.port), "{e}");
+        assert_eq!(e.pid, bouncer_pid, "{e}");
+        assert_eq!(e.comm, "pgbouncer", "{e}");
+        assert_eq!(e.reason.as_deref(), Some("idle_in_transaction"), "{e}");
+        assert_eq!(port_of(&e.local), Some(bouncer.port), "{e}");
     }
 
     // 2. The starving backend: stalled while the pool was dry, answered once it freed up.
@@ -277,30 +269,27 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
         "{dump}"
     );
     for e in &stalls {
-        assert_eq!(e["comm"], "pgbench", "{e}");
-        assert_eq!(e["state"], "active", "{e}");
-        assert_eq!(port_of(&e["remote"]), Some(bouncer.port), "{e}");
-        assert!(f64_of(e, "waiting_s") >= STALL_S, "{e}");
-        assert!(
-            f64_of(e, "waiting_s") < STALL_S + SLACK.as_secs_f64(),
-            "{e}"
-        );
+        assert_eq!(e.comm, "pgbench", "{e}");
+        assert_eq!(e.state, "active", "{e}");
+        assert_eq!(port_of(&e.remote), Some(bouncer.port), "{e}");
+        assert!(e.waiting_s() >= STALL_S, "{e}");
+        assert!(e.waiting_s() < STALL_S + SLACK.as_secs_f64(), "{e}");
     }
     let mut waited = Vec::new();
     for e in &stall_ends {
-        let w = f64_of(e, "waited_s");
+        let w = e.waited_s();
         assert!(w >= STALL_S, "{e}");
         waited.push(w);
         // Each stall is reported once, and ends once.
-        let id = e["conn_id"].as_str().expect("id");
+        let id = e.conn_id.as_str();
         let conn = Want::conn(id).find(&events);
         assert_eq!(
-            conn.iter().filter(|e| e["type"] == "stall").count(),
+            conn.iter().filter(|e| e.kind == "stall").count(),
             1,
             "{dump}"
         );
         assert_eq!(
-            conn.iter().filter(|e| e["type"] == "stall_end").count(),
+            conn.iter().filter(|e| e.kind == "stall_end").count(),
             1,
             "{dump}"
         );
@@ -318,10 +307,10 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     assert_eq!(abandoned_leaks.len(), 2, "{dump}");
     assert_eq!(abandoned_ids.len(), 2, "{dump}");
     for e in &abandoned_leaks {
-        assert_eq!(e["reason"], "close_wait", "{e}");
-        assert_eq!(e["state"], "close_wait", "{e}");
-        assert_eq!(port_of(&e["remote"]), Some(pg.port), "{e}");
-        assert!(e["container_id"].is_null(), "{e}");
+        assert_eq!(e.reason.as_deref(), Some("close_wait"), "{e}");
+        assert_eq!(e.state, "close_wait", "{e}");
+        assert_eq!(port_of(&e.remote), Some(pg.port), "{e}");
+        assert!(e.container_id.is_none(), "{e}");
     }
     let close_wait_leaks = Want::kind("leak")
         .role("client")
@@ -335,7 +324,9 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
         "{dump}"
     );
     assert!(
-        abandoned_ends.iter().all(|e| e["reason"] == "close_wait"),
+        abandoned_ends
+            .iter()
+            .all(|e| e.reason.as_deref() == Some("close_wait")),
         "{dump}"
     );
 
@@ -354,12 +345,12 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     }
     let healthy_backends = [healthy_backend, listener_backend];
     let verdicts = ["leak", "stall"];
-    let bad: Vec<&Value> = events
+    let bad: Vec<&Event> = events
         .iter()
-        .filter(|e| verdicts.contains(&e["type"].as_str().unwrap_or("")))
+        .filter(|e| verdicts.contains(&e.kind.as_str()))
         .filter(|e| {
-            (e["role"] == "client" && healthy_pids.iter().any(|p| e["pid"] == *p))
-                || (e["role"] == "server" && healthy_backends.iter().any(|p| e["pid"] == *p))
+            (e.role == "client" && healthy_pids.contains(&e.pid))
+                || (e.role == "server" && healthy_backends.contains(&e.pid))
         })
         .collect();
     assert!(
@@ -372,21 +363,12 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
     let server_side: HashMap<(String, String), usize> = events
         .iter()
         .filter(|e| {
-            (e["type"] == "leak" || e["type"] == "stall")
-                && (e["role"] == "server" || e["pid"] == bouncer_pid)
+            (e.kind == "leak" || e.kind == "stall") && (e.role == "server" || e.pid == bouncer_pid)
         })
         .fold(HashMap::new(), |mut m, e| {
             let key = (
-                format!(
-                    "{} {}",
-                    e["role"].as_str().unwrap_or(""),
-                    e["comm"].as_str().unwrap_or("")
-                ),
-                format!(
-                    "{} {}",
-                    e["type"].as_str().unwrap_or(""),
-                    e["reason"].as_str().unwrap_or("")
-                ),
+                format!("{} {}", e.role.as_str(), e.comm.as_str()),
+                format!("{} {}", e.kind.as_str(), e.reason.as_deref().unwrap_or("")),
             );
             *m.entry(key).or_default() += 1;
             m
@@ -405,8 +387,7 @@ fn incident_replay_names_the_leaker_the_starved_and_the_abandoned() {
 }
 
 /// `[::ffff:a.b.c.d]:port` as `a.b.c.d:port`; other addresses unchanged.
-fn unmapped(addr: &Value) -> String {
-    let text = addr.as_str().unwrap_or_default();
+fn unmapped(text: &str) -> String {
     match text
         .strip_prefix("[::ffff:")
         .and_then(|r| r.split_once("]:"))
@@ -416,7 +397,7 @@ fn unmapped(addr: &Value) -> String {
     }
 }
 
-fn lines_of(events: &[&Value]) -> String {
+fn lines_of(events: &[&Event]) -> String {
     events.iter().map(|e| format!("{e}\n")).collect()
 }
 
@@ -434,7 +415,7 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
     let idle_since = Instant::now();
     let pid = client.pid();
     let backend = client.backend_pids[0];
-    let leak = |evs: &[Value], role: &str, pid: u32| {
+    let leak = |evs: &[Event], role: &str, pid: u32| {
         evs.iter()
             .filter(|e| Want::of("leak", role, pid).matches(e))
             .cloned()
@@ -453,36 +434,33 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
 
     let opens = Want::of("open", "client", pid).find(&events);
     assert_eq!(opens.len(), 1, "{kind:?} opened one connection: {dump}");
-    let conn_id = opens[0]["conn_id"].as_str().expect("id").to_owned();
+    let conn_id = opens[0].conn_id.clone();
     let client_leaks = leak(&events, "client", pid);
     assert_eq!(client_leaks.len(), 1, "exactly one leak: {dump}");
     let e = &client_leaks[0];
-    assert_eq!(e["conn_id"], conn_id.as_str(), "{e}");
-    assert_eq!(e["reason"], "idle_in_transaction", "{e}");
-    assert_eq!(e["state"], "idle_in_transaction", "{e}");
-    assert_eq!(e["comm"], kind.comm(), "{e}");
-    assert_eq!(e["transport"], "tcp", "{e}");
-    assert_eq!(port_of(&e["remote"]), Some(pg.port), "{e}");
-    assert!(f64_of(e, "idle_s") >= IDLE_IN_TX_S, "{e}");
-    assert!(
-        f64_of(e, "idle_s") < IDLE_IN_TX_S + SLACK.as_secs_f64(),
-        "{e}"
-    );
-    let client_local = e["local"].clone();
+    assert_eq!(e.conn_id, conn_id.as_str(), "{e}");
+    assert_eq!(e.reason.as_deref(), Some("idle_in_transaction"), "{e}");
+    assert_eq!(e.state, "idle_in_transaction", "{e}");
+    assert_eq!(e.comm, kind.comm(), "{e}");
+    assert_eq!(e.transport, "tcp", "{e}");
+    assert_eq!(port_of(&e.remote), Some(pg.port), "{e}");
+    assert!(e.idle_s() >= IDLE_IN_TX_S, "{e}");
+    assert!(e.idle_s() < IDLE_IN_TX_S + SLACK.as_secs_f64(), "{e}");
+    let client_local = e.local.clone();
 
     let server_leaks = leak(&events, "server", backend);
     assert_eq!(server_leaks.len(), 1, "the backend's view: {dump}");
     let s = &server_leaks[0];
-    assert_eq!(s["reason"], "idle_in_transaction", "{s}");
-    assert_eq!(s["comm"], "postgres", "{s}");
+    assert_eq!(s.reason.as_deref(), Some("idle_in_transaction"), "{s}");
+    assert_eq!(s.comm, "postgres", "{s}");
     // Java connects an AF_INET6 socket to 127.0.0.1: its own view names the v4-mapped
     // address, the backend's the plain one.
     assert_eq!(
-        unmapped(&s["remote"]),
+        unmapped(&s.remote),
         unmapped(&client_local),
         "the same connection: {s}"
     );
-    let server_id = s["conn_id"].as_str().expect("id").to_owned();
+    let server_id = s.conn_id.clone();
 
     // COMMIT ends both verdicts; the connection stays open and healthy.
     client.commit().expect("commit");
@@ -493,20 +471,25 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
                 Want::conn(id)
                     .find(evs)
                     .iter()
-                    .any(|e| e["type"] == "leak_end")
+                    .any(|e| e.kind == "leak_end")
             })
         })
         .unwrap_or_else(|e| panic!("{kind:?} leak_end after COMMIT: {e}"));
     let ended_after = committed_at.elapsed();
     for id in [&conn_id, &server_id] {
-        let ends: Vec<&Value> = Want::conn(id)
+        let ends: Vec<&Event> = Want::conn(id)
             .find(&events)
             .into_iter()
-            .filter(|e| e["type"] == "leak_end")
+            .filter(|e| e.kind == "leak_end")
             .collect();
         assert_eq!(ends.len(), 1, "{dump}");
-        assert_eq!(ends[0]["reason"], "idle_in_transaction", "{}", ends[0]);
-        assert!(f64_of(ends[0], "lasted_s") >= IDLE_IN_TX_S, "{}", ends[0]);
+        assert_eq!(
+            ends[0].reason.as_deref(),
+            Some("idle_in_transaction"),
+            "{}",
+            ends[0]
+        );
+        assert!(ends[0].lasted_s() >= IDLE_IN_TX_S, "{}", ends[0]);
     }
     std::thread::sleep(Duration::from_secs(2));
     client.stop().expect("client exits");
@@ -515,23 +498,23 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
             Want::conn(&conn_id)
                 .find(evs)
                 .iter()
-                .any(|e| e["type"] == "close")
+                .any(|e| e.kind == "close")
         })
         .expect("close");
     let dump = lines(&events);
     let client_conn = Want::conn(&conn_id).find(&events);
     assert_eq!(
-        client_conn.iter().filter(|e| e["type"] == "leak").count(),
+        client_conn.iter().filter(|e| e.kind == "leak").count(),
         1,
         "no new verdict once committed: {dump}"
     );
-    assert!(client_conn.iter().all(|e| e["type"] != "stall"), "{dump}");
+    assert!(client_conn.iter().all(|e| e.kind != "stall"), "{dump}");
     eprintln!(
         "{kind:?} (pid {pid}, comm {}): idle_in_transaction reported {detected_after:.1?} after \
          the transaction went idle (threshold {IDLE_IN_TX_S} s, idle_s {:.2}); backend {backend} \
          too; leak_end {ended_after:.1?} after COMMIT",
         kind.comm(),
-        f64_of(e, "idle_s")
+        e.idle_s()
     );
 }
 
@@ -639,40 +622,36 @@ fn tls_connection_is_unknown_never_idle_in_transaction_but_stalls_are_seen() {
 
     let opens = Want::of("open", "client", pid).find(&events_now);
     assert_eq!(opens.len(), 1, "{dump}");
-    let conn_id = opens[0]["conn_id"].as_str().expect("id").to_owned();
+    let conn_id = opens[0].conn_id.clone();
     let conn = Want::conn(&conn_id).find(&events_now);
     assert!(
-        conn.iter().all(|e| e["type"] != "leak"),
+        conn.iter().all(|e| e.kind != "leak"),
         "no leak verdict on an encrypted connection idle {IDLE_IN_TX_S}+ s: {dump}"
     );
     assert!(
         events_now
             .iter()
-            .filter(|e| e["pid"] == backend && e["role"] == "server")
-            .all(|e| e["type"] != "leak"),
+            .filter(|e| e.pid == backend && e.role == "server")
+            .all(|e| e.kind != "leak"),
         "nor on the backend's side: {dump}"
     );
-    let stalls: Vec<&&Value> = conn.iter().filter(|e| e["type"] == "stall").collect();
-    let ends: Vec<&&Value> = conn.iter().filter(|e| e["type"] == "stall_end").collect();
+    let stalls: Vec<&&Event> = conn.iter().filter(|e| e.kind == "stall").collect();
+    let ends: Vec<&&Event> = conn.iter().filter(|e| e.kind == "stall_end").collect();
     assert_eq!((stalls.len(), ends.len()), (1, 1), "{dump}");
-    assert!(f64_of(stalls[0], "waiting_s") >= STALL_S, "{}", stalls[0]);
-    assert_eq!(stalls[0]["state"], "active", "{}", stalls[0]);
-    let waited = f64_of(ends[0], "waited_s");
+    assert!(stalls[0].waiting_s() >= STALL_S, "{}", stalls[0]);
+    assert_eq!(stalls[0].state, "active", "{}", stalls[0]);
+    let waited = ends[0].waited_s();
     assert!(
         waited >= sleep_s - 0.5 && waited <= answered_after.as_secs_f64() + 0.5,
         "waited {waited} s for a {sleep_s} s pg_sleep: {}",
         ends[0]
     );
-    assert_eq!(
-        ends[0]["state"], "unknown",
-        "unreadable protocol: {}",
-        ends[0]
-    );
+    assert_eq!(ends[0].state, "unknown", "unreadable protocol: {}", ends[0]);
     client.stop().expect("client exits");
     eprintln!(
         "TLS: no leak after {:.1?} idle in a transaction (state unknown); pg_sleep({sleep_s}) \
          stalled at {:.2} s and ended after waited_s {waited:.2}",
         secs(IDLE_IN_TX_S) + SLACK,
-        f64_of(stalls[0], "waiting_s")
+        stalls[0].waiting_s()
     );
 }

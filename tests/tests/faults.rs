@@ -19,7 +19,7 @@ use std::{
 };
 
 use tests::{
-    Postgres, TempDir, Tracer, Value, conn_events,
+    Event, Postgres, TempDir, Tracer, conn_events,
     events::Want,
     free_port,
     hosts::ts_secs,
@@ -31,34 +31,34 @@ use tests::{
 };
 
 /// The fields that matter here, one event a line (`cmdline` can be a whole script).
-fn dump(events: &[&Value]) -> String {
+fn dump(events: &[&Event]) -> String {
     events
         .iter()
         .map(|e| {
             format!(
                 "{} {} {} conn_id={} pid={} comm={} local={} remote={} closed_by={} bytes={}/{}\n",
-                e["ts"],
-                e["type"],
-                e["role"],
-                e["conn_id"],
-                e["pid"],
-                e["comm"],
-                e["local"],
-                e["remote"],
-                e["closed_by"],
-                e["bytes_sent"],
-                e["bytes_received"]
+                e.ts,
+                e.kind,
+                e.role,
+                e.conn_id,
+                e.pid,
+                e.comm,
+                e.local,
+                e.remote,
+                e.closed_by.as_deref().unwrap_or("-"),
+                e.bytes_sent.unwrap_or(0),
+                e.bytes_received.unwrap_or(0)
             )
         })
         .collect()
 }
 
 /// Lost counts by `where`, from the `lost` events.
-fn lost_events(events: &[Value]) -> HashMap<String, u64> {
+fn lost_events(events: &[Event]) -> HashMap<String, u64> {
     let mut out = HashMap::new();
     for e in Want::kind("lost").find(events) {
-        *out.entry(e["where"].as_str().unwrap_or("?").to_owned())
-            .or_default() += e["count"].as_u64().unwrap_or(0);
+        *out.entry(e.lost_where.as_deref().unwrap_or("?").to_owned())
+            .or_default() += e.count.unwrap_or(0);
     }
     out
 }
@@ -98,10 +98,8 @@ fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
         "tracked while held (baseline {baseline})"
     );
 
-    let is_ours = |e: &&Value| {
-        e["role"] == "client"
-            && e["pid"] == pid
-            && port_of(&e["local"]).is_some_and(|p| ports.contains(&p))
+    let is_ours = |e: &&Event| {
+        e.role == "client" && e.pid == pid && port_of(&e.local).is_some_and(|p| ports.contains(&p))
     };
     let killed = Instant::now();
     let mut holder = holder;
@@ -124,23 +122,20 @@ fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
     }
     let (back, back_after) = metrics.wait_tracked(baseline, Duration::from_secs(10));
     let events = tracer.events();
-    let closes: Vec<&Value> = Want::kind("close")
+    let closes: Vec<&Event> = Want::kind("close")
         .find(&events)
         .into_iter()
         .filter(is_ours)
         .collect();
     let mut by: HashMap<String, usize> = HashMap::new();
     for c in &closes {
-        *by.entry(c["closed_by"].as_str().unwrap_or("?").to_owned())
+        *by.entry(c.closed_by.as_deref().unwrap_or("?").to_owned())
             .or_default() += 1;
     }
-    let ids: HashSet<&str> = closes
-        .iter()
-        .filter_map(|c| c["conn_id"].as_str())
-        .collect();
+    let ids: HashSet<&str> = closes.iter().map(|c| c.conn_id.as_str()).collect();
     let server_closes = conn_events(&events, pg.port)
         .iter()
-        .filter(|e| e["type"] == "close" && e["role"] == "server")
+        .filter(|e| e.kind == "close" && e.role == "server")
         .count();
     eprintln!(
         "kill -9 of a holder of 200: {} client closes in {all_closed:?} (closed_by {by:?}), {server_closes} backend closes; tracked {held} -> {back} (baseline {baseline}) after {back_after:?}",
@@ -158,7 +153,8 @@ fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
     assert!(
         closes
             .iter()
-            .all(|c| c["closed_by"] == "exit" || c["closed_by"] == "reset"),
+            .all(|c| c.closed_by.as_deref() == Some("exit")
+                || c.closed_by.as_deref() == Some("reset")),
         "a killed owner's connections end by exit (or reset): {by:?}"
     );
     assert_eq!(back, baseline, "tracked count back to its baseline");
@@ -232,20 +228,20 @@ fn shared_sockets_end_once_at_the_last_close_and_follow_the_holder() {
     let a_closed: f64 = field("Aclosed", 2).parse().expect("time");
     let b_closed: f64 = field("B", 2).parse().expect("time");
 
-    let mine = |evs: &[Value]| -> Vec<Value> {
+    let mine = |evs: &[Event]| -> Vec<Event> {
         evs.iter()
-            .filter(|e| e["role"] == "client" && port_of(&e["local"]) == Some(local))
+            .filter(|e| e.role == "client" && port_of(&e.local) == Some(local))
             .cloned()
             .collect()
     };
     tracer
         .wait_for(Duration::from_secs(10), |evs| {
-            mine(evs).iter().any(|e| e["type"] == "close")
+            mine(evs).iter().any(|e| e.kind == "close")
         })
         .expect("the close");
     std::thread::sleep(Duration::from_millis(500));
     let events = mine(&tracer.events());
-    let refs: Vec<&Value> = events.iter().collect();
+    let refs: Vec<&Event> = events.iter().collect();
     let opens = Want::kind("open").find(&events);
     let closes = Want::kind("close").find(&events);
     eprintln!(
@@ -253,20 +249,21 @@ fn shared_sockets_end_once_at_the_last_close_and_follow_the_holder() {
         dump(&refs)
     );
     assert_eq!(opens.len(), 1, "{}", dump(&refs));
-    assert_eq!(opens[0]["pid"], a_pid, "the connecting process");
+    assert_eq!(opens[0].pid, a_pid, "the connecting process");
     assert_eq!(closes.len(), 1, "exactly one close: {}", dump(&refs));
     let close = closes[0];
     assert!(
-        ts_secs(close).expect("ts") >= c_closed - 0.05,
+        ts_secs(&close.ts).expect("ts") >= c_closed - 0.05,
         "the close came at the last holder's close ({c_closed:.3}), not at a dup's, the parent's ({a_closed:.3}) or the sender's ({b_closed:.3}): {close}"
     );
-    assert_eq!(close["conn_id"], opens[0]["conn_id"]);
+    assert_eq!(close.conn_id, opens[0].conn_id);
     assert_eq!(
-        close["pid"], c_pid,
+        close.pid, c_pid,
         "the process that received the fd and did the last I/O owns it: {close}"
     );
     assert_eq!(
-        close["bytes_sent"], 18,
+        close.bytes_sent,
+        Some(18),
         "A, B and C each sent 6 bytes: {close}"
     );
 }
@@ -358,7 +355,7 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
     let closes = Want::kind("close").count(&ours) as u64;
     let by_role = |kind: &str, role: &str| {
         ours.iter()
-            .filter(|e| e["type"] == kind && e["role"] == role)
+            .filter(|e| e.kind == kind && e.role == role)
             .count()
     };
     eprintln!(
@@ -398,23 +395,15 @@ fn a_stalled_daemon_counts_every_loss_and_recovers_the_true_connection_set() {
     let close_ts: HashMap<String, String> = Want::kind("close")
         .find(&ours)
         .into_iter()
-        .map(|e| {
-            (
-                e["conn_id"].as_str().unwrap_or("").to_owned(),
-                e["ts"].as_str().unwrap_or("").to_owned(),
-            )
-        })
+        .map(|e| (e.conn_id.clone(), e.ts.as_str().to_owned()))
         .collect();
-    let false_leaks: Vec<&Value> = Want::kind("leak")
+    let false_leaks: Vec<&Event> = Want::kind("leak")
         .find(&ours)
         .into_iter()
         .filter(|e| {
-            let key = (
-                e["local"].as_str().unwrap_or("").to_owned(),
-                e["remote"].as_str().unwrap_or("").to_owned(),
-            );
-            match close_ts.get(e["conn_id"].as_str().unwrap_or("")) {
-                Some(closed) => closed.as_str() < e["ts"].as_str().unwrap_or(""),
+            let key = (e.local.clone(), e.remote.clone());
+            match close_ts.get(e.conn_id.as_str()) {
+                Some(closed) => closed.as_str() < e.ts.as_str(),
                 None => !live.contains(&key),
             }
         })
@@ -503,26 +492,27 @@ fn a_daemon_killed_under_load_restarts_and_reseeds_without_duplicates() {
     let opens = Want::kind("open").find(&events);
     let mut per_id: HashMap<&str, usize> = HashMap::new();
     for o in &opens {
-        *per_id
-            .entry(o["conn_id"].as_str().unwrap_or(""))
-            .or_default() += 1;
+        *per_id.entry(o.conn_id.as_str()).or_default() += 1;
     }
     let duplicated: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).collect();
-    let reseeded = |role: &str, field: &str| {
+    let reseeded = |role: &str, end: fn(&Event) -> &str| {
         opens
             .iter()
             .filter(|o| {
-                o["role"] == role
-                    && o["preexisting"] == true
-                    && port_of(&o[field]).is_some_and(|p| held_ports.contains(&p))
+                o.role == role
+                    && o.preexisting == Some(true)
+                    && port_of(end(o)).is_some_and(|p| held_ports.contains(&p))
             })
             .count()
     };
-    let (clients, servers) = (reseeded("client", "local"), reseeded("server", "remote"));
+    let (clients, servers) = (
+        reseeded("client", |o| &o.local),
+        reseeded("server", |o| &o.remote),
+    );
     eprintln!(
         "restart after kill -9: ready in {to_ready:?}; {} opens, {} preexisting; held connections re-seeded: {clients} client + {servers} server of 20 + 20; {churned} churned connections; duplicates {duplicated:?}",
         opens.len(),
-        opens.iter().filter(|o| o["preexisting"] == true).count()
+        opens.iter().filter(|o| o.preexisting == Some(true)).count()
     );
     assert!(
         to_ready <= Duration::from_secs(5),
@@ -587,17 +577,17 @@ fn a_full_kernel_table_is_counted_and_forgets_no_tracked_connection() {
     let closed: HashSet<&str> = Want::kind("close").conn_ids_in(&ours).collect();
     let forgotten: Vec<&&str> = opened.difference(&closed).collect();
     // The server ends (held by the test, never read) as the events name them.
-    let server_ends: Vec<&Value> = events
+    let server_ends: Vec<&Event> = events
         .iter()
         .filter(|e| {
-            e["role"] == "server"
-                && (e["type"] == "open" || e["type"] == "close")
-                && port_of(&e["remote"]).is_some_and(|p| client_ports.contains(&p))
+            e.role == "server"
+                && (e.kind == "open" || e.kind == "close")
+                && port_of(&e.remote).is_some_and(|p| client_ports.contains(&p))
         })
         .collect();
-    let wrong_local: Vec<&&Value> = server_ends
+    let wrong_local: Vec<&&Event> = server_ends
         .iter()
-        .filter(|e| port_of(&e["local"]) != Some(port))
+        .filter(|e| port_of(&e.local) != Some(port))
         .collect();
     let lost = lost_events(&events);
     eprintln!(
@@ -742,7 +732,7 @@ fn short_lived_clients_reusing_pids_are_never_misattributed() {
     let events = tracer
         .wait_for(Duration::from_secs(60), |evs| {
             evs.iter()
-                .filter(|e| e["type"] == "close" && e["role"] == "client")
+                .filter(|e| e.kind == "close" && e.role == "client")
                 .count()
                 >= spawned
         })
@@ -752,22 +742,22 @@ fn short_lived_clients_reusing_pids_are_never_misattributed() {
     let (mut opens, mut closes) = (0, 0);
     let test_pid = std::process::id();
     for e in conn_events(&events, listener.port) {
-        match e["type"].as_str() {
-            Some("open") if e["role"] == "client" => opens += 1,
-            Some("close") if e["role"] == "client" => closes += 1,
+        match e.kind.as_str() {
+            "open" if e.role == "client" => opens += 1,
+            "close" if e.role == "client" => closes += 1,
             _ => {}
         }
-        if e["role"] == "server" {
-            if e["pid"] != test_pid {
+        if e.role == "server" {
+            if e.pid != test_pid {
                 wrong.push(e.clone());
             }
             continue;
         }
-        let Some((pid, lport, comm)) = e["conn_id"].as_str().and_then(|id| clients.get(id)) else {
+        let Some((pid, lport, comm)) = clients.get(&e.conn_id) else {
             wrong.push(e.clone());
             continue;
         };
-        if e["pid"] != *pid || e["comm"] != *comm || port_of(&e["local"]) != Some(*lport) {
+        if e.pid != *pid || e.comm != *comm || port_of(&e.local) != Some(*lport) {
             wrong.push(e.clone());
         }
     }
@@ -922,10 +912,10 @@ fn hostile_bytes_do_not_disturb_the_daemon_or_other_connections() {
     assert!(alive(tracer.pid()), "daemon alive: {}", tracer.stderr());
     let (health, _) = http_get(mport, "/healthz").expect("healthz");
     let events = tracer.events();
-    let of = |kind: &str, role: &str, pid: u32| -> Vec<&Value> {
+    let of = |kind: &str, role: &str, pid: u32| -> Vec<&Event> {
         events
             .iter()
-            .filter(|e| e["type"] == kind && e["role"] == role && e["pid"] == pid)
+            .filter(|e| e.kind == kind && e.role == role && e.pid == pid)
             .collect()
     };
     let (co, cc) = (
@@ -954,21 +944,11 @@ fn hostile_bytes_do_not_disturb_the_daemon_or_other_connections() {
         "exactly one open and one close per role: {}",
         dump(&all)
     );
-    assert_eq!(co[0]["comm"], "psql");
-    assert_eq!(
-        cc[0]["bytes_sent"],
-        sc[0]["bytes_received"],
-        "{}",
-        dump(&all)
-    );
-    assert_eq!(
-        cc[0]["bytes_received"],
-        sc[0]["bytes_sent"],
-        "{}",
-        dump(&all)
-    );
-    assert!(cc[0]["bytes_received"].as_u64().unwrap_or(0) > 5000);
-    assert_eq!(co[0]["local"], so[0]["remote"]);
+    assert_eq!(co[0].comm, "psql");
+    assert_eq!(cc[0].bytes_sent, sc[0].bytes_received, "{}", dump(&all));
+    assert_eq!(cc[0].bytes_received, sc[0].bytes_sent, "{}", dump(&all));
+    assert!(cc[0].bytes_received.unwrap_or(0) > 5000);
+    assert_eq!(co[0].local, so[0].remote);
 }
 
 #[test]
@@ -1079,7 +1059,7 @@ fn no_event_or_metric_carries_query_text() {
     let events = tracer.events();
     let text: String = events.iter().map(|e| format!("{e}\n")).collect();
     let metrics = MetricsEndpoint(mport).text().expect("metrics");
-    let kinds: HashSet<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    let kinds: HashSet<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     eprintln!(
         "query text: {} events of kinds {kinds:?}; marker in events: {}, in metrics: {}",
         events.len(),

@@ -13,7 +13,7 @@ use std::{
 };
 
 use tests::{
-    Postgres, Tracer, Value, conn_events, ensure_tracefs, events::Want, lines, linked_program_ids,
+    Event, Postgres, Tracer, conn_events, ensure_tracefs, events::Want, lines, linked_program_ids,
     loaded_program_names, loaded_programs, port_of, psql_backend, require_root, root_postgres,
     run_ok,
 };
@@ -36,7 +36,7 @@ fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
     let (psql_pid, backend_pid) = psql_with_backend_pid(&pg, "127.0.0.1", ", pg_sleep(0.3)");
     tracer
         .wait_for(WAIT, |evs| {
-            evs.iter().filter(|e| e["type"] == "close").count() >= 2
+            evs.iter().filter(|e| e.kind == "close").count() >= 2
         })
         .expect("two closes");
     // Let anything spurious arrive before counting.
@@ -55,42 +55,36 @@ fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
     assert_eq!(events.len(), 4, "only these four: {dump}");
 
     for e in client_opens.iter().chain(&client_closes) {
-        assert_eq!(e["pid"], psql_pid, "{dump}");
-        assert_eq!(e["comm"], "psql", "{dump}");
-        assert_eq!(port_of(&e["remote"]), Some(pg.port), "{dump}");
-        assert_eq!(e["transport"], "tcp");
+        assert_eq!(e.pid, psql_pid, "{dump}");
+        assert_eq!(e.comm, "psql", "{dump}");
+        assert_eq!(port_of(&e.remote), Some(pg.port), "{dump}");
+        assert_eq!(e.transport, "tcp");
     }
     for e in server_opens.iter().chain(&server_closes) {
         assert_eq!(
-            e["pid"], backend_pid,
+            e.pid, backend_pid,
             "the backend, not the postmaster: {dump}"
         );
-        assert_eq!(e["comm"], "postgres", "{dump}");
-        assert_eq!(port_of(&e["local"]), Some(pg.port), "{dump}");
+        assert_eq!(e.comm, "postgres", "{dump}");
+        assert_eq!(port_of(&e.local), Some(pg.port), "{dump}");
     }
-    assert_eq!(client_opens[0]["preexisting"], false);
+    assert_eq!(client_opens[0].preexisting, Some(false));
     // One connection, seen from both ends.
-    assert_eq!(
-        client_opens[0]["local"], server_opens[0]["remote"],
-        "{dump}"
-    );
-    assert_eq!(
-        client_opens[0]["remote"], server_opens[0]["local"],
-        "{dump}"
-    );
-    assert_eq!(client_opens[0]["conn_id"], client_closes[0]["conn_id"]);
-    assert_eq!(server_opens[0]["conn_id"], server_closes[0]["conn_id"]);
-    assert_ne!(client_opens[0]["conn_id"], server_opens[0]["conn_id"]);
+    assert_eq!(client_opens[0].local, server_opens[0].remote, "{dump}");
+    assert_eq!(client_opens[0].remote, server_opens[0].local, "{dump}");
+    assert_eq!(client_opens[0].conn_id, client_closes[0].conn_id);
+    assert_eq!(server_opens[0].conn_id, server_closes[0].conn_id);
+    assert_ne!(client_opens[0].conn_id, server_opens[0].conn_id);
 
     let (c, s) = (client_closes[0], server_closes[0]);
-    assert!(c["duration_s"].as_f64().unwrap() >= 0.3, "{dump}");
-    assert!(c["duration_s"].as_f64().unwrap() < 5.0, "{dump}");
-    assert!(c["bytes_sent"].as_u64().unwrap() > 0, "{dump}");
-    assert_eq!(c["bytes_sent"], s["bytes_received"], "{dump}");
-    assert_eq!(c["bytes_received"], s["bytes_sent"], "{dump}");
+    assert!(c.duration_s.unwrap() >= 0.3, "{dump}");
+    assert!(c.duration_s.unwrap() < 5.0, "{dump}");
+    assert!(c.bytes_sent.unwrap() > 0, "{dump}");
+    assert_eq!(c.bytes_sent, s.bytes_received, "{dump}");
+    assert_eq!(c.bytes_received, s.bytes_sent, "{dump}");
     // psql sends Terminate and closes first; the backend then exits.
-    assert_eq!(c["closed_by"], "local", "{dump}");
-    assert_eq!(s["closed_by"], "peer", "{dump}");
+    assert_eq!(c.closed_by.as_deref(), Some("local"), "{dump}");
+    assert_eq!(s.closed_by.as_deref(), Some("peer"), "{dump}");
 }
 
 #[test]
@@ -119,7 +113,7 @@ fn ipv6_is_seen_and_unwatched_ports_are_not() {
     let (psql_pid, backend_pid) = psql_with_backend_pid(&pg, "::1", "");
     let events = tracer
         .wait_for(WAIT, |evs| {
-            evs.iter().filter(|e| e["type"] == "close").count() >= 2
+            evs.iter().filter(|e| e.kind == "close").count() >= 2
         })
         .expect("closes");
     std::thread::sleep(Duration::from_millis(500));
@@ -133,10 +127,10 @@ fn ipv6_is_seen_and_unwatched_ports_are_not() {
     let client = Want::kind("close").role("client").find(&v6);
     let server = Want::kind("close").role("server").find(&v6);
     assert_eq!((client.len(), server.len()), (1, 1), "{dump}");
-    assert_eq!(client[0]["remote"], format!("[::1]:{}", pg.port), "{dump}");
-    assert_eq!(server[0]["local"], format!("[::1]:{}", pg.port), "{dump}");
-    assert_eq!(client[0]["pid"], psql_pid);
-    assert_eq!(server[0]["pid"], backend_pid);
+    assert_eq!(client[0].remote, format!("[::1]:{}", pg.port), "{dump}");
+    assert_eq!(server[0].local, format!("[::1]:{}", pg.port), "{dump}");
+    assert_eq!(client[0].pid, psql_pid);
+    assert_eq!(server[0].pid, backend_pid);
 }
 
 /// One line of `tcplife -w`.
@@ -219,7 +213,7 @@ fn lifetimes_bytes_and_pids_agree_with_tcplife() {
     let expected = workloads.len() * 2;
     tracer
         .wait_for(WAIT, |evs| {
-            evs.iter().filter(|e| e["type"] == "close").count() >= expected
+            evs.iter().filter(|e| e.kind == "close").count() >= expected
         })
         .expect("all closes");
     std::thread::sleep(Duration::from_millis(500));
@@ -233,9 +227,9 @@ fn lifetimes_bytes_and_pids_agree_with_tcplife() {
         .map(|r| ((r.lport, r.rport), r))
         .collect();
 
-    let closes: Vec<Value> = conn_events(&tracer.events(), pg.port)
+    let closes: Vec<Event> = conn_events(&tracer.events(), pg.port)
         .into_iter()
-        .filter(|e| e["type"] == "close")
+        .filter(|e| e.kind == "close")
         .collect();
     assert_eq!(closes.len(), expected, "{}", lines(&closes));
     assert_eq!(rows.len(), expected, "tcplife rows: {rows:?}");
@@ -249,23 +243,23 @@ fn lifetimes_bytes_and_pids_agree_with_tcplife() {
     let mut max_ms_diff = 0f64;
     for close in &closes {
         let key = (
-            port_of(&close["local"]).unwrap(),
-            port_of(&close["remote"]).unwrap(),
+            port_of(&close.local).unwrap(),
+            port_of(&close.remote).unwrap(),
         );
         let row = rows
             .get(&key)
             .unwrap_or_else(|| panic!("tcplife missed {close}"));
         if row.pid != 0 {
-            assert_eq!(close["pid"], row.pid, "{close} vs {row:?}");
+            assert_eq!(close.pid, row.pid, "{close} vs {row:?}");
         }
-        let sent = close["bytes_sent"].as_u64().unwrap();
-        let received = close["bytes_received"].as_u64().unwrap();
+        let sent = close.bytes_sent.unwrap();
+        let received = close.bytes_received.unwrap();
         assert!(bytes_agree(sent, row.tx_kb), "sent {sent} vs {row:?}");
         assert!(
             bytes_agree(received, row.rx_kb),
             "received {received} vs {row:?}"
         );
-        let ours_ms = close["duration_s"].as_f64().unwrap() * 1000.0;
+        let ours_ms = close.duration_s.unwrap() * 1000.0;
         let diff = (ours_ms - row.ms).abs();
         max_ms_diff = max_ms_diff.max(diff);
         assert!(
@@ -326,7 +320,7 @@ fn sigterm_under_load_exits_zero_quickly_and_detaches_everything() {
     };
     tracer
         .wait_for(WAIT, |evs| {
-            evs.iter().filter(|e| e["type"] == "close").count() >= 10
+            evs.iter().filter(|e| e.kind == "close").count() >= 10
         })
         .expect("load is traced");
     let (status, took) = tracer.terminate(Duration::from_secs(5)).expect("stops");

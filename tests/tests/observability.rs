@@ -19,7 +19,7 @@ use std::{
 };
 
 use tests::{
-    TempDir, Tracer, Value,
+    Event, TempDir, Tracer, Value,
     events::Want,
     free_port, lines,
     load::reset_on_close,
@@ -178,7 +178,7 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
 
     let (tx_pid, victim_pid) = (tx.pid, victim.pid);
     // The three episodes: their verdicts (`suffix` empty), or their ends (`_end`).
-    let episodes = |evs: &[Value], suffix: &str| {
+    let episodes = |evs: &[Event], suffix: &str| {
         let want = |kind: &str| Want::kind(&format!("{kind}{suffix}"));
         want("stall").pid(stall_pid).found_in(evs)
             && want("leak")
@@ -206,7 +206,7 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
                 && Want::kind("close").pid(pre_pid).found_in(evs)
                 && evs
                     .iter()
-                    .any(|e| e["type"] == "close" && e["transport"] == "unix")
+                    .any(|e| e.kind == "close" && e.transport == "unix")
         })
         .expect("the ends of every episode");
     std::thread::sleep(Duration::from_millis(500));
@@ -223,10 +223,8 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
     let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
     let mut invalid = Vec::new();
     for e in &events {
-        *by_type
-            .entry(e["type"].as_str().unwrap_or("<no type>").to_owned())
-            .or_default() += 1;
-        if let Err(msg) = validate_event(e) {
+        *by_type.entry(e.kind.clone()).or_default() += 1;
+        if let Err(msg) = validate_event(&e.json()) {
             invalid.push(msg);
         }
     }
@@ -246,21 +244,21 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
     for kind in EVENT_TYPES.into_iter().filter(|&k| k != "lost") {
         assert!(by_type.contains_key(kind), "no {kind} event:\n{dump}");
     }
-    let any = |f: &dyn Fn(&Value) -> bool| events.iter().any(f);
+    let any = |f: &dyn Fn(&Event) -> bool| events.iter().any(f);
     assert!(
-        any(&|e| Want::kind("open").pid(pre_pid).matches(e) && e["preexisting"] == true),
+        any(&|e| Want::kind("open").pid(pre_pid).matches(e) && e.preexisting == Some(true)),
         "the connection opened before the daemon is an open with preexisting=true:\n{dump}"
     );
     assert!(
-        any(&|e| e["type"] == "open" && e["preexisting"] == false),
+        any(&|e| e.kind == "open" && e.preexisting == Some(false)),
         "{dump}"
     );
     assert!(
-        any(&|e| e["type"] == "open" && e["transport"] == "unix" && e["role"] == "client"),
+        any(&|e| e.kind == "open" && e.transport == "unix" && e.role == "client"),
         "psql over the Unix socket:\n{dump}"
     );
     assert!(
-        any(&|e| e["type"] == "open" && e["remote"] == format!("[::1]:{port}")),
+        any(&|e| e.kind == "open" && e.remote == format!("[::1]:{port}")),
         "psql over ::1:\n{dump}"
     );
 }
@@ -620,23 +618,23 @@ fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
 
     // The reader returns.
     let reader_back = Instant::now();
-    let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let events: Arc<Mutex<Vec<Event>>> = Arc::default();
     let bad_lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let reader = {
         let (events, bad_lines) = (events.clone(), bad_lines.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => events.lock().unwrap().push(v),
-                    Err(e) => bad_lines.lock().unwrap().push(format!("{e}: {line}")),
+                match Event::parse(&line) {
+                    Ok(event) => events.lock().unwrap().push(event),
+                    Err(e) => bad_lines.lock().unwrap().push(e),
                 }
             }
         })
     };
-    let lost_sum = |evs: &[Value]| -> u64 {
+    let lost_sum = |evs: &[Event]| -> u64 {
         evs.iter()
-            .filter(|e| e["type"] == "lost" && e["where"] == "user_queue")
-            .filter_map(|e| e["count"].as_u64())
+            .filter(|e| e.kind == "lost" && e.lost_where.as_deref() == Some("user_queue"))
+            .filter_map(|e| e.count)
             .sum()
     };
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -685,9 +683,12 @@ fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
     let metric = metric_value(&get("/metrics").expect("/metrics").body, USER_QUEUE_LOST)
         .expect("pgconn_tracer_events_lost_total{where=\"user_queue\"} exported");
     let evs = events.lock().unwrap().clone();
-    let lost_events: Vec<&Value> = evs.iter().filter(|e| e["type"] == "lost").collect();
+    let lost_events: Vec<&Event> = Want::kind("lost").find(&evs);
     let summed = lost_sum(&evs);
-    let invalid: Vec<String> = evs.iter().filter_map(|e| validate_event(e).err()).collect();
+    let invalid: Vec<String> = evs
+        .iter()
+        .filter_map(|e| validate_event(&e.json()).err())
+        .collect();
     eprintln!(
         "after the reader returned: {} events read ({} invalid), {} lost events {:?}, \
          user_queue count sum {summed}, metric {metric}",
@@ -696,7 +697,7 @@ fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
         lost_events.len(),
         lost_events
             .iter()
-            .map(|e| format!("{}={}", e["where"], e["count"]))
+            .map(|e| format!("{:?}={:?}", e.lost_where, e.count))
             .collect::<Vec<_>>()
     );
     assert!(

@@ -18,7 +18,10 @@ use std::{
 };
 
 use serde::Deserialize;
-use tests::{TempDir, Value, free_port, lines, prom::https_get, require_root, tracer_bin};
+use tests::{
+    Event, TempDir, Value, events::read_events, free_port, lines, prom::https_get, require_root,
+    tracer_bin,
+};
 
 const UNIT: &str = "deploy/systemd/tracer.service";
 const CONTAINERFILE: &str = "deploy/container/Containerfile";
@@ -938,15 +941,6 @@ fn run_accepts(flag: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn events_in(path: &Path) -> Vec<Value> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.ends_with('}'))
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event {l}: {e}")))
-        .collect()
-}
-
 /// A daemon started by a test; killed on drop if the test did not stop it.
 struct Daemon {
     child: Option<Child>,
@@ -980,10 +974,10 @@ impl Daemon {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    fn wait_for(&mut self, what: &str, timeout: Duration, done: impl Fn(&[Value]) -> bool) {
+    fn wait_for(&mut self, what: &str, timeout: Duration, done: impl Fn(&[Event]) -> bool) {
         let deadline = Instant::now() + timeout;
         loop {
-            let events = events_in(&self.events);
+            let events = read_events(&self.events);
             if done(&events) {
                 return;
             }
@@ -1108,7 +1102,7 @@ fn daemon_runs_with_only_the_unit_capability_set() {
     cmd.args(unit_run_args(&unit, port, &events, "off"));
     let mut daemon = Daemon::start(cmd, &dir.0);
     daemon.wait_for("ready", Duration::from_secs(30), |evs| {
-        evs.iter().any(|e| e["type"] == "ready")
+        evs.iter().any(|e| e.kind == "ready")
     });
 
     exchange(&listener);
@@ -1118,10 +1112,10 @@ fn daemon_runs_with_only_the_unit_capability_set() {
         Duration::from_secs(10),
         |evs| {
             evs.iter().any(|e| {
-                e["type"] == "open"
-                    && e["role"] == "client"
-                    && e["pid"] == me
-                    && tests::port_of(&e["remote"]) == Some(port)
+                e.kind == "open"
+                    && e.role == "client"
+                    && e.pid == me
+                    && tests::port_of(&e.remote) == Some(port)
             })
         },
     );
@@ -1210,7 +1204,7 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
         .arg(&web_config);
     let mut daemon = Daemon::start(cmd, &dir.0);
     daemon.wait_for("ready", Duration::from_secs(60), |evs| {
-        evs.iter().any(|e| e["type"] == "ready")
+        evs.iter().any(|e| e.kind == "ready")
     });
     // setpriv execs the tracer in place: it is strace's child.
     let strace_pid = daemon.pid;
@@ -1222,7 +1216,7 @@ fn unit_syscall_filter_allows_every_syscall_the_daemon_makes() {
     let me = std::process::id();
     daemon.wait_for("open event", Duration::from_secs(10), |evs| {
         evs.iter()
-            .any(|e| e["type"] == "open" && e["role"] == "client" && e["pid"] == me)
+            .any(|e| e.kind == "open" && e.role == "client" && e.pid == me)
     });
     let addr = format!("127.0.0.1:{metrics_port}");
     let ca = dir.0.join("tls.crt");

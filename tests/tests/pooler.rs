@@ -16,7 +16,7 @@ use std::{
 };
 
 use tests::{
-    Postgres, TempDir, Tracer, Value,
+    Event, Postgres, TempDir, Tracer,
     clients::{Client, ClientKind, ClientOptions, DockerCgroup, Pgbench, Target},
     free_port,
     hosts::{PYTHON, ts_secs},
@@ -137,10 +137,12 @@ fn incident(pool_mode: &'static str, processes: usize) {
     });
     let queued_pid = queued.as_ref().map(Child::id);
 
-    let leaks_of = |evs: &[Value], pid: u32| -> Vec<Value> {
+    let leaks_of = |evs: &[Event], pid: u32| -> Vec<Event> {
         evs.iter()
             .filter(|e| {
-                e["type"] == "leak" && e["pid"] == pid && e["reason"] == "idle_in_transaction"
+                e.kind == "leak"
+                    && e.pid == pid
+                    && e.reason.as_deref() == Some("idle_in_transaction")
             })
             .cloned()
             .collect()
@@ -153,19 +155,18 @@ fn incident(pool_mode: &'static str, processes: usize) {
                     .map(|&p| {
                         leaks_of(evs, p)
                             .iter()
-                            .filter(|e| e["role"] == "client")
+                            .filter(|e| e.role == "client")
                             .count()
                     })
                     .sum::<usize>()
                     >= POOL as usize
-                && queued_pid
-                    .is_none_or(|q| evs.iter().any(|e| e["type"] == "stall" && e["pid"] == q))
+                && queued_pid.is_none_or(|q| evs.iter().any(|e| e.kind == "stall" && e.pid == q))
         })
         .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", tracer.stderr()));
 
     // Real pooled events, `linked` objects included, match the published schema.
     for e in &events {
-        if let Err(err) = tests::schema::validate_event(e) {
+        if let Err(err) = tests::schema::validate_event(&e.json()) {
             panic!("{err}: {e}");
         }
     }
@@ -180,10 +181,10 @@ fn incident(pool_mode: &'static str, processes: usize) {
     assert_eq!(idle_in_tx.len(), POOL as usize, "{idle_in_tx:?}");
 
     // PgBouncer's connections to Postgres: each names the worker and the client port.
-    let server_leaks: Vec<Value> = bouncer_pids
+    let server_leaks: Vec<Event> = bouncer_pids
         .iter()
         .flat_map(|&p| leaks_of(&events, p))
-        .filter(|e| e["role"] == "client")
+        .filter(|e| e.role == "client")
         .collect();
     assert_eq!(
         server_leaks.len(),
@@ -196,26 +197,30 @@ fn incident(pool_mode: &'static str, processes: usize) {
         server_leaks[0]
     );
     for leak in &server_leaks {
-        let local = port_of(&leak["local"]).expect("local port");
-        let linked = &leak["linked"];
-        assert_eq!(linked["pid"], worker_pid, "{leak}");
-        assert_eq!(linked["comm"], "python3", "{leak}");
-        assert_eq!(linked["container_id"], cgroup.id.as_str(), "{leak}");
-        let remote = linked["remote"].as_str().and_then(port_str);
+        let local = port_of(&leak.local).expect("local port");
+        let linked = leak.linked.as_ref().expect("linked");
+        assert_eq!(linked.pid, Some(worker_pid), "{leak}");
+        assert_eq!(linked.comm.as_deref(), Some("python3"), "{leak}");
+        assert_eq!(
+            linked.container_id.as_deref(),
+            Some(cgroup.id.as_str()),
+            "{leak}"
+        );
+        let remote = port_str(&linked.remote);
         assert_eq!(
             remote,
             links.get(&local).copied(),
             "{leak}\noracle {links:?}"
         );
         assert!(
-            idle_in_tx.contains(&(leak["backend_pid"].as_u64().unwrap_or(0) as u32)),
+            idle_in_tx.contains(&(leak.backend_pid.unwrap_or(0))),
             "{leak}"
         );
     }
     // The worker's own leaks pin the backends Postgres shows idle in transaction.
     let pinned: BTreeSet<u32> = leaks_of(&events, worker_pid)
         .iter()
-        .map(|e| e["linked"]["backend_pid"].as_u64().unwrap_or(0) as u32)
+        .map(|e| e.linked.as_ref().and_then(|l| l.backend_pid).unwrap_or(0))
         .collect();
     assert_eq!(
         pinned,
@@ -225,15 +230,12 @@ fn incident(pool_mode: &'static str, processes: usize) {
     );
     for leak in leaks_of(&events, worker_pid) {
         assert!(
-            leak["backend_pid"].is_null(),
+            leak.backend_pid.is_none(),
             "a pooler's key is no backend: {leak}"
         );
     }
     // Every backend's connection has PgBouncer's end as its peer.
-    let server_ids: BTreeSet<String> = server_leaks
-        .iter()
-        .map(|e| e["conn_id"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let server_ids: BTreeSet<String> = server_leaks.iter().map(|e| e.conn_id.clone()).collect();
     for pid in &idle_in_tx {
         let leak = leaks_of(&events, *pid);
         assert!(
@@ -241,19 +243,13 @@ fn incident(pool_mode: &'static str, processes: usize) {
             "no leak for backend {pid}:\n{}",
             lines(&events)
         );
-        let peer = leak[0]["peer_conn_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let peer = leak[0].peer_conn_id.clone().unwrap_or_default();
         assert!(server_ids.contains(&peer), "{}", leak[0]);
     }
     // The queued client's stalls: no server connection.
     if let Some(q) = queued_pid {
-        for stall in events
-            .iter()
-            .filter(|e| e["type"] == "stall" && e["pid"] == q)
-        {
-            assert!(stall["linked"].is_null(), "{stall}");
+        for stall in events.iter().filter(|e| e.kind == "stall" && e.pid == q) {
+            assert!(stall.linked.is_none(), "{stall}");
         }
     }
     // The metric: the worker holds 3 of the pooler's server connections in a transaction.
@@ -277,20 +273,20 @@ fn incident(pool_mode: &'static str, processes: usize) {
     let events = tracer
         .wait_for(Duration::from_secs(10), |evs| {
             evs.iter()
-                .any(|e| e["type"] == "close" && e["pid"] == direct_pid && e["role"] == "client")
+                .any(|e| e.kind == "close" && e.pid == direct_pid && e.role == "client")
         })
         .expect("direct close");
     let close = events
         .iter()
-        .find(|e| e["type"] == "close" && e["pid"] == direct_pid && e["role"] == "client")
+        .find(|e| e.kind == "close" && e.pid == direct_pid && e.role == "client")
         .expect("close");
-    assert_eq!(close["backend_pid"], direct_backend, "{close}");
-    assert!(close["linked"].is_null(), "{close}");
-    let peer = close["peer_conn_id"].as_str().expect("peer_conn_id");
+    assert_eq!(close.backend_pid, Some(direct_backend), "{close}");
+    assert!(close.linked.is_none(), "{close}");
+    let peer = close.peer_conn_id.as_deref().expect("peer_conn_id");
     assert!(
         events
             .iter()
-            .any(|e| e["conn_id"] == peer && e["pid"] == direct_backend),
+            .any(|e| e.conn_id == peer && e.pid == direct_backend),
         "peer {peer} is not the backend {direct_backend}"
     );
     drop(worker);
@@ -351,7 +347,7 @@ fn link_history(stderr: &str) -> HashMap<u16, Vec<(f64, Option<u16>)>> {
                 .map(str::to_owned)
         };
         let ts = rest.split_whitespace().next().unwrap_or_default();
-        let Some(t) = ts_secs(&serde_json::json!({ "ts": ts })) else {
+        let Some(t) = ts_secs(ts) else {
             continue;
         };
         let Some(local) = field("server_local=").as_deref().and_then(port_str) else {
@@ -407,7 +403,7 @@ fn links_agree_with_show_servers_under_load() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("sampler");
-    let samples: Vec<Value> = BufReader::new(sampler.stdout.take().expect("stdout"))
+    let samples: Vec<serde_json::Value> = BufReader::new(sampler.stdout.take().expect("stdout"))
         .lines()
         .map_while(Result::ok)
         .filter_map(|l| serde_json::from_str(&l).ok())

@@ -14,7 +14,10 @@ use std::{
     time::Duration,
 };
 
-use tests::{Postgres, Tracer, Value, lines, root_postgres, schema::validate_event, tracer_bin};
+use tests::{
+    Event, Postgres, Tracer, Value, events::Want, lines, root_postgres, schema::validate_event,
+    tracer_bin,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -172,23 +175,15 @@ fn proc_cmdline(pid: u32) -> String {
 }
 
 /// The client `open` event of each of `pids`, once all have one.
-fn client_opens(tracer: &Tracer, pids: &[u32]) -> Vec<Value> {
+fn client_opens(tracer: &Tracer, pids: &[u32]) -> Vec<Event> {
+    let open_of = |pid| Want::of("open", "client", pid);
     let events = tracer
         .wait_for(WAIT, |evs| {
-            pids.iter().all(|&pid| {
-                evs.iter()
-                    .any(|e| e["type"] == "open" && e["role"] == "client" && e["pid"] == pid)
-            })
+            pids.iter().all(|&pid| open_of(pid).found_in(evs))
         })
         .expect("an open event for every client");
     pids.iter()
-        .map(|&pid| {
-            events
-                .iter()
-                .find(|e| e["type"] == "open" && e["role"] == "client" && e["pid"] == pid)
-                .cloned()
-                .expect("open event")
-        })
+        .map(|&pid| open_of(pid).find(&events)[0].clone())
         .collect()
 }
 
@@ -208,10 +203,10 @@ fn list(args: &[&str]) -> String {
 }
 
 /// The `--json` line of `pid`'s client connection.
-fn listed(json: &str, pid: u32) -> Value {
+fn listed(json: &str, pid: u32) -> Event {
     json.lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("JSON line"))
-        .find(|c| c["pid"] == pid && c["role"] == "client")
+        .map(|l| Event::parse(l).expect("JSON line"))
+        .find(|c| c.pid == pid && c.role == "client")
         .unwrap_or_else(|| panic!("pid {pid} not in tracer list --json:\n{json}"))
 }
 
@@ -243,8 +238,8 @@ fn no_credential_of_a_real_command_line_leaves_the_tracer() {
     }
 
     for (open, (_, expected)) in opens.iter().zip(&clients) {
-        validate_event(open).unwrap_or_else(|e| panic!("{e}\n{open}"));
-        let cmdline = open["cmdline"].as_str().expect("cmdline");
+        validate_event(&open.json()).unwrap_or_else(|e| panic!("{e}\n{open}"));
+        let cmdline = open.cmdline.as_deref().expect("cmdline");
         assert!(
             cmdline.ends_with(expected.as_str()),
             "cmdline {cmdline:?} does not end with {expected:?}"
@@ -256,7 +251,7 @@ fn no_credential_of_a_real_command_line_leaves_the_tracer() {
     assert_no_secret("tracer list --json", &json);
     for (pid, (_, expected)) in pids.iter().zip(&clients) {
         let conn = listed(&json, *pid);
-        let cmdline = conn["cmdline"].as_str().expect("cmdline");
+        let cmdline = conn.cmdline.as_deref().expect("cmdline");
         assert!(
             cmdline.ends_with(expected.as_str()),
             "{cmdline:?} vs {expected:?}"
@@ -275,7 +270,7 @@ fn no_credential_of_a_real_command_line_leaves_the_tracer() {
     tracer
         .wait_for(WAIT, |evs| {
             pids.iter()
-                .all(|&pid| evs.iter().any(|e| e["type"] == "close" && e["pid"] == pid))
+                .all(|&pid| Want::kind("close").pid(pid).found_in(evs))
         })
         .expect("a close event for every client");
     assert_no_secret("the event stream", &lines(&tracer.events()));
@@ -296,17 +291,25 @@ fn cmdline_off_emits_none_and_full_emits_all() {
     let client = Client::python(&["dsn".to_owned(), uri.clone()]);
 
     let open = &client_opens(&off, &[client.pid])[0];
-    validate_event(open).unwrap_or_else(|e| panic!("{e}\n{open}"));
-    assert_eq!(open["cmdline"], Value::Null, "{open}");
-    assert_eq!(open["comm"], "python3", "the rest is still there: {open}");
+    validate_event(&open.json()).unwrap_or_else(|e| panic!("{e}\n{open}"));
+    assert_eq!(
+        open.json()["cmdline"],
+        Value::Null,
+        "present, and null: {open}"
+    );
+    assert_eq!(open.comm, "python3", "the rest is still there: {open}");
     assert_no_secret("--cmdline off", &lines(&off.events()));
 
     let open = &client_opens(&full, &[client.pid])[0];
-    let cmdline = open["cmdline"].as_str().expect("cmdline");
+    let cmdline = open.cmdline.as_deref().expect("cmdline");
     assert!(cmdline.ends_with(&format!("dsn {uri}")), "{cmdline}");
 
     let json = list(&["--json", "--port", &port, "--cmdline", "off"]);
-    assert_eq!(listed(&json, client.pid)["cmdline"], Value::Null, "{json}");
+    assert_eq!(
+        listed(&json, client.pid).json()["cmdline"],
+        Value::Null,
+        "{json}"
+    );
     let json = list(&["--json", "--port", &port, "--cmdline", "full"]);
     assert!(
         json.contains("UriS3cret"),

@@ -14,9 +14,9 @@ use std::{
 };
 
 use tests::{
-    Postgres, TempDir, Tracer, Value,
+    Event, Postgres, TempDir, Tracer,
     clients::{Client, ClientKind, ClientOptions, Target},
-    events::{Want, conn_id_of, f64_of, pid_of},
+    events::Want,
     lines,
     pgbouncer::PgBouncer,
     port_of, require_root, root_postgres, run_ok,
@@ -59,13 +59,13 @@ fn start_tracer(pg: &Postgres) -> Tracer {
 }
 
 /// Pids that have a leak of `reason` for `role` among `pids`.
-fn leaking(events: &[Value], role: &str, reason: &str, pids: &BTreeSet<u32>) -> BTreeSet<u32> {
+fn leaking(events: &[Event], role: &str, reason: &str, pids: &BTreeSet<u32>) -> BTreeSet<u32> {
     Want::kind("leak")
         .role(role)
         .reason(reason)
         .find(events)
         .into_iter()
-        .map(pid_of)
+        .map(|e| e.pid)
         .filter(|p| pids.contains(p))
         .collect()
 }
@@ -171,18 +171,18 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
             "idle_in_transaction"
         };
         for (role, pid) in [("server", backend_of(client)), ("client", client.pid())] {
-            let found: Vec<&Value> = Want::kind("leak")
+            let found: Vec<&Event> = Want::kind("leak")
                 .role(role)
                 .reason("idle_in_transaction")
                 .find(&events)
                 .into_iter()
-                .filter(|e| pid_of(e) == pid)
+                .filter(|e| e.pid == pid)
                 .collect();
             assert_eq!(found.len(), 1, "one verdict for {role} {pid}: {dump}");
             let e = found[0];
-            assert_eq!(e["state"], want, "{e}");
-            let idle_s = f64_of(e, "idle_s");
-            if e["transport"] == "tcp" {
+            assert_eq!(e.state, want, "{e}");
+            let idle_s = e.idle_s();
+            if e.transport == "tcp" {
                 // tcp_info knows when the bytes last moved: the true idle time.
                 assert!(
                     idle_s >= ready_at.duration_since(idle_since).as_secs_f64() - 0.5,
@@ -206,14 +206,14 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
                 .reason("idle_in_transaction")
                 .find(&events)
                 .into_iter()
-                .find(|e| pid_of(e) == pid)
+                .find(|e| e.pid == pid)
                 .cloned()
                 .expect("leak")
         };
         let (s, c) = (of("server", backend_of(client)), of("client", client.pid()));
-        assert_eq!(s["transport"], c["transport"], "{s}\n{c}");
-        if c["transport"] == "tcp" {
-            assert_eq!(s["remote"], c["local"], "{s}\n{c}");
+        assert_eq!(s.transport, c.transport, "{s}\n{c}");
+        if c.transport == "tcp" {
+            assert_eq!(s.remote, c.local, "{s}\n{c}");
         }
     }
     // Idle connections: known idle on both ends, no verdict.
@@ -221,8 +221,8 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
         for (role, pid) in [("server", backend_of(client)), ("client", client.pid())] {
             let opens = Want::of("open", role, pid).find(&events);
             assert_eq!(opens.len(), 1, "{role} {pid}: {dump}");
-            assert_eq!(opens[0]["state"], "idle", "{}", opens[0]);
-            assert_eq!(opens[0]["preexisting"], true, "{}", opens[0]);
+            assert_eq!(opens[0].state, "idle", "{}", opens[0]);
+            assert_eq!(opens[0].preexisting, Some(true), "{}", opens[0]);
             assert!(
                 !Want::of("leak", role, pid).found_in(&events),
                 "no verdict on an idle connection: {dump}"
@@ -278,7 +278,7 @@ fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stay
                     .reason("idle_in_transaction")
                     .find(evs)
                     .iter()
-                    .filter(|e| pid_of(e) == bouncer.pid())
+                    .filter(|e| e.pid == bouncer.pid())
                     .count()
                     == 2
                 && Want::kind("leak")
@@ -286,7 +286,7 @@ fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stay
                     .reason("idle")
                     .find(evs)
                     .iter()
-                    .filter(|e| pid_of(e) == app.pid())
+                    .filter(|e| e.pid == app.pid())
                     .count()
                     == 2
         })
@@ -301,20 +301,20 @@ fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stay
         .reason("idle_in_transaction")
         .find(&events)
         .into_iter()
-        .filter(|e| oracle.contains(&pid_of(e)))
-        .map(|e| e["remote"].as_str().expect("remote").to_owned())
+        .filter(|e| oracle.contains(&e.pid))
+        .map(|e| e.remote.clone())
         .collect();
     let bouncer_locals: BTreeSet<String> = Want::kind("leak")
         .role("client")
         .reason("idle_in_transaction")
         .find(&events)
         .into_iter()
-        .filter(|e| pid_of(e) == bouncer.pid())
+        .filter(|e| e.pid == bouncer.pid())
         .inspect(|e| {
-            assert_eq!(e["state"], "idle_in_transaction", "{e}");
-            assert_eq!(port_of(&e["remote"]), Some(pg.port), "{e}");
+            assert_eq!(e.state, "idle_in_transaction", "{e}");
+            assert_eq!(port_of(&e.remote), Some(pg.port), "{e}");
         })
-        .map(|e| e["local"].as_str().expect("local").to_owned())
+        .map(|e| e.local.clone())
         .collect();
     assert_eq!(backend_remotes.len(), 2, "{dump}");
     assert_eq!(bouncer_locals, backend_remotes, "{dump}");
@@ -329,23 +329,23 @@ fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stay
         .role("client")
         .reason("idle")
         .find(&events);
-    let app_idle: Vec<&&Value> = app_idle.iter().filter(|e| pid_of(e) == app.pid()).collect();
+    let app_idle: Vec<&&Event> = app_idle.iter().filter(|e| e.pid == app.pid()).collect();
     assert_eq!(app_idle.len(), 2, "{dump}");
     for e in app_idle {
-        assert_eq!(e["state"], "unknown", "{e}");
-        assert_eq!(port_of(&e["remote"]), Some(bouncer.port), "{e}");
+        assert_eq!(e.state, "unknown", "{e}");
+        assert_eq!(port_of(&e.remote), Some(bouncer.port), "{e}");
         assert!(
-            f64_of(e, "age_s") <= app_started.elapsed().as_secs_f64(),
+            e.age_s() <= app_started.elapsed().as_secs_f64(),
             "age_s is a lower bound: {e}"
         );
     }
     // PgBouncer's accepted ends of them: unknown too.
     for e in events
         .iter()
-        .filter(|e| e["type"] == "open" && e["role"] == "server")
-        .filter(|e| bouncer_pid.contains(&pid_of(e)))
+        .filter(|e| e.kind == "open" && e.role == "server")
+        .filter(|e| bouncer_pid.contains(&e.pid))
     {
-        assert_eq!(e["state"], "unknown", "{e}");
+        assert_eq!(e.state, "unknown", "{e}");
     }
 }
 
@@ -370,7 +370,7 @@ fn expect_leaks_again(
     tracer: &Tracer,
     idle_since: &BTreeMap<String, Instant>,
     what: &str,
-) -> Vec<Value> {
+) -> Vec<Event> {
     let ids: BTreeSet<String> = idle_since.keys().cloned().collect();
     let started = Instant::now();
     let events = tracer
@@ -386,28 +386,28 @@ fn expect_leaks_again(
                         .reason("idle_in_transaction")
                         .find(evs),
                 )
-                .map(conn_id_of)
+                .map(|e| e.conn_id.clone())
                 .collect();
             ids.is_subset(&flagged)
         })
         .unwrap_or_else(|e| panic!("{what}: the leaks again: {e}"));
     for e in events
         .iter()
-        .filter(|e| e["type"] == "leak" && ids.contains(&conn_id_of(e)))
+        .filter(|e| e.kind == "leak" && ids.contains(&e.conn_id.clone()))
     {
-        let since = idle_since[&conn_id_of(e)];
+        let since = idle_since[&e.conn_id.clone()];
         let before = started.duration_since(since).as_secs_f64();
         let after = since.elapsed().as_secs_f64();
-        let idle_s = f64_of(e, "idle_s");
+        let idle_s = e.idle_s();
         assert!(
             idle_s >= before - 1.2 && idle_s <= after + 0.5,
             "{what}: idle_s {idle_s} counts from when it went idle ({before:.2}..{after:.2} s ago): {e}"
         );
-        assert!(f64_of(e, "age_s") >= idle_s, "{e}");
-        assert_eq!(e["state"], "idle_in_transaction", "{e}");
+        assert!(e.age_s() >= idle_s, "{e}");
+        assert_eq!(e.state, "idle_in_transaction", "{e}");
         eprintln!(
             "{what}: {} {} idle_s {idle_s:.2} (idle for {before:.2}..{after:.2} s)",
-            e["role"], e["transport"]
+            e.role, e.transport
         );
     }
     events
@@ -447,7 +447,7 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
                 .reason("idle_in_transaction")
                 .find(evs)
                 .into_iter()
-                .filter(|e| pids.contains(&pid_of(e)))
+                .filter(|e| pids.contains(&e.pid))
                 .count()
                 == 4
         })
@@ -458,8 +458,8 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
             .reason("idle_in_transaction")
             .find(&events)
             .into_iter()
-            .filter(|e| pid_of(e) == pid)
-            .map(conn_id_of)
+            .filter(|e| e.pid == pid)
+            .map(|e| e.conn_id.clone())
             .collect()
     };
     let app_ids = client_leak_ids(app.pid());
@@ -471,8 +471,8 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
         .reason("idle_in_transaction")
         .find(&events)
         .into_iter()
-        .filter(|e| pid_of(e) == unix_backend)
-        .map(conn_id_of)
+        .filter(|e| e.pid == unix_backend)
+        .map(|e| e.conn_id.clone())
         .collect();
     assert_eq!(
         (
@@ -522,29 +522,27 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
     let second = Tracer::start(&args).expect("tracer after SIGTERM");
     let events = expect_leaks_again(&second, &kept, "after SIGTERM + start");
     let dump = lines(&events);
-    let gone_events: Vec<&Value> = events
-        .iter()
-        .filter(|e| id_of_opt(e) == Some(&gone_id))
-        .collect();
+    let gone_events: Vec<&Event> = events.iter().filter(|e| e.conn_id == gone_id).collect();
     assert!(
         gone_events
             .iter()
-            .all(|e| e["type"] != "open" && e["type"] != "leak"),
+            .all(|e| e.kind != "open" && e.kind != "leak"),
         "closed while down: never reported open: {dump}"
     );
-    let kinds: Vec<&str> = gone_events
-        .iter()
-        .map(|e| e["type"].as_str().expect("type"))
-        .collect();
+    let kinds: Vec<&str> = gone_events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["leak_end", "close"], "{dump}");
-    assert_eq!(gone_events[1]["closed_by"], "unknown", "{dump}");
+    assert_eq!(
+        gone_events[1].closed_by.as_deref(),
+        Some("unknown"),
+        "{dump}"
+    );
     for id in kept.keys() {
-        let opens: Vec<&Value> = events
+        let opens: Vec<&Event> = events
             .iter()
-            .filter(|e| e["type"] == "open" && id_of_opt(e) == Some(id))
+            .filter(|e| e.kind == "open" && e.conn_id == *id)
             .collect();
         assert_eq!(opens.len(), 1, "{id} found open again: {dump}");
-        assert_eq!(opens[0]["preexisting"], true, "{}", opens[0]);
+        assert_eq!(opens[0].preexisting, Some(true), "{}", opens[0]);
     }
     // The file is rewritten within a tick of the verdicts; then a crash.
     std::thread::sleep(Duration::from_millis(1500));
@@ -554,18 +552,11 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
     let events = expect_leaks_again(&third, &kept, "after kill -9 + start");
     let dump = lines(&events);
     assert!(
-        events.iter().all(|e| id_of_opt(e) != Some(&gone_id)),
+        events.iter().all(|e| e.conn_id != gone_id),
         "the connection closed two daemons ago does not come back: {dump}"
     );
     drop(app);
     drop(unix);
-}
-
-fn id_of_opt(e: &Value) -> Option<&String> {
-    match &e["conn_id"] {
-        Value::String(s) => Some(s),
-        _ => None,
-    }
 }
 
 #[test]
@@ -606,7 +597,7 @@ fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
         for (role, pid) in [("server", c.backend_pids[0]), ("client", c.pid())] {
             let opens = Want::of("open", role, pid).find(&events);
             assert_eq!(opens.len(), 1, "{role} {pid}: {dump}");
-            assert_eq!(opens[0]["state"], "unknown", "{}", opens[0]);
+            assert_eq!(opens[0].state, "unknown", "{}", opens[0]);
         }
     }
     let pids: BTreeSet<u32> = clients
@@ -625,7 +616,7 @@ fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
                     .reason("idle_in_transaction")
                     .find(&events)
             )
-            .all(|e| !pids.contains(&pid_of(e))),
+            .all(|e| !pids.contains(&e.pid)),
         "no state, no idle-in-transaction verdict: {dump}"
     );
     // `tracer check` has a line about titles, and it never fails the check.
@@ -679,7 +670,7 @@ fn a_corrupt_state_file_is_ignored_with_one_warning_and_an_unusable_directory_re
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let text = std::fs::read(&file).unwrap_or_default();
-        if serde_json::from_slice::<Value>(&text).is_ok_and(|v| v["format"] == 1) {
+        if serde_json::from_slice::<serde_json::Value>(&text).is_ok_and(|v| v["format"] == 1) {
             break;
         }
         assert!(Instant::now() < deadline, "state file not rewritten");
