@@ -7,9 +7,8 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
-use serde_json::Value;
-use tests::{Postgres, TempDir};
+use anyhow::{Context as _, Result};
+use tests::{Event, Postgres, TempDir};
 
 use crate::util::{BpfStats, Daemon, Mode, WorkloadCgroup, median, min_max, start_mode};
 
@@ -411,28 +410,23 @@ pub(crate) fn measure_churn(
             churn.txns_on += result.txns;
             let text = fs::read_to_string(&events)?;
             for line in text.lines() {
-                let Ok(e) = serde_json::from_str::<Value>(line) else {
-                    bail!("bad event line: {line}");
-                };
-                let ty = e["type"].as_str().unwrap_or("");
-                if ty == "lost" {
-                    churn.lost += e["count"].as_u64().unwrap_or(0);
+                let e = Event::parse(line).map_err(anyhow::Error::msg)?;
+                if e.kind == "lost" {
+                    churn.lost += e.count.unwrap_or(0);
                     continue;
                 }
                 let ours = match transport {
                     Transport::Tcp => {
-                        tests::port_of(&e["local"]) == Some(port)
-                            || tests::port_of(&e["remote"]) == Some(port)
+                        tests::port_of(&e.local) == Some(port)
+                            || tests::port_of(&e.remote) == Some(port)
                     }
-                    Transport::Unix => e["remote"]
-                        .as_str()
-                        .is_some_and(|r| r.starts_with(&socket_dir)),
+                    Transport::Unix => e.remote.starts_with(&socket_dir),
                 };
-                if !ours || e["comm"] == "psql" || e["preexisting"] == true {
+                if !ours || e.comm == "psql" || e.preexisting == Some(true) {
                     continue;
                 }
-                let client = e["role"] == "client";
-                match (ty, client) {
+                let client = e.role == "client";
+                match (e.kind.as_str(), client) {
                     ("open", true) => churn.client_opens += 1,
                     ("open", false) => churn.server_opens += 1,
                     ("close", true) => churn.client_closes += 1,
