@@ -23,44 +23,50 @@ pub struct Event {
     #[serde(rename = "type")]
     pub kind: String,
     pub ts: String,
-    // `ready`
+    // `ready`: what the daemon watches.
     pub version: Option<String>,
     pub ports: Option<Vec<u16>>,
     pub probes: Option<Vec<String>>,
     pub unix_socket_glob: Option<String>,
-    // every connection event
+    // Every connection event: which connection,
     pub conn_id: String,
     pub role: String,
     pub transport: String,
     pub local: String,
     pub remote: String,
+    // its process,
     pub pid: u32,
     pub uid: u32,
     pub comm: String,
     pub exe: Option<String>,
     pub cmdline: Option<String>,
+    // where that process runs,
     pub cgroup: Option<String>,
     pub container_id: Option<String>,
     pub container_runtime: Option<String>,
     pub pod_uid: Option<String>,
     pub systemd_unit: Option<String>,
+    // its state, and the other ends that pair with it.
     pub state: String,
     pub peer_conn_id: Option<String>,
     pub backend_pid: Option<u32>,
     pub linked: Option<Linked>,
-    // by type
+    // `open`; `leak` has `age_s` too.
     pub preexisting: Option<bool>,
     pub age_s: Option<f64>,
-    pub idle_s: Option<f64>,
+    // `close`.
     pub duration_s: Option<f64>,
     pub bytes_sent: Option<u64>,
     pub bytes_received: Option<u64>,
     pub closed_by: Option<String>,
+    // `stall` and `stall_end`.
     pub waiting_s: Option<f64>,
     pub waited_s: Option<f64>,
+    // `leak` and `leak_end`.
     pub reason: Option<String>,
+    pub idle_s: Option<f64>,
     pub lasted_s: Option<f64>,
-    // `lost`
+    // `lost`.
     pub count: Option<u64>,
     #[serde(rename = "where")]
     pub lost_where: Option<String>,
@@ -76,9 +82,11 @@ pub struct Event {
 pub struct Linked {
     pub conn_id: String,
     pub remote: String,
+    // On a server connection: the application it serves, when on this host.
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub container_id: Option<String>,
+    // On a client connection: the backend its server connection pins.
     pub backend_pid: Option<u32>,
 }
 

@@ -12,6 +12,8 @@ pub mod decode;
 pub mod detectors;
 pub mod endpoint;
 pub mod events;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod owner;
 pub mod pooler;
 pub mod redact;

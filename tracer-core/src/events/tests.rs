@@ -1,24 +1,11 @@
 use super::*;
 use std::time::Duration;
 
-use crate::conn_table::Owner;
+use crate::fixtures::{owner, tcp_conn};
 
 fn conn() -> Conn {
-    Conn::new(
-        4242,
-        Role::Server,
-        Transport::Tcp,
-        "127.0.0.1:5432".into(),
-        "127.0.0.1:40000".into(),
-        Owner {
-            pid: 9,
-            uid: 0,
-            cgroup_id: 1,
-            comm: "postgres".into(),
-            start_boottime_ns: 0,
-        },
-        0,
-    )
+    let (local, remote) = ("127.0.0.1:5432", "127.0.0.1:40000");
+    tcp_conn(4242, Role::Server, local, remote, owner(9, "postgres"))
 }
 
 #[test]

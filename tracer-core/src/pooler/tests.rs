@@ -1,22 +1,8 @@
 use super::*;
-use crate::conn_table::Owner;
+use crate::fixtures::{owner, tcp_conn};
 
 fn conn(cookie: u64, role: Role, pid: u32, local: &str, remote: &str) -> Conn {
-    Conn::new(
-        cookie,
-        role,
-        Transport::Tcp,
-        local.into(),
-        remote.into(),
-        Owner {
-            pid,
-            uid: 0,
-            cgroup_id: 1,
-            comm: format!("p{pid}"),
-            start_boottime_ns: 0,
-        },
-        0,
-    )
+    tcp_conn(cookie, role, local, remote, owner(pid, &format!("p{pid}")))
 }
 
 const BOUNCER: u32 = 50;

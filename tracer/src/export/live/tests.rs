@@ -1,22 +1,14 @@
 use super::*;
-use crate::model::conn_table::{Owner, Role, Transport};
+use crate::model::conn_table::{Owner, Role};
+use tracer_core::fixtures::{owner, tcp_conn};
 
 fn conn() -> Conn {
-    let mut conn = Conn::new(
-        77,
-        Role::Client,
-        Transport::Tcp,
-        "127.0.0.1:40000".into(),
-        "127.0.0.1:5432".into(),
-        Owner {
-            pid: 1234,
-            uid: 1000,
-            cgroup_id: 1,
-            comm: "python3".into(),
-            start_boottime_ns: 0,
-        },
-        1_000_000_000,
-    );
+    let app = Owner {
+        uid: 1000,
+        ..owner(1234, "python3")
+    };
+    let mut conn = tcp_conn(77, Role::Client, "127.0.0.1:40000", "127.0.0.1:5432", app);
+    conn.start_ns = 1_000_000_000;
     conn.born_ns = 1_000_000_000;
     conn
 }

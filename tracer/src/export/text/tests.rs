@@ -1,28 +1,14 @@
 use super::*;
 use crate::{
     export::events::{ConnFields, EventBody, Linked},
-    model::conn_table::{Conn, Owner, Role, Transport},
+    model::conn_table::Role,
     model::detectors::LeakReason,
 };
 use std::time::{Duration, SystemTime};
+use tracer_core::fixtures::{owner, tcp_conn};
 
 fn fields(role: Role, comm: &str, pid: u32, local: &str, remote: &str) -> ConnFields {
-    let conn = Conn::new(
-        1,
-        role,
-        Transport::Tcp,
-        local.into(),
-        remote.into(),
-        Owner {
-            pid,
-            uid: 0,
-            cgroup_id: 1,
-            comm: comm.into(),
-            start_boottime_ns: 0,
-        },
-        0,
-    );
-    ConnFields::new(&conn)
+    ConnFields::new(&tcp_conn(1, role, local, remote, owner(pid, comm)))
 }
 
 fn leak(conn: ConnFields) -> Event {
