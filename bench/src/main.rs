@@ -419,7 +419,7 @@ fn main() -> Result<()> {
         );
         println!("   command: {} (bench opens the connections)", m.command);
         println!(
-            "   daemon RSS: {:.1} MB idle before, {:.1} MB with them open (peak {:.1} MB); daemon CPU while they sit idle: {:.1} ms/s; lost events: {}",
+            "   daemon RSS: {:.1} MB idle before, {:.1} MB with them open (peak {:.1} MB); daemon CPU while they sit idle (10 s, /proc/PID/stat): {:.1} ms/s; lost events: {}",
             m.rss_idle_kb as f64 / 1024.0,
             m.rss_kb as f64 / 1024.0,
             m.hwm_kb as f64 / 1024.0,

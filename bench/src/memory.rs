@@ -102,7 +102,9 @@ pub(crate) fn measure(tracer_bin: &Path, n: usize) -> Result<Memory> {
     let hwm = rss_kb(daemon.pid, "VmHWM:");
     let cpu0 = daemon.cpu_ns();
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs(4));
+    // Ten ticks: one whole cycle of the work done every tenth tick (the sock_diag
+    // reconciliation), so the figure does not depend on where the window falls.
+    std::thread::sleep(Duration::from_secs(10));
     let idle_cpu_ms_per_s = (daemon.cpu_ns() - cpu0) as f64 / 1e6 / t0.elapsed().as_secs_f64();
     let maps = held_maps(daemon.pid)?;
     drop(clients);
