@@ -14,8 +14,9 @@ use serde::Deserialize;
 use crate::{Value, port_of};
 
 /// One event line (or one line of `tracer list --json`, which has the connection fields
-/// and `age_s`, `idle_s`, without `type` and `ts`). Connection fields are empty (`""`, 0) on `ready` and `lost`, which have
-/// none; a field only some types carry is `None` on the others, and so is a JSON `null`.
+/// and `age_s`, `idle_s`, without `type` and `ts`). Connection fields are empty (`""`, 0)
+/// on `ready` and `lost`, which have none; a field only some types carry is `None` on the
+/// others, and so is a JSON `null`.
 /// Unknown fields fail the parse: this is the tests' own reading of the schema.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
