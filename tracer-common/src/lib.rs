@@ -46,6 +46,7 @@ pub mod map_name {
     pub const OFFSETS: &str = "OFFSETS";
     pub const SETTINGS: &str = "SETTINGS";
     pub const WATCHED_UNIX: &str = "WATCHED_UNIX";
+    pub const CHANGED: &str = "CHANGED";
 }
 
 /// TCP states (`include/net/tcp_states.h`), as `inet_sock_set_state`, `skc_state` and
@@ -200,7 +201,9 @@ pub struct SockState {
     /// before any I/O has lost them by the time its records are made.
     pub local_port: u16,
     pub remote_port: u16,
-    pub _pad2: [u8; 4],
+    /// The tick generation ([`setting::TICK_GENERATION`]) in which this socket was last
+    /// listed in [`ChangedKeys`]: one listing per socket per tick, however much I/O it does.
+    pub seen_gen: u32,
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
     /// Cookie of the connection this one was last paired with (see [`ConnLink`]); 0: none.
@@ -320,6 +323,7 @@ const _: () = {
     assert!(size_of::<ConnLink>() == 32);
     assert!(size_of::<SockState>() == 168);
     assert!(size_of::<KernelOffsets>() == 88);
+    assert!(size_of::<ChangedKeys>() == 8 + 8 * CHANGED_KEYS_MAX);
 };
 
 /// Indexes of the `SETTINGS` array map (u32 values), which user space may change while the
@@ -330,7 +334,44 @@ pub mod setting {
     /// Bumped whenever the set of watched Unix socket paths changes; cached "not a Postgres
     /// socket" verdicts from older generations are re-checked.
     pub const UNIX_GENERATION: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// The daemon's tick counter (never 0): a tracked socket whose I/O or state changes lists
+    /// itself once per generation in the `CHANGED` slot of the generation's parity, so the
+    /// tick reads only those sockets instead of the whole table.
+    pub const TICK_GENERATION: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// Keys a [`ChangedKeys`] slot holds per CPU per tick; past that the slot overflows and the
+/// tick reads the whole table.
+pub const CHANGED_KEYS_MAX: usize = 1024;
+
+/// One slot of the per-CPU `CHANGED` array: the keys of the tracked sockets whose state
+/// changed during one tick generation, on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ChangedKeys {
+    /// Keys written; [`CHANGED_KEYS_MAX`] + 1 marks an overflow (some keys were not written).
+    pub count: u32,
+    pub _pad: u32,
+    pub keys: [u64; CHANGED_KEYS_MAX],
+}
+
+impl ChangedKeys {
+    pub const EMPTY: Self = Self {
+        count: 0,
+        _pad: 0,
+        keys: [0; CHANGED_KEYS_MAX],
+    };
+
+    /// The listed keys, or `None` when the slot overflowed and the list is incomplete.
+    pub fn listed(&self) -> Option<&[u64]> {
+        let count = self.count as usize;
+        if count > CHANGED_KEYS_MAX {
+            None
+        } else {
+            Some(&self.keys[..count])
+        }
+    }
 }
 
 /// FNV-1a over a socket path (its first `max_len` bytes, up to the first NUL): the key of
@@ -364,4 +405,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ChangedKeys {}
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use core::ffi::c_void;
-use tracer_common::{KernelOffsets, SockState, loss, setting};
+use tracer_common::{CHANGED_KEYS_MAX, ChangedKeys, KernelOffsets, SockState, loss, setting};
 
 /// Watched TCP ports: index = port, value 1 = watched. Filled by user space.
 #[map]
@@ -122,6 +122,37 @@ pub(crate) fn set_sock_mark(sk: *const c_void, verdict: u32, generation: u32) {
 #[inline(always)]
 pub(crate) fn setting_value(index: u32) -> u32 {
     SETTINGS.get(index).copied().unwrap_or(0)
+}
+
+/// Tracked sockets whose state changed, per CPU, in two slots picked by the parity of the
+/// tick generation: the programs fill the current generation's slot while the daemon reads
+/// the previous one (and empties it a tick later, before its reuse), so an idle tick reads
+/// nothing from `SOCKS`.
+#[map]
+pub(crate) static CHANGED: PerCpuArray<ChangedKeys> = PerCpuArray::with_max_entries(2, 0);
+
+/// Lists socket `key` (whose state is `state`) as changed in this tick generation, once.
+#[inline(always)]
+pub(crate) fn note_changed(key: u64, state: &mut SockState) {
+    let generation = setting_value(setting::TICK_GENERATION);
+    if state.seen_gen == generation {
+        return;
+    }
+    state.seen_gen = generation;
+    let Some(slot) = CHANGED.get_ptr_mut(generation & 1) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, only this CPU writes it while the program runs; the daemon
+    // empties it only between generations of the other parity.
+    let slot = unsafe { &mut *slot };
+    let count = slot.count as usize;
+    if let Some(entry) = slot.keys.get_mut(count) {
+        *entry = key;
+    }
+    // One past the end marks an overflow: the daemon then reads the whole table.
+    if count <= CHANGED_KEYS_MAX {
+        slot.count += 1;
+    }
 }
 
 /// The tracked socket the current CPU's last receive was on: a pooler receives on one

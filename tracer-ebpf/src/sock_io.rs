@@ -26,7 +26,7 @@ use tracer_common::{
 use crate::{
     kernel::{fill_current_proc, load_at, offset, read_at},
     maps::{
-        LAST_RECV, NO_WAKEUP, SOCKS, WATCHED_UNIX, count_loss, emit, emit_with, mark,
+        LAST_RECV, NO_WAKEUP, SOCKS, WATCHED_UNIX, count_loss, emit, emit_with, mark, note_changed,
         scratch_state, set_sock_mark, setting_value, sock_mark,
     },
     sock_state::{
@@ -84,6 +84,7 @@ fn on_tracked_io(sk: *const c_void, state: *mut SockState, ret: i32, sending: bo
     // SAFETY: the map value stays valid while this program runs.
     let state = unsafe { &mut *state };
     settle_cookie(sk, state);
+    note_changed(sk as u64, state);
     if state.family == AF_UNIX {
         if ret == 0 && !sending && state.flags & SOCK_FLAG_PEER_CLOSED == 0 {
             // End of file: the peer closed its end.

@@ -20,7 +20,7 @@ use tracer_common::{
 
 use crate::{
     kernel::{current_is_exiting, current_tgid, fill_current_proc, load_at, offset, read_at},
-    maps::{SOCKS, count_loss, emit, port_watched, scratch_state, setting_value},
+    maps::{SOCKS, count_loss, emit, note_changed, port_watched, scratch_state, setting_value},
 };
 
 const TCP_ESTABLISHED: i32 = tcp_state::ESTABLISHED as i32;
@@ -174,6 +174,10 @@ fn on_tracked_change(
     new_state: i32,
 ) {
     settle_cookie(sk, state);
+    if new_state != TCP_CLOSE {
+        // A closed socket leaves the table and reports itself in its close record.
+        note_changed(key, state);
+    }
     match new_state {
         TCP_ESTABLISHED => {
             snapshot_addresses(sk, state);

@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -56,7 +56,7 @@ use crate::{
     host::redact::CmdlineMode,
     host::sockdiag::{DiagSocket, TCP_CLOSE_WAIT, TCP_ESTABLISHED},
     kernel::decode::{KernelEvent, decode},
-    kernel::probes::{KernelLosses, Probes},
+    kernel::probes::{FIRST_TICK_GENERATION, KernelLosses, Probes},
     model::conn_table::{Change, ClosedBy, Conn, ConnTable, Owner, Role, Transport},
     model::detectors::{Finding, Thresholds},
     model::endpoint::Endpoint,
@@ -77,6 +77,13 @@ const UNIX_LISTENER_REFRESH_TICKS: u64 = 5;
 /// `len / STATE_CONNS_PER_TICK` ticks, at most every `STATE_MAX_TICKS`.
 const STATE_CONNS_PER_TICK: usize = 4096;
 const STATE_MAX_TICKS: usize = 10;
+/// Every this many ticks the tick reads the kernel's whole connection table, not only the
+/// sockets the kernel listed as changed: whatever a listing could miss (a program that ran
+/// across two tick switches) is made good within this many seconds.
+const FULL_READ_TICKS: u64 = 10;
+/// A partial read looks up each changed socket on its own; past an eighth of the table (or
+/// this many sockets) one batched read of the whole table is cheaper.
+const PARTIAL_READ_FLOOR: usize = 512;
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock time.
 #[derive(Clone, Copy)]
@@ -206,6 +213,8 @@ struct Tracker {
     decode_errors: u64,
     untracked: u64,
     ticks: u64,
+    /// The kernel programs' current tick generation (see [`Probes::next_tick_generation`]).
+    tick_generation: u32,
     /// Kernel records were lost: some closes may be missing, check against the socket
     /// tables at the next tick.
     reconcile_needed: bool,
@@ -426,6 +435,7 @@ impl Tracker {
             decode_errors: 0,
             untracked: 0,
             ticks: 0,
+            tick_generation: FIRST_TICK_GENERATION,
             reconcile_needed: false,
             backlog: false,
             last_tick_ns: 0,

@@ -42,14 +42,14 @@ impl Tracker {
         self.last_tick_ns = now;
 
         self.housekeeping(probes, now);
-        let live_states = match probes.sock_states(self.table.len()) {
-            Ok(states) => states,
+        let live = match self.read_live(probes) {
+            Ok(live) => live,
             Err(err) => {
                 log::warn!("{err:#}");
                 return;
             }
         };
-        self.judge(&live_states, now);
+        self.judge(&live, now);
         self.export_gauges(now);
         self.publish_live(now);
         self.save_state(now, false);
@@ -80,15 +80,50 @@ impl Tracker {
         }
     }
 
-    /// Takes in the kernel's live state of every connection, runs the detectors on it and
-    /// reports what they found.
-    fn judge(&mut self, live_states: &FxHashMap<u64, tracer_common::SockState>, now: u64) {
+    /// The kernel's live state of the connections that changed since the last tick (the
+    /// kernel lists them), or of every connection: on the first tick, every
+    /// [`FULL_READ_TICKS`], when the list overflowed, or when the changed sockets are too
+    /// many for one lookup each to be cheaper than one batched read of the table.
+    fn read_live(&mut self, probes: &mut Probes) -> Result<LiveRead> {
+        let ended = self.tick_generation;
+        // Never 0 (a socket not yet listed has `seen_gen` 0), and the parity alternates.
+        self.tick_generation = match ended.wrapping_add(1) {
+            0 => 2,
+            next => next,
+        };
+        let changed = probes.next_tick_generation(ended, self.tick_generation)?;
+        let full_due = self.ticks == 1 || self.ticks.is_multiple_of(FULL_READ_TICKS);
+        if let (Some(mut keys), false) = (changed, full_due) {
+            // Connections the table has not had a live state for yet (just opened or seeded).
+            keys.extend(
+                self.table
+                    .iter()
+                    .filter(|c| c.sock_key != 0 && c.live.cookie == 0)
+                    .map(|c| c.sock_key),
+            );
+            if keys.len() * 8 <= self.table.len().max(PARTIAL_READ_FLOOR) {
+                return Ok(LiveRead {
+                    states: probes.sock_states_of(&keys)?,
+                    read: Some(keys.into_iter().collect()),
+                });
+            }
+        }
+        Ok(LiveRead {
+            states: probes.sock_states(self.table.len())?,
+            read: None,
+        })
+    }
+
+    /// Takes in the kernel's live state of the connections read, runs the detectors on
+    /// every connection and reports what they found.
+    fn judge(&mut self, live: &LiveRead, now: u64) {
         let mut findings = Vec::new();
         let mut ended_unseen = false;
         let mut changed = false;
         for conn in self.table.iter_mut() {
-            if conn.sock_key != 0 {
-                match live_states
+            if conn.sock_key != 0 && live.covers(conn.sock_key) {
+                match live
+                    .states
                     .get(&conn.sock_key)
                     .copied()
                     .filter(|live| live.cookie == conn.cookie)
@@ -304,6 +339,21 @@ impl Tracker {
                 EventBody::Lost { count, location },
             ));
         }
+    }
+}
+
+/// What one tick read of the kernel's connection table.
+struct LiveRead {
+    states: FxHashMap<u64, tracer_common::SockState>,
+    /// The keys looked up, when only some were; `None`: the whole table was read.
+    read: Option<FxHashSet<u64>>,
+}
+
+impl LiveRead {
+    /// Whether the read says anything of socket `key`: a socket read and missing has left
+    /// the kernel's table; one not read is unchanged since it last was.
+    fn covers(&self, key: u64) -> bool {
+        self.read.as_ref().is_none_or(|read| read.contains(&key))
     }
 }
 

@@ -13,7 +13,7 @@ use aya::{
 };
 use std::os::fd::AsFd as _;
 
-use tracer_common::{KernelOffsets, SockState, loss, map_name, path_hash, setting};
+use tracer_common::{ChangedKeys, KernelOffsets, SockState, loss, map_name, path_hash, setting};
 
 use crate::kernel::btf::KernelBtf;
 
@@ -119,6 +119,10 @@ pub enum HookSet {
 /// Overrides the detection (`tracepoints` or `trampolines`): for tests and for working
 /// around a kernel whose preferred hooks misbehave.
 pub const HOOKS_ENV: &str = "TRACER_HOOKS";
+
+/// The first tick generation ([`Probes::next_tick_generation`]): a socket not yet listed has
+/// `seen_gen` 0, which no generation is.
+pub const FIRST_TICK_GENERATION: u32 = 1;
 
 impl HookSet {
     pub fn name(self) -> &'static str {
@@ -259,15 +263,19 @@ impl Probes {
                 .context("setting a watched port")?;
         }
 
-        for hook in facts.hooks.hooks() {
-            hook.load_and_attach(&mut ebpf, &facts.btf)
-                .with_context(|| format!("{} ({})", hook.name(), hook.program))?;
-        }
-        log::info!("hooks: {} ({})", facts.hooks.name(), facts.why);
-        Ok(Self {
+        let mut probes = Self {
             ebpf,
             hooks: facts.hooks,
-        })
+        };
+        // Before any hook runs: a new socket's `seen_gen` is 0, so it lists itself in the
+        // first generation.
+        probes.set_tick_generation(FIRST_TICK_GENERATION)?;
+        for hook in probes.hooks.hooks() {
+            hook.load_and_attach(&mut probes.ebpf, &facts.btf)
+                .with_context(|| format!("{} ({})", hook.name(), hook.program))?;
+        }
+        log::info!("hooks: {} ({})", probes.hooks.name(), facts.why);
+        Ok(probes)
     }
 
     /// Loads and attaches each program of this kernel's set on its own, then removes it:
@@ -347,6 +355,82 @@ impl Probes {
         };
         crate::kernel::map_batch::read_all::<u64, SockState>(data.fd().as_fd(), expected)
             .context("reading the kernel's connection table")
+    }
+
+    /// Starts tick generation `generation` (never 0): from now on the kernel programs list
+    /// changed sockets in its slot.
+    fn set_tick_generation(&mut self, generation: u32) -> Result<()> {
+        self.set(setting::TICK_GENERATION, generation)
+    }
+
+    /// Ends tick generation `ended` and starts `next` (never 0). Returns the keys of the
+    /// tracked sockets the kernel programs listed as changed in `ended`, sorted and without
+    /// repeats; `None`: a slot overflowed, read the whole table.
+    ///
+    /// The slot `next` will fill is the one `ended - 1` filled: it is read once more (for
+    /// sockets a program still running on another CPU listed after the last tick read it) and
+    /// emptied before `next` starts. `ended`'s own slot is read but left as it is until then,
+    /// so a program that took the generation just before the switch loses nothing.
+    pub fn next_tick_generation(&mut self, ended: u32, next: u32) -> Result<Option<Vec<u64>>> {
+        let late = self.changed_slot(next & 1, true)?;
+        self.set_tick_generation(next)?;
+        let listed = self.changed_slot(ended & 1, false)?;
+        let (Some(mut keys), Some(late)) = (listed, late) else {
+            return Ok(None);
+        };
+        keys.extend(late);
+        keys.sort_unstable();
+        keys.dedup();
+        Ok(Some(keys))
+    }
+
+    /// The keys of every CPU's `CHANGED` slot `index` (`None` if one overflowed), and
+    /// empties them when asked.
+    fn changed_slot(&mut self, index: u32, empty: bool) -> Result<Option<Vec<u64>>> {
+        let mut map: PerCpuArray<&mut MapData, ChangedKeys> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut(map_name::CHANGED)
+                .ok_or_else(|| anyhow!("map CHANGED missing"))?,
+        )?;
+        let slots = map.get(&index, 0).context("reading the changed sockets")?;
+        let mut keys = Vec::new();
+        let mut overflowed = false;
+        for slot in slots.iter() {
+            match slot.listed() {
+                Some(listed) => keys.extend_from_slice(listed),
+                None => overflowed = true,
+            }
+        }
+        if empty && (overflowed || !keys.is_empty()) {
+            let cpus = slots.len();
+            let zeroed = aya::maps::PerCpuValues::try_from(vec![ChangedKeys::EMPTY; cpus])
+                .context("emptying the changed sockets")?;
+            map.set(index, zeroed, 0)
+                .context("emptying the changed sockets")?;
+        }
+        Ok((!overflowed).then_some(keys))
+    }
+
+    /// The kernel's live state of the tracked connections `keys`, one lookup each; a key
+    /// that left the table is missing from the answer.
+    pub fn sock_states_of(&self, keys: &[u64]) -> Result<rustc_hash::FxHashMap<u64, SockState>> {
+        let map: HashMap<&MapData, u64, SockState> = HashMap::try_from(
+            self.ebpf
+                .map(map_name::SOCKS)
+                .ok_or_else(|| anyhow!("map SOCKS missing"))?,
+        )?;
+        let mut states = rustc_hash::FxHashMap::default();
+        states.reserve(keys.len());
+        for &key in keys {
+            match map.get(&key, 0) {
+                Ok(state) => {
+                    states.insert(key, state);
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("reading a changed connection"),
+            }
+        }
+        Ok(states)
     }
 
     /// The kernel's live state of a tracked connection.
