@@ -606,7 +606,11 @@ fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
     );
     assert!(
         queued_lost > 0.0,
-        "{connections} connections in {blocked_for:?} did not overflow the event queue"
+        "{connections} connections in {blocked_for:?} did not overflow the event queue \
+         (the queue fills only if the daemon keeps handling records and reporting losses); \
+         daemon threads (comm state cpu-ticks): {}; daemon log:\n{}",
+        threads(daemon.0.id()),
+        daemon_stderr()
     );
     // Checked at the end, so that one run reports every problem.
     let mut problems = Vec::new();

@@ -66,6 +66,14 @@ pub const AF_UNIX: u16 = 1;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// Bytes of the ring buffer that carries records to user space.
+pub const EVENTS_RING_BYTES: u32 = 4 << 20;
+
+/// The most records the ring holds at once: each takes at least a header and the ring's own
+/// 8-byte record header.
+pub const EVENTS_RING_RECORDS_MAX: usize =
+    EVENTS_RING_BYTES as usize / (size_of::<EventHeader>() + 8);
+
 /// Every record starts with this header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -10,7 +10,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use core::ffi::c_void;
-use tracer_common::{CHANGED_KEYS_MAX, ChangedKeys, KernelOffsets, SockState, loss, setting};
+use tracer_common::{
+    CHANGED_KEYS_MAX, ChangedKeys, EVENTS_RING_BYTES, KernelOffsets, SockState, loss, setting,
+};
 
 /// Watched TCP ports: index = port, value 1 = watched. Filled by user space.
 #[map]
@@ -23,7 +25,7 @@ pub(crate) static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(655
 
 /// Records for user space.
 #[map]
-pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 /// Loss counters, indexed by [`tracer_common::loss`].
 #[map]

@@ -174,10 +174,9 @@ fn on_tracked_change(
     new_state: i32,
 ) {
     settle_cookie(sk, state);
-    if new_state != TCP_CLOSE {
-        // A closed socket leaves the table and reports itself in its close record.
-        note_changed(key, state);
-    }
+    // A close too: it leaves the table, and its close record may be lost (ring full), so
+    // the next tick must look it up to find it gone.
+    note_changed(key, state);
     match new_state {
         TCP_ESTABLISHED => {
             snapshot_addresses(sk, state);

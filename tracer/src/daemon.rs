@@ -36,7 +36,7 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
 };
-use tracer_common::{SOCK_FLAG_PEER_CLOSED, path_hash};
+use tracer_common::{EVENTS_RING_RECORDS_MAX, SOCK_FLAG_PEER_CLOSED, path_hash};
 
 use crate::{
     config::Glob,
@@ -385,12 +385,14 @@ async fn follow(
                 }
             }
             _ = tick.tick() => {
-                // Records sent without waking the reader (pooler links) are in first, all
-                // of them: while any wait, the kernel wakes the reader for no record (it
-                // wakes only a reader that has caught up), so the tick is what keeps up with
-                // a busy pooler's links (two per pooled transaction). The ring's size bounds
-                // this work.
-                drain(ring.get_mut(), tracker, usize::MAX);
+                // Records sent without waking the reader (pooler links) are in first: while
+                // any wait, the kernel wakes the reader for no record (it wakes only a reader
+                // that has caught up), so the tick is what keeps up with a busy pooler's
+                // links (two per pooled transaction). At most a full ring's worth: that is
+                // every record queued when the tick came, and records that keep coming
+                // faster than they are handled must not hold the tick (and the losses it
+                // reports) off for ever.
+                drain(ring.get_mut(), tracker, EVENTS_RING_RECORDS_MAX);
                 tracker.backlog = false;
                 // Losses first: they trigger the check for missed closes, which must run
                 // before the detectors see the missed ones as idle.
