@@ -21,6 +21,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use rustc_hash::FxHashSet;
+
 use crate::{
     conn_table::{Conn, ConnTable, Role, Transport},
     endpoint::Endpoint,
@@ -113,7 +115,8 @@ impl Relations {
 
     /// Processes that hold both roles: proxies, poolers among them.
     pub fn refresh_proxies(&mut self, table: &ConnTable) {
-        let (mut clients, mut servers) = (HashSet::new(), HashSet::new());
+        // Once a tick over every connection: FxHash, not SipHash, for a pid.
+        let (mut clients, mut servers) = (FxHashSet::default(), FxHashSet::default());
         for conn in table.iter() {
             match conn.role {
                 Role::Client => clients.insert(conn.owner.pid),

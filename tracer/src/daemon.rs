@@ -10,11 +10,13 @@
 //! kept, `state_file`), `tick` (the once-a-second work and loss reports); this file holds the
 //! tracker's state and the main loop.
 
+mod labels;
 mod records;
 mod seeding;
 pub mod state_file;
 mod tick;
 
+use labels::LabelsByConn;
 use tick::{Reported, report_losses};
 
 use std::{
@@ -69,8 +71,10 @@ const EVENT_QUEUE_CAPACITY: usize = 65_536;
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Detector and gauge pace.
 const TICK: Duration = Duration::from_secs(1);
-/// How often TCP connections are checked against the socket tables even without losses.
-const RECONCILE_TICKS: u64 = 10;
+/// How often TCP connections are checked against the socket tables even without losses (a
+/// loss, a stall of the daemon or a socket the kernel let go of triggers a check at once):
+/// a safety net for closes lost some other way, and a dump of every socket of the host.
+const RECONCILE_TICKS: u64 = 30;
 /// How often the listening Unix sockets are looked for again (Postgres may restart).
 const UNIX_LISTENER_REFRESH_TICKS: u64 = 5;
 /// The state file is written every tick up to this many connections, then every
@@ -80,7 +84,7 @@ const STATE_MAX_TICKS: usize = 10;
 /// Every this many ticks the tick reads the kernel's whole connection table, not only the
 /// sockets the kernel listed as changed: whatever a listing could miss (a program that ran
 /// across two tick switches) is made good within this many seconds.
-const FULL_READ_TICKS: u64 = 10;
+const FULL_READ_TICKS: u64 = 30;
 /// A partial read looks up each changed socket on its own; past an eighth of the table (or
 /// this many sockets) one batched read of the whole table is cheaper.
 const PARTIAL_READ_FLOOR: usize = 512;
@@ -208,7 +212,8 @@ struct Tracker {
     /// first. Their opens wait for what the scan knows of them (age, state).
     held_opens: Option<Vec<u64>>,
     adopting: bool,
-    labels: FxHashMap<u64, ConnLabels>,
+    /// Each open connection's metric labels.
+    labels: LabelsByConn,
     diag: Option<DiagSocket>,
     decode_errors: u64,
     untracked: u64,
@@ -432,7 +437,7 @@ impl Tracker {
             pending_adoption: HashSet::new(),
             held_opens: Some(Vec::new()),
             adopting: false,
-            labels: FxHashMap::default(),
+            labels: LabelsByConn::default(),
             diag: None,
             decode_errors: 0,
             untracked: 0,

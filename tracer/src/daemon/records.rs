@@ -138,8 +138,8 @@ impl Tracker {
         }
         let labels = self
             .labels
-            .remove(&conn.cookie)
-            .unwrap_or_else(|| labels_of(conn));
+            .remove(conn.cookie)
+            .unwrap_or_else(|| Arc::new(labels_of(conn)));
         let duration_ns = end_ns.saturating_sub(conn.born_ns);
         let fields = self.fields(conn);
         self.relations.closed(conn);
@@ -166,7 +166,7 @@ impl Tracker {
         let fields = self.fields(conn);
         let body = match finding {
             Finding::Stall { waiting_s } => {
-                if let Some(labels) = self.labels.get(&conn.cookie) {
+                if let Some(labels) = self.labels.get(conn.cookie) {
                     self.metrics.stall_started(labels);
                 }
                 EventBody::Stall {

@@ -159,20 +159,21 @@ impl Tracker {
 
     /// Rebuilds every gauge from the table.
     fn export_gauges(&self, now: u64) {
-        let mut fallback = HashMap::new();
-        for conn in self.table.iter() {
-            if !self.labels.contains_key(&conn.cookie) {
-                fallback.insert(conn.cookie, labels_of(conn));
-            }
-        }
+        // Connections not announced yet (held until the start-up scan) have no shared labels.
+        let unannounced: FxHashMap<u64, ConnLabels> = self
+            .table
+            .iter()
+            .filter(|conn| self.labels.get(conn.cookie).is_none())
+            .map(|conn| (conn.cookie, labels_of(conn)))
+            .collect();
         let snapshot: Vec<ConnSnapshot<'_>> = self
             .table
             .iter()
             .filter_map(|conn| {
-                let labels = self
-                    .labels
-                    .get(&conn.cookie)
-                    .or_else(|| fallback.get(&conn.cookie))?;
+                let labels = match self.labels.get(conn.cookie) {
+                    Some(shared) => &**shared,
+                    None => unannounced.get(&conn.cookie)?,
+                };
                 let view = conn.view();
                 Some(ConnSnapshot {
                     labels,

@@ -137,6 +137,30 @@ struct Aggregate {
     leaks: [i64; LeakReason::ALL.len()],
 }
 
+impl Aggregate {
+    fn count(&mut self, conn: &ConnSnapshot<'_>) {
+        self.states[conn.state as usize] += 1;
+        self.oldest_age_s = self.oldest_age_s.max(seconds(conn.age_s));
+        self.max_idle_s = self.max_idle_s.max(seconds(conn.idle_s));
+        self.stalled += i64::from(conn.stalled);
+        if let Some(reason) = conn.leak_reason {
+            self.leaks[reason as usize] += 1;
+        }
+    }
+
+    fn merge(&mut self, other: &Self) {
+        for (total, n) in self.states.iter_mut().zip(other.states) {
+            *total += n;
+        }
+        self.oldest_age_s = self.oldest_age_s.max(other.oldest_age_s);
+        self.max_idle_s = self.max_idle_s.max(other.max_idle_s);
+        self.stalled += other.stalled;
+        for (total, n) in self.leaks.iter_mut().zip(other.leaks) {
+            *total += n;
+        }
+    }
+}
+
 /// Every metric the tracer exports, in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -462,18 +486,23 @@ impl Metrics {
     /// `pgconn_tracer_tracked_connections`. Label sets absent from `snapshot` lose their gauge
     /// series.
     pub fn set_open(&self, snapshot: &[ConnSnapshot<'_>]) {
+        // By address first: connections that share a label set share one `ConnLabels` (the
+        // daemon keeps one copy per set), so each set's strings are hashed once, not once
+        // per connection. Equal sets at different addresses meet again below.
+        let mut by_address: FxHashMap<*const ConnLabels, (&ConnLabels, Aggregate)> =
+            FxHashMap::default();
+        for conn in snapshot {
+            by_address
+                .entry(std::ptr::from_ref(conn.labels))
+                .or_insert_with(|| (conn.labels, Aggregate::default()))
+                .1
+                .count(conn);
+        }
         let mut sets = self.label_sets();
         let mut current: FxHashMap<Cow<'_, ConnLabels>, Aggregate> = FxHashMap::default();
-        for conn in snapshot {
-            let (labels, _) = sets.resolve(conn.labels);
-            let agg = current.entry(labels).or_default();
-            agg.states[conn.state as usize] += 1;
-            agg.oldest_age_s = agg.oldest_age_s.max(seconds(conn.age_s));
-            agg.max_idle_s = agg.max_idle_s.max(seconds(conn.idle_s));
-            agg.stalled += i64::from(conn.stalled);
-            if let Some(reason) = conn.leak_reason {
-                agg.leaks[reason as usize] += 1;
-            }
+        for (labels, agg) in by_address.into_values() {
+            let (labels, _) = sets.resolve(labels);
+            current.entry(labels).or_default().merge(&agg);
         }
 
         sets.exported.retain(|labels| {
