@@ -390,18 +390,19 @@ async fn follow(
                 }
             }
             _ = tick.tick() => {
+                // Losses first, as the kernel counts them now: after a stall the drain below
+                // can take seconds, and an operator should see the losses at once. They also
+                // trigger the check for missed closes, which must run before the detectors
+                // see the missed ones as idle.
+                report_losses(probes, tracker, reported);
                 // Records sent without waking the reader (pooler links) are in first: while
                 // any wait, the kernel wakes the reader for no record (it wakes only a reader
                 // that has caught up), so the tick is what keeps up with a busy pooler's
                 // links (two per pooled transaction). At most a full ring's worth: that is
                 // every record queued when the tick came, and records that keep coming
-                // faster than they are handled must not hold the tick (and the losses it
-                // reports) off for ever.
+                // faster than they are handled must not hold the tick off for ever.
                 drain(ring.get_mut(), tracker, EVENTS_RING_RECORDS_MAX);
                 tracker.backlog = false;
-                // Losses first: they trigger the check for missed closes, which must run
-                // before the detectors see the missed ones as idle.
-                report_losses(probes, tracker, reported);
                 tracker.tick(probes);
             }
         }

@@ -33,7 +33,7 @@ use tokio::{
 };
 
 use crate::export::{
-    live::{API_PATH, LiveTable},
+    live::{API_PATH, FRESH_WAIT, LiveTable},
     metrics::Metrics,
     web_config::Protection,
 };
@@ -116,6 +116,9 @@ pub async fn serve(
                     if let Some(refused) = guard.refuse(&request).await {
                         return Ok::<_, Infallible>(refused);
                     }
+                    if request.uri().path() == API_PATH {
+                        wait_for_fresh_rows(&live).await;
+                    }
                     Ok(respond(&request, &metrics, &ready, &live))
                 }
             });
@@ -190,6 +193,18 @@ fn respond<B>(
             log::error!("metrics: cannot render: {err}");
             plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n")
         }
+    }
+}
+
+/// Rows older than [`crate::export::live::MAX_STALE`] (nobody read the table lately, so the tick stopped
+/// building them): waits for the next tick's, at most [`FRESH_WAIT`].
+async fn wait_for_fresh_rows(live: &LiveTable) {
+    let Some(stale) = live.stale_at(crate::daemon::monotonic_ns()) else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + FRESH_WAIT;
+    while tokio::time::Instant::now() < deadline && live.published_ns() == Some(stale) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -7,7 +7,8 @@
 //! swap; a request clones the `Arc` and serializes on the HTTP worker, so requests never
 //! touch the connection table and never delay the main loop. Building costs about 1 us per
 //! connection: above [`ALWAYS_PUBLISHED`] connections the tick rebuilds only while someone
-//! reads the table, or when the last rows are [`MAX_STALE`] old.
+//! reads the table, and a request that finds rows older than [`MAX_STALE`] waits for the
+//! next tick's (see [`LiveTable::stale_at`]), so a table nobody reads costs nothing.
 
 use std::{
     net::SocketAddr,
@@ -104,10 +105,14 @@ impl LiveConn {
 
 /// Up to this many connections the rows are rebuilt every tick (a few ms at most).
 pub const ALWAYS_PUBLISHED: usize = 4096;
-/// Above it, rows are rebuilt every tick while the table was read this recently...
+/// Above it, rows are rebuilt every tick while the table was read this recently.
 pub const READ_RECENTLY: Duration = Duration::from_secs(30);
-/// ...and otherwise at least this often, so a first reader gets rows at most this old.
-pub const MAX_STALE: Duration = Duration::from_secs(10);
+/// A request finding older rows (the first read in a while) waits for the next tick's: more
+/// than a tick, so a reader polling every second never waits.
+pub const MAX_STALE: Duration = Duration::from_secs(2);
+/// How long such a request waits at most (a tick held up by a backlog of records) before
+/// it gets the rows there are.
+pub const FRESH_WAIT: Duration = Duration::from_secs(3);
 
 /// The rows the last tick published; `None` until the daemon is ready.
 #[derive(Default)]
@@ -135,8 +140,26 @@ impl LiveTable {
             .as_ref()
             .map_or(0, |p| p.at_ns);
         conns <= ALWAYS_PUBLISHED
+            || published == 0
             || within(self.read_ns.load(Ordering::Relaxed), READ_RECENTLY)
-            || !within(published, MAX_STALE)
+    }
+
+    /// When the rows a request at `now` would get were built, if they are older than
+    /// [`MAX_STALE`]: the request then waits (at most [`FRESH_WAIT`]) for rows built after
+    /// that. Counts as a read, so the next tick builds them.
+    pub fn stale_at(&self, now: u64) -> Option<u64> {
+        self.read_ns.store(now.max(1), Ordering::Relaxed);
+        let published = self.published_ns()?;
+        (now.saturating_sub(published) > MAX_STALE.as_nanos() as u64).then_some(published)
+    }
+
+    /// When the current rows were built; `None` before the first publish.
+    pub fn published_ns(&self) -> Option<u64> {
+        self.rows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|p| p.at_ns)
     }
 
     pub fn publish(&self, rows: Vec<LiveConn>, now: u64) {

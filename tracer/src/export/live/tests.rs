@@ -74,24 +74,36 @@ fn the_table_is_not_ready_until_published() {
 }
 
 #[test]
-fn large_tables_are_rebuilt_while_read_and_never_older_than_max_stale() {
+fn large_tables_are_rebuilt_only_while_read() {
     const S: u64 = 1_000_000_000;
     let big = ALWAYS_PUBLISHED + 1;
     let table = LiveTable::default();
     assert!(table.wanted(big, 100 * S), "never published");
-    assert!(table.wanted(ALWAYS_PUBLISHED, 100 * S));
+    assert_eq!(
+        table.stale_at(100 * S),
+        None,
+        "nothing to wait for before a publish"
+    );
     table.publish(Vec::new(), 100 * S);
     assert!(table.wanted(ALWAYS_PUBLISHED, 101 * S), "small: every tick");
-    assert!(!table.wanted(big, 101 * S), "nobody reads it");
-    assert!(table.wanted(big, 110 * S), "{MAX_STALE:?} old");
-    // Read: rebuilt every tick while reads continue, READ_RECENTLY after the last.
-    table.snapshot(101 * S);
-    assert!(table.wanted(big, 102 * S));
-    table.publish(Vec::new(), 102 * S);
-    assert!(table.wanted(big, 103 * S));
-    assert!(table.wanted(big, 130 * S));
-    table.publish(Vec::new(), 130 * S);
-    assert!(!table.wanted(big, 131 * S));
+    // The early read above counts; 30 s after it nobody reads any more.
+    assert!(!table.wanted(big, 131 * S), "nobody reads it");
+    assert!(
+        !table.wanted(big, 500 * S),
+        "nobody reads it, however old the rows"
+    );
+    // A first read finds the rows stale: it waits, and the next tick builds them.
+    assert_eq!(table.stale_at(500 * S), Some(100 * S));
+    assert!(table.wanted(big, 501 * S));
+    table.publish(Vec::new(), 501 * S);
+    assert_eq!(table.published_ns(), Some(501 * S));
+    // Read every second: fresh enough, no wait, rebuilt every tick.
+    assert_eq!(table.stale_at(502 * S), None);
+    assert!(table.wanted(big, 502 * S));
+    table.publish(Vec::new(), 502 * S);
+    // READ_RECENTLY after the last read, the tick stops again.
+    assert!(table.wanted(big, 531 * S));
+    assert!(!table.wanted(big, 533 * S));
 }
 
 #[test]
