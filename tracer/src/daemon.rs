@@ -214,6 +214,10 @@ struct Tracker {
     adopting: bool,
     /// Each open connection's metric labels.
     labels: LabelsByConn,
+    /// `/proc` details by owner (pid, start time), kept for the current tick only: a burst
+    /// of opens by one process reads `/proc` once (four files, tens of us), and a process
+    /// that changes (exec, a new title, another cgroup) is read again within a second.
+    owner_details: FxHashMap<(u32, u64), ProcessDetails>,
     diag: Option<DiagSocket>,
     decode_errors: u64,
     untracked: u64,
@@ -439,6 +443,7 @@ impl Tracker {
             held_opens: Some(Vec::new()),
             adopting: false,
             labels: LabelsByConn::default(),
+            owner_details: FxHashMap::default(),
             diag: None,
             decode_errors: 0,
             untracked: 0,

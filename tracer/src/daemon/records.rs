@@ -92,11 +92,32 @@ impl Tracker {
         }
     }
 
-    pub(super) fn opened(&mut self, cookie: u64, ts: u64) {
-        let Some(conn) = self.table.get_mut(cookie) else {
+    /// What `/proc` says of `owner`, read once per owner per tick.
+    fn details_of(&mut self, owner: &Owner) -> ProcessDetails {
+        if owner.start_boottime_ns == 0 {
+            // No start time to tell a reused pid apart: read it each time.
+            return owner_details(owner, self.cmdline);
+        }
+        let cmdline = self.cmdline;
+        self.owner_details
+            .entry((owner.pid, owner.start_boottime_ns))
+            .or_insert_with(|| owner_details(owner, cmdline))
+            .clone()
+    }
+
+    /// Fills in connection `cookie`'s owner details.
+    fn fill_details(&mut self, cookie: u64) {
+        let Some(owner) = self.table.get(cookie).map(|c| c.owner.clone()) else {
             return;
         };
-        conn.details = owner_details(&conn.owner, self.cmdline);
+        let details = self.details_of(&owner);
+        if let Some(conn) = self.table.get_mut(cookie) {
+            conn.details = details;
+        }
+    }
+
+    pub(super) fn opened(&mut self, cookie: u64, ts: u64) {
+        self.fill_details(cookie);
         let Some(conn) = self.table.get(cookie) else {
             return;
         };
@@ -117,9 +138,7 @@ impl Tracker {
     }
 
     pub(super) fn refresh_owner(&mut self, cookie: u64) {
-        if let Some(conn) = self.table.get_mut(cookie) {
-            conn.details = owner_details(&conn.owner, self.cmdline);
-        }
+        self.fill_details(cookie);
     }
 
     pub(super) fn closed(

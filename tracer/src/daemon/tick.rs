@@ -26,6 +26,8 @@ impl Tracker {
     }
 
     pub(super) fn tick(&mut self, probes: &mut Probes) {
+        // Owner details are read again from the next tick on (see `owner_details`).
+        self.owner_details.clear();
         if self.backlog {
             // Kernel records are still queued: judge nothing until they are in, or a
             // connection whose close is queued would look idle (or, after losses, gone).

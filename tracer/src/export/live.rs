@@ -112,7 +112,7 @@ pub const READ_RECENTLY: Duration = Duration::from_secs(30);
 pub const MAX_STALE: Duration = Duration::from_secs(2);
 /// How long such a request waits at most (a tick held up by a backlog of records) before
 /// it gets the rows there are.
-pub const FRESH_WAIT: Duration = Duration::from_secs(3);
+pub const FRESH_WAIT: Duration = Duration::from_secs(2);
 
 /// The rows the last tick published; `None` until the daemon is ready.
 #[derive(Default)]
@@ -263,8 +263,9 @@ pub enum FetchError {
     },
 }
 
-/// How long a reader waits for the daemon's answer.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a reader waits for the daemon's answer: well past [`FRESH_WAIT`] plus the time
+/// to send a large table.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET /api/v1/connections` from the daemon at `addr`: the rows as sent (for `--json`).
 pub async fn fetch(
