@@ -116,7 +116,9 @@ pub async fn serve(
                     if let Some(refused) = guard.refuse(&request).await {
                         return Ok::<_, Infallible>(refused);
                     }
-                    if request.uri().path() == API_PATH {
+                    if request.uri().path() == API_PATH
+                        && matches!(*request.method(), Method::GET | Method::HEAD)
+                    {
                         wait_for_fresh_rows(&live).await;
                     }
                     Ok(respond(&request, &metrics, &ready, &live))
@@ -196,8 +198,8 @@ fn respond<B>(
     }
 }
 
-/// Rows older than [`crate::export::live::MAX_STALE`] (nobody read the table lately, so the tick stopped
-/// building them): waits for the next tick's, at most [`FRESH_WAIT`].
+/// Rows older than [`crate::export::live::MAX_STALE`] (nobody read the table lately, so
+/// the tick stopped building them): waits for the next tick's, at most [`FRESH_WAIT`].
 async fn wait_for_fresh_rows(live: &LiveTable) {
     let Some(stale) = live.stale_at(crate::daemon::monotonic_ns()) else {
         return;
