@@ -137,10 +137,7 @@ impl Daemon {
             if text.contains(marker) {
                 return Ok(daemon);
             }
-            let exited = daemon
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let exited = tests::exit_status(&mut daemon.child);
             if exited.is_some() || Instant::now() > deadline {
                 daemon.kill();
                 bail!(

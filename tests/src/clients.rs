@@ -140,9 +140,11 @@ impl Client {
     /// `NOTIFY channel` when given) every second, printing `queries <n>`, until end of input.
     pub fn healthy_psycopg2(target: &Target, notify_channel: Option<&str>) -> Result<Self> {
         let mut cmd = Command::new(PYTHON);
-        cmd.arg("-c")
-            .arg(PSYCOPG2_HEALTHY)
-            .args([&target.dsn(), notify_channel.unwrap_or("")]);
+        cmd.arg("-c").arg(PSYCOPG2_LOOP).args([
+            &target.dsn(),
+            notify_channel.unwrap_or(""),
+            "query",
+        ]);
         Self::spawn(ClientKind::Psycopg2, cmd, &ClientOptions::default())
     }
 
@@ -151,8 +153,8 @@ impl Client {
     pub fn listener_psycopg2(target: &Target, channel: &str) -> Result<Self> {
         let mut cmd = Command::new(PYTHON);
         cmd.arg("-c")
-            .arg(PSYCOPG2_LISTEN)
-            .args([&target.dsn(), channel]);
+            .arg(PSYCOPG2_LOOP)
+            .args([&target.dsn(), channel, "listen"]);
         Self::spawn(ClientKind::Psycopg2, cmd, &ClientOptions::default())
     }
 
@@ -232,10 +234,7 @@ impl Client {
                 Ok(line) if line.starts_with(prefix) => return Ok(line),
                 Ok(_) => {}
                 Err(_) => {
-                    let status = self
-                        .child
-                        .as_mut()
-                        .and_then(|c| c.try_wait().ok().flatten());
+                    let status = crate::exit_status(&mut self.child);
                     bail!(
                         "{:?} printed no {prefix:?} within {timeout:?} (exit: {status:?})",
                         self.kind
@@ -304,19 +303,14 @@ impl Client {
 
     /// SIGKILL, the way a crashing or OOM-killed process goes: the kernel closes its sockets.
     pub fn kill(mut self) -> Result<()> {
-        let mut child = self.child.take().context("already stopped")?;
-        child.kill()?;
-        child.wait()?;
-        Ok(())
+        crate::sigkill(self.child.take())
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Already gone, or killed by a test on purpose: nothing left to do.
+        let _ = crate::sigkill(self.child.take());
     }
 }
 
@@ -348,48 +342,41 @@ for c in conns:
     c.close()
 "#;
 
-const PSYCOPG2_HEALTHY: &str = r#"
+/// `query` mode: a query a second (and a NOTIFY when a channel is given), printing
+/// `queries <n>`; `listen` mode: LISTEN on the channel, printing `notified <n>` per
+/// notification. Both until end of input.
+const PSYCOPG2_LOOP: &str = r#"
 import sys, select, psycopg2
-dsn, channel = sys.argv[1], sys.argv[2]
+dsn, channel, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 c = psycopg2.connect(dsn)
 c.autocommit = True
 cur = c.cursor()
+if mode == "listen":
+    cur.execute("LISTEN " + channel)
 cur.execute("SELECT pg_backend_pid()")
 print("ready", cur.fetchone()[0], flush=True)
 n = 0
 while True:
-    r, _, _ = select.select([sys.stdin], [], [], 1.0)
-    if r and not sys.stdin.readline():
+    if mode == "listen":
+        r, _, _ = select.select([sys.stdin, c], [], [], 5.0)
+    else:
+        r, _, _ = select.select([sys.stdin], [], [], 1.0)
+    if sys.stdin in r and not sys.stdin.readline():
         break
+    if mode == "listen":
+        if c in r:
+            c.poll()
+            while c.notifies:
+                c.notifies.pop(0)
+                n += 1
+                print("notified", n, flush=True)
+        continue
     cur.execute("SELECT 1")
     cur.fetchone()
     if channel:
         cur.execute("NOTIFY " + channel + ", 'tick'")
     n += 1
     print("queries", n, flush=True)
-c.close()
-"#;
-
-const PSYCOPG2_LISTEN: &str = r#"
-import sys, select, psycopg2
-dsn, channel = sys.argv[1], sys.argv[2]
-c = psycopg2.connect(dsn)
-c.autocommit = True
-cur = c.cursor()
-cur.execute("LISTEN " + channel)
-cur.execute("SELECT pg_backend_pid()")
-print("ready", cur.fetchone()[0], flush=True)
-n = 0
-while True:
-    r, _, _ = select.select([sys.stdin, c], [], [], 5.0)
-    if sys.stdin in r and not sys.stdin.readline():
-        break
-    if c in r:
-        c.poll()
-        while c.notifies:
-            c.notifies.pop(0)
-            n += 1
-            print("notified", n, flush=True)
 c.close()
 "#;
 

@@ -1,10 +1,5 @@
 //! Harness for the root tests: a real Postgres cluster, the real daemon, and helpers to wait
 //! for its events. Every test in `tests/tests/` starts what it needs and stops it on drop.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::BTreeMap,
     ffi::CString,
@@ -136,6 +131,11 @@ fn as_postgres(program: &Path) -> Command {
 }
 
 impl Postgres {
+    /// The socket directory as a libpq host (`-h` / `host=`).
+    pub fn unix_host(&self) -> &str {
+        self.socket_dir.to_str().expect("a UTF-8 socket directory")
+    }
+
     pub fn start() -> Result<Self> {
         Self::start_listening("127.0.0.1,::1")
     }
@@ -200,6 +200,12 @@ impl Postgres {
         .env("PGCONNECT_TIMEOUT", "10")
         .env("PGSSLMODE", "disable");
         cmd
+    }
+
+    /// `psql(host, sql)` started in the background, its output thrown away.
+    pub fn psql_spawn(&self, host: &str, sql: &str) -> Child {
+        let mut cmd = self.psql(host, sql);
+        cmd.stdout(Stdio::null()).spawn().expect("psql")
     }
 
     /// `pg_stat_activity.state` of every other client backend, by pid: the server's own
@@ -307,10 +313,7 @@ impl Tracer {
             evs.iter().any(|e| e.kind == "ready")
         });
         if ready.is_err() {
-            let status = tracer
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let status = exit_status(&mut tracer.child);
             bail!(
                 "tracer not ready within {:?} (exit: {status:?}); stderr:\n{}",
                 patience(Duration::from_secs(30)),
@@ -318,6 +321,12 @@ impl Tracer {
             );
         }
         Ok(tracer)
+    }
+
+    /// `start` with the flags written as one command line, split at spaces (so no value may
+    /// hold one): `Tracer::run(&format!("--port {port} --stall-after 1s"))`.
+    pub fn run(flags: &str) -> Result<Self> {
+        Self::start(&flags.split_whitespace().collect::<Vec<_>>())
     }
 
     /// The daemon with its defaults, watching `pg`'s port.
@@ -383,20 +392,28 @@ impl Tracer {
 impl Tracer {
     /// SIGKILL, the way a crash ends the daemon: no shutdown work at all.
     pub fn kill(mut self) -> Result<()> {
-        let mut child = self.child.take().context("already stopped")?;
-        child.kill()?;
-        child.wait()?;
-        Ok(())
+        sigkill(self.child.take())
     }
 }
 
 impl Drop for Tracer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Already gone, or killed by a test on purpose: nothing left to do.
+        let _ = sigkill(self.child.take());
     }
+}
+
+/// How a child still held has exited, if it has (`None` while it runs, or when none is held).
+pub fn exit_status(child: &mut Option<Child>) -> Option<ExitStatus> {
+    child.as_mut()?.try_wait().ok().flatten()
+}
+
+/// SIGKILLs a child still held and reaps it.
+pub fn sigkill(child: Option<Child>) -> Result<()> {
+    let mut child = child.context("already stopped")?;
+    child.kill()?;
+    child.wait()?;
+    Ok(())
 }
 
 pub fn lines(events: &[Event]) -> String {

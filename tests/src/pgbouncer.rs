@@ -123,11 +123,7 @@ impl PgBouncer {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = bouncer
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = crate::exit_status(&mut bouncer.child) {
                 bail!("pgbouncer exited ({status}):\n{}", bouncer.log());
             }
             if Instant::now() > deadline {

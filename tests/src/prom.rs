@@ -188,10 +188,7 @@ impl Prometheus {
             {
                 return Ok(prom);
             }
-            let exited = prom
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let exited = crate::exit_status(&mut prom.child);
             if exited.is_some() || Instant::now() >= deadline {
                 bail!(
                     "prometheus not ready within 30 s (exit: {exited:?}); log:\n{}",

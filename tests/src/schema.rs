@@ -79,21 +79,13 @@ fn check(validator: &Validator, instance: &Value, file: &str, what: &str) -> Res
 /// The error lists every violation with its JSON pointer, and the event itself.
 pub fn validate_event(event: &Value) -> Result<(), String> {
     static VALIDATOR: OnceLock<Result<Validator, String>> = OnceLock::new();
-    check(
-        cached(&VALIDATOR, schema_path())?,
-        event,
-        "events.schema.json",
-        "event",
-    )
+    let schema = (schema_path(), "events.schema.json");
+    check(cached(&VALIDATOR, schema.0)?, event, schema.1, "event")
 }
 
 /// Checks a body of `GET /api/v1/connections` against `docs/connections.schema.json`.
 pub fn validate_connections(body: &Value) -> Result<(), String> {
     static VALIDATOR: OnceLock<Result<Validator, String>> = OnceLock::new();
-    check(
-        cached(&VALIDATOR, connections_schema_path())?,
-        body,
-        "connections.schema.json",
-        "live table",
-    )
+    let schema = (connections_schema_path(), "connections.schema.json");
+    check(cached(&VALIDATOR, schema.0)?, body, schema.1, "live table")
 }

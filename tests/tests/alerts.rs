@@ -1,11 +1,6 @@
 //! The shipped Prometheus rules and Grafana dashboard: `promtool` accepts the rules and their
 //! unit tests pass, and every query in the dashboard and the rules uses only metrics that
 //! `docs/metrics.md` documents. No root needed; the promtool tests need `promtool`.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},

@@ -1,11 +1,6 @@
 //! Who holds each connection: process, container, pod and unit, for clients in containers,
 //! over the Unix socket, in another network namespace, and for connections that existed
 //! before the daemon started; and `tracer list` against `ss`.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     process::Command,
@@ -363,12 +358,10 @@ fn wait_for_unix_closes(tracer: &Tracer, path: &str, closes: usize, what: &str) 
 
 #[test]
 fn psql_over_the_unix_socket_is_seen_on_both_roles() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let path = socket_path(&pg);
     let tracer = Tracer::watching(&pg);
-    let host = pg.socket_dir.to_string_lossy().into_owned();
+    let host = pg.unix_host().to_owned();
     let (psql, backend) = psql_backend(pg.psql(&host, "select pg_backend_pid(), pg_sleep(0.3)"));
     wait_for_unix_closes(&tracer, &path, 2, "both ends close");
     std::thread::sleep(Duration::from_millis(1500));
@@ -411,12 +404,10 @@ fn psql_over_the_unix_socket_is_seen_on_both_roles() {
 
 #[test]
 fn unix_connections_in_quick_succession_keep_their_own_byte_counts() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let path = socket_path(&pg);
     let tracer = Tracer::watching(&pg);
-    let host = pg.socket_dir.to_string_lossy().into_owned();
+    let host = pg.unix_host().to_owned();
     // The same query each time: every connection moves the same bytes.
     let runs: Vec<(u32, u32)> = (0..10)
         .map(|_| psql_backend(pg.psql(&host, "select pg_backend_pid(), 1")))
@@ -477,9 +468,7 @@ for i in range(int(sys.argv[2])):
 
 #[test]
 fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let path = socket_path(&pg);
     let tracer = Tracer::watching(&pg);
     let rounds = 20;
@@ -514,9 +503,7 @@ fn unix_connections_are_seen_while_other_unix_sockets_come_and_go() {
 
 #[test]
 fn unix_socket_glob_decides_which_sockets_count() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let path = socket_path(&pg);
     let port = pg.port.to_string();
     // The exact path, and a glob that matches no socket of this cluster.
@@ -528,7 +515,7 @@ fn unix_socket_glob_decides_which_sockets_count() {
         "/nonexistent-dir/*/.s.PGSQL.*",
     ])
     .expect("tracer");
-    let host = pg.socket_dir.to_string_lossy().into_owned();
+    let host = pg.unix_host().to_owned();
     let (psql, _) = psql_backend(pg.psql(&host, "select pg_backend_pid()"));
     // TCP, which both watch: shows the second daemon is tracing at all.
     let (tcp_psql, _) = psql_backend(pg.psql("127.0.0.1", "select pg_backend_pid()"));
@@ -565,13 +552,20 @@ fn unix_socket_glob_decides_which_sockets_count() {
     assert!(unseen.is_empty(), "not watched: {}", lines(&unseen));
 }
 
-#[test]
-fn a_client_in_another_network_namespace_is_seen_and_attributed() {
+/// As root: a network namespace, and a Postgres listening on loopback and on the
+/// namespace's host-side address. The cluster stops before the namespace goes.
+fn netns_pg() -> Option<(Postgres, NetNs)> {
     if !require_root() {
-        return;
+        return None;
     }
     let ns = NetNs::create().expect("network namespace");
     let pg = Postgres::start_listening(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
+    Some((pg, ns))
+}
+
+#[test]
+fn a_client_in_another_network_namespace_is_seen_and_attributed() {
+    let Some((pg, ns)) = netns_pg() else { return };
     let tracer = Tracer::watching(&pg);
     // The shell prints its pid and execs psql under it.
     let mut cmd = ns.command("sh");
@@ -646,11 +640,7 @@ fn a_client_in_another_network_namespace_is_seen_and_attributed() {
 
 #[test]
 fn a_client_in_another_network_namespace_connected_before_start_is_found() {
-    if !require_root() {
-        return;
-    }
-    let ns = NetNs::create().expect("network namespace");
-    let pg = Postgres::start_listening(&format!("127.0.0.1,{}", ns.host_ip)).expect("postgres");
+    let Some((pg, ns)) = netns_pg() else { return };
     let target = dsn(&ns.host_ip, pg.port);
     let holder = PyClient::start_with(
         &[conn_spec(&target, true), conn_spec(&target, false)],
@@ -751,11 +741,9 @@ fn opens_of<'a>(
 
 #[test]
 fn connections_open_before_start_are_found_once_with_their_owners() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let path = socket_path(&pg);
-    let sock = pg.socket_dir.to_string_lossy().into_owned();
+    let sock = pg.unix_host().to_owned();
     let (v4, v6, unix) = (
         dsn("127.0.0.1", pg.port),
         dsn("::1", pg.port),
@@ -1079,11 +1067,9 @@ fn tracer_list(args: &[&str]) -> String {
 
 #[test]
 fn list_json_agrees_with_ss_on_the_same_connections() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let path = socket_path(&pg);
-    let sock = pg.socket_dir.to_string_lossy().into_owned();
+    let sock = pg.unix_host().to_owned();
     let id = random_hex(64);
     let cg = FakeContainer::create(&format!("/system.slice/docker-{id}.scope")).expect("cgroup");
     let mut specs = Vec::new();
@@ -1241,9 +1227,7 @@ os._exit(0)
 
 #[test]
 fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let tracer = Tracer::watching(&pg);
     let target = dsn("127.0.0.1", pg.port);
     let mut clients = Vec::new();
@@ -1293,9 +1277,7 @@ fn a_client_that_exits_right_after_connecting_keeps_its_comm() {
 
 #[test]
 fn a_reused_pid_names_each_connection_s_own_process() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let tracer = Tracer::watching(&pg);
     let target = dsn("127.0.0.1", pg.port);
     let (a_id, b_id) = (random_hex(64), random_hex(64));
@@ -1329,21 +1311,17 @@ fn a_reused_pid_names_each_connection_s_own_process() {
                 Some(format!("docker-{id}.scope")),
             ),
         );
-        tracer
-            .wait_for(WAIT, |evs| {
-                !Want::kind("open")
+        let seen = |kind: &str| {
+            let found = |evs: &[Event]| {
+                !Want::kind(kind)
                     .find_where(evs, |e| e.pid == pid && e.comm == comm)
                     .is_empty()
-            })
-            .expect("open");
+            };
+            tracer.wait_for(WAIT, found).expect(kind);
+        };
+        seen("open");
         client.close().expect("close");
-        tracer
-            .wait_for(WAIT, |evs| {
-                !Want::kind("close")
-                    .find_where(evs, |e| e.pid == pid && e.comm == comm)
-                    .is_empty()
-            })
-            .expect("close");
+        seen("close");
         owners.push(owner);
     }
     std::thread::sleep(Duration::from_millis(500));

@@ -4,11 +4,6 @@
 //!
 //! Thresholds are a few seconds; the daemon ticks every second, so a verdict may come up to
 //! about one tick after its threshold (plus scheduling slack on a loaded 2-core machine).
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::{BTreeSet, HashMap},
     time::{Duration, Instant},
@@ -406,9 +401,7 @@ fn lines_of(events: &[&Event]) -> String {
 // ---------------------------------------------------------------------------------------
 
 fn idle_in_transaction_is_reported_for(kind: ClientKind) {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let tracer = start_tracer(&[pg.port]);
     let mut client = Client::start(kind, &Target::tcp(pg.port), &ClientOptions::default())
         .unwrap_or_else(|e| panic!("{kind:?}: {e:#}"));
@@ -518,25 +511,24 @@ fn idle_in_transaction_is_reported_for(kind: ClientKind) {
     );
 }
 
-#[test]
-fn idle_in_transaction_psql() {
-    idle_in_transaction_is_reported_for(ClientKind::Psql);
+/// One test per client kind, each named for its client.
+macro_rules! idle_in_transaction_tests {
+    ($($name:ident: $kind:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                idle_in_transaction_is_reported_for(ClientKind::$kind);
+            }
+        )*
+    };
 }
 
-#[test]
-fn idle_in_transaction_psycopg2() {
-    idle_in_transaction_is_reported_for(ClientKind::Psycopg2);
-}
-
-#[test]
-fn idle_in_transaction_jdbc() {
-    idle_in_transaction_is_reported_for(ClientKind::Jdbc);
-}
-
-#[test]
-fn idle_in_transaction_node_postgres() {
-    idle_in_transaction_is_reported_for(ClientKind::NodePg);
-}
+idle_in_transaction_tests!(
+    idle_in_transaction_psql: Psql,
+    idle_in_transaction_psycopg2: Psycopg2,
+    idle_in_transaction_jdbc: Jdbc,
+    idle_in_transaction_node_postgres: NodePg,
+);
 
 // ---------------------------------------------------------------------------------------
 // TLS: the protocol is unreadable, the timing is not
@@ -588,9 +580,7 @@ fn enable_tls(pg: &Postgres) {
 
 #[test]
 fn tls_connection_is_unknown_never_idle_in_transaction_but_stalls_are_seen() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     enable_tls(&pg);
     let tracer = start_tracer(&[pg.port]);
     let mut client = Client::start(

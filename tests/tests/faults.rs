@@ -1,11 +1,6 @@
 //! Faults and abuse: killed clients, shared sockets, a stalled or killed daemon, a full
 //! kernel table, PID reuse, hostile bytes, and the defaults that keep data safe. Every test
 //! prints its figures.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::{HashMap, HashSet},
     io::{Read, Write},
@@ -78,9 +73,7 @@ fn start_with_metrics(ports: &str, extra: &[&str]) -> (Tracer, u16) {
 
 #[test]
 fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let (tracer, mport) = start_with_metrics(&pg.port.to_string(), &NO_UNIX);
     let metrics = MetricsEndpoint(mport);
     std::thread::sleep(Duration::from_millis(1500));
@@ -444,8 +437,8 @@ fn a_daemon_killed_under_load_restarts_and_reseeds_without_duplicates() {
         return;
     }
     let listener = Listener::start(Serve::ReadyForQuery).expect("listener");
+    let args = ["--port".to_owned(), listener.port.to_string()];
     let port = listener.port;
-    let args = ["--port".to_owned(), port.to_string()];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let first = Tracer::start(&args).expect("tracer");
     let mut held = Vec::new();
@@ -827,9 +820,7 @@ fn hostile_payload(noise: &mut Noise) -> Vec<u8> {
 
 #[test]
 fn hostile_bytes_do_not_disturb_the_daemon_or_other_connections() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let hostile = TcpListener::bind("127.0.0.1:0").expect("bind");
     let hport = hostile.local_addr().expect("addr").port();
     let stop = Arc::new(AtomicBool::new(false));

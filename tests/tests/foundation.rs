@@ -1,9 +1,4 @@
 //! The first end-to-end trace: real kernel probes, a real Postgres, real clients.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::HashMap,
     io::{Read, Write},
@@ -27,9 +22,7 @@ fn psql_with_backend_pid(pg: &Postgres, host: &str, sql_tail: &str) -> (u32, u32
 
 #[test]
 fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let port = pg.port.to_string();
     let tracer = Tracer::start(&["--port", &port]).expect("tracer");
 
@@ -89,9 +82,7 @@ fn psql_over_tcp_gives_one_pair_per_role_with_the_right_owners() {
 
 #[test]
 fn ipv6_is_seen_and_unwatched_ports_are_not() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let tracer = Tracer::watching(&pg);
 
     // A TCP service on a port the tracer does not watch, with real traffic.
@@ -297,9 +288,7 @@ fn tempfile_path(tag: &str) -> std::path::PathBuf {
 
 #[test]
 fn sigterm_under_load_exits_zero_quickly_and_detaches_everything() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let tracer = Tracer::watching(&pg);
     let ours = |names: &[String]| names.iter().filter(|n| n.starts_with("pgc_")).count();
     // This daemon's programs (other tracers may run on the machine) and their links.

@@ -2,11 +2,6 @@
 //! the daemon first, and `tracer top` in a real terminal (tmux). A worker holds 3
 //! connections idle in a transaction, another process holds one idle; `pg_stat_activity`
 //! is the oracle for what each backend is doing.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::BTreeMap,
     process::{Command, Output},
@@ -147,9 +142,7 @@ fn group_cells(screen: &str, pid: u32) -> Option<BTreeMap<String, String>> {
 
 #[test]
 fn the_live_table_list_and_top_show_transaction_states() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let port = pg.port.to_string();
     let addr = format!("127.0.0.1:{}", free_port().expect("port"));
     let glob = format!("{}/.s.PGSQL.{}", pg.socket_dir.display(), pg.port);

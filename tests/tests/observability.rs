@@ -1,11 +1,6 @@
 //! What users consume: every real event matches the published schema, a real Prometheus
 //! scrapes the daemon and answers PromQL, promtool accepts a real scrape, and a blocked event
 //! reader costs counted events, never the metrics endpoint.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
@@ -134,11 +129,8 @@ fn spawn_quiet(cmd: &mut Command) -> Background {
 
 #[test]
 fn every_event_of_a_real_scenario_matches_the_schema() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let port = pg.port.to_string();
-    let sock = pg.socket_dir.to_str().expect("utf-8 path").to_owned();
     // Open before the daemon: reported as preexisting.
     let pre = PySession::connect("127.0.0.1", pg.port);
     let tracer = Tracer::start(&[
@@ -154,11 +146,7 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
     .expect("tracer");
 
     // A request that waits longer than stall_after.
-    let mut stall = pg
-        .psql("127.0.0.1", "select pg_sleep(2.5)")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("psql");
+    let mut stall = pg.psql_spawn("127.0.0.1", "select pg_sleep(2.5)");
     let stall_pid = stall.id();
     // Idle inside a transaction.
     let mut tx = PySession::connect("127.0.0.1", pg.port);
@@ -173,7 +161,7 @@ fn every_event_of_a_real_scenario_matches_the_schema() {
     .expect("pg_terminate_backend");
     let terminated = Instant::now();
     // Over the Unix socket, and over IPv6.
-    run_ok(&mut pg.psql(&sock, "select 1")).expect("psql over the Unix socket");
+    run_ok(&mut pg.psql(pg.unix_host(), "select 1")).expect("psql over the Unix socket");
     run_ok(&mut pg.psql("::1", "select 1")).expect("psql over ::1");
 
     let (tx_pid, victim_pid) = (tx.pid, victim.pid);
@@ -274,22 +262,18 @@ fn one_sample(prom: &Prometheus, promql: &str, want: f64) -> Value {
     result[0].clone()
 }
 
+/// A daemon watching `pg`'s port with `flags`, serving metrics on a free port; and that
+/// address.
+fn serving_metrics(pg: &tests::Postgres, flags: &str) -> (Tracer, String) {
+    let addr = format!("127.0.0.1:{}", free_port().expect("port"));
+    let flags = format!("--port {} --metrics-addr {addr} {flags}", pg.port);
+    (Tracer::run(&flags).expect("tracer"), addr)
+}
+
 #[test]
 fn a_real_prometheus_scrapes_the_daemon_and_promql_finds_the_sessions() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
-    let port = pg.port.to_string();
-    let metrics_addr = format!("127.0.0.1:{}", free_port().expect("port"));
-    let tracer = Tracer::start(&[
-        "--port",
-        &port,
-        "--metrics-addr",
-        &metrics_addr,
-        "--idle-in-transaction-after",
-        "2s",
-    ])
-    .expect("tracer");
+    let Some(pg) = root_postgres() else { return };
+    let (tracer, metrics_addr) = serving_metrics(&pg, "--idle-in-transaction-after 2s");
     let health = http_get(&metrics_addr, "/healthz", Duration::from_secs(2)).expect("healthz");
     assert_eq!(health.status, 200, "/healthz after ready: {health:?}");
 
@@ -307,7 +291,7 @@ fn a_real_prometheus_scrapes_the_daemon_and_promql_finds_the_sessions() {
     assert_eq!(build["metric"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(build["metric"]["job"], job);
 
-    let remote = format!("127.0.0.1:{port}");
+    let remote = format!("127.0.0.1:{}", pg.port);
     let psql = one_sample(
         &prom,
         "pgconn_open_connections{comm=\"psql\",role=\"client\",state=\"active\"}",
@@ -363,29 +347,15 @@ fn a_real_prometheus_scrapes_the_daemon_and_promql_finds_the_sessions() {
 
 #[test]
 fn promtool_finds_no_problem_in_a_real_scrape() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
-    let port = pg.port.to_string();
-    let sock = pg.socket_dir.to_str().expect("utf-8 path").to_owned();
-    let metrics_addr = format!("127.0.0.1:{}", free_port().expect("port"));
-    let tracer = Tracer::start(&[
-        "--port",
-        &port,
-        "--metrics-addr",
-        &metrics_addr,
-        "--stall-after",
-        "1s",
-        "--idle-in-transaction-after",
-        "1s",
-    ])
-    .expect("tracer");
+    let Some(pg) = root_postgres() else { return };
+    let (tracer, metrics_addr) =
+        serving_metrics(&pg, "--stall-after 1s --idle-in-transaction-after 1s");
     let _held = spawn_quiet(&mut pg.psql("127.0.0.1", "select pg_sleep(30)"));
     let _held_v6 = spawn_quiet(&mut pg.psql("::1", "select pg_sleep(30)"));
-    let mut leaky = PySession::connect(&sock, pg.port);
+    let mut leaky = PySession::connect(pg.unix_host(), pg.port);
     leaky.exec("BEGIN");
     leaky.exec("select 1");
-    for host in ["127.0.0.1", "::1", sock.as_str()] {
+    for host in ["127.0.0.1", "::1", pg.unix_host()] {
         run_ok(&mut pg.psql(host, "select 1")).expect("psql");
     }
     // Wait until the scrape holds open, closed, stalled and leaking connections.
@@ -467,9 +437,7 @@ fn metric_value(body: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     // A second "Postgres" port served by this test: connections to it cost no backend fork,
     // so the churn can outrun the daemon's event queue.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -659,11 +627,7 @@ fn a_blocked_event_reader_costs_counted_events_not_the_metrics_endpoint() {
     // Recovered: new connections are reported again.
     let mut pids = Vec::new();
     for _ in 0..3 {
-        let child = pg
-            .psql("127.0.0.1", "select 1")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("psql");
+        let child = pg.psql_spawn("127.0.0.1", "select 1");
         pids.push(child.id());
         assert!(child.wait_with_output().expect("psql").status.success());
     }

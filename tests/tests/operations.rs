@@ -1,9 +1,4 @@
 //! `tracer check`: what it says as root, and what it says without privileges.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::process::Command;
 
 use tests::{require_root, tracer_bin};

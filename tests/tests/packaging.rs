@@ -1,11 +1,6 @@
 //! The files the project ships for deployment: the systemd unit, the container recipe and the
 //! Kubernetes manifests. Static checks run anywhere; the root tests run the real daemon as an
 //! unprivileged user holding exactly the unit's capabilities.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -575,11 +570,7 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
 }
 
 fn str_set(v: &Value) -> BTreeSet<String> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("a list: {v}"))
-        .iter()
-        .map(|s| s.as_str().expect("strings").to_owned())
-        .collect()
+    strings(v).into_iter().collect()
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -981,10 +972,7 @@ impl Daemon {
             if done(&events) {
                 return;
             }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let exited = tests::exit_status(&mut self.child);
             if exited.is_some() || Instant::now() >= deadline {
                 panic!(
                     "{what}: not seen within {timeout:?} (exit: {exited:?})\nevents:\n{}stderr:\n{}",

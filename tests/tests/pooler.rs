@@ -3,11 +3,6 @@
 //! oracles for the tracer's `linked`, `peer_conn_id` and `backend_pid`, in the incident (a
 //! worker holds every server connection idle in a transaction while another client queues)
 //! and under load.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::{BTreeSet, HashMap},
     io::{BufRead as _, BufReader},
@@ -69,9 +64,7 @@ fn pg_pids(pg: &Postgres, sql: &str) -> BTreeSet<u32> {
 /// a transaction; another client queues behind it (`queued`: one PgBouncer only, as with two
 /// `so_reuseport` processes the kernel picks the process the client lands on).
 fn incident(pool_mode: &'static str, processes: usize) {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let shared = (processes > 1).then(|| free_port().expect("port"));
     let bouncers: Vec<PgBouncer> = (0..processes)
         .map(|_| {
@@ -365,9 +358,7 @@ fn link_history(stderr: &str) -> HashMap<u16, Vec<(f64, Option<u16>)>> {
 /// is the one PgBouncer reports.
 #[test]
 fn links_agree_with_show_servers_under_load() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let bouncer = PgBouncer::start_with(
         &pg,
         &Options {

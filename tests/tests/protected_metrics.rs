@@ -3,11 +3,6 @@
 //! made by the openssl commands of deploy/README.md and a bcrypt hash, and a real Prometheus
 //! running the shipped scrape job (deploy/kubernetes/prometheus-scrape.yaml) with its TLS and
 //! basic-auth settings, pointed at the daemon instead of Kubernetes service discovery.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -263,11 +258,7 @@ fn a_real_prometheus_scrapes_over_tls_with_basic_auth_and_nothing_else_gets_metr
         &web_config_arg,
     ])
     .expect("tracer");
-    let mut psql = pg
-        .psql("127.0.0.1", "select pg_sleep(60)")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("psql");
+    let mut psql = pg.psql_spawn("127.0.0.1", "select pg_sleep(60)");
 
     // Straight at the endpoint.
     let get = |path: &str, auth: Option<(&str, &str)>| {

@@ -3,11 +3,6 @@
 //! property, secret flags, `PGPASSWORD=` given through `env`). None of the secrets may come
 //! out of the daemon (events, logs) or `tracer list` (table and JSON), while the rest of each
 //! command line does; `--cmdline off` emits none, `--cmdline full` all of it.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
@@ -218,9 +213,7 @@ fn assert_no_secret(what: &str, text: &str) {
 
 #[test]
 fn no_credential_of_a_real_command_line_leaves_the_tracer() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let port = pg.port.to_string();
     let tracer =
         Tracer::start(&["--port", &port, "--log-level", "debug"]).expect("tracer (redacted)");
@@ -281,9 +274,7 @@ fn no_credential_of_a_real_command_line_leaves_the_tracer() {
 
 #[test]
 fn cmdline_off_emits_none_and_full_emits_all() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let port = pg.port.to_string();
     let off = Tracer::start(&["--port", &port, "--cmdline", "off"]).expect("tracer (off)");
     let full = Tracer::start(&["--port", &port, "--cmdline", "full"]).expect("tracer (full)");

@@ -2,11 +2,6 @@
 //! restart, is still flagged. Before start-up the state comes from Postgres's process titles
 //! (the backend's view, and the client's when it is on this host too); across a restart or
 //! a crash, from the state file the previous daemon left. `pg_stat_activity` is the oracle.
-#![allow(
-    clippy::let_underscore_must_use,
-    reason = "clean-up of processes, sockets and files that may be gone already, and calls made only to show they do not panic: their results are ignored on purpose"
-)]
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
@@ -90,9 +85,7 @@ fn psql(target: &Target, in_transaction: bool) -> Client {
 
 #[test]
 fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let tcp = Target::tcp(pg.port);
     let unix = Target::Socket {
         dir: pg.socket_dir.clone(),
@@ -239,9 +232,7 @@ fn idle_in_transaction_before_start_up_is_flagged_on_both_ends_tcp_and_unix() {
 
 #[test]
 fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stays_unknown() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let bouncer = PgBouncer::start(&pg, 4).expect("pgbouncer");
     let app_started = Instant::now();
     let app = app_through(&bouncer);
@@ -273,21 +264,13 @@ fn through_pgbouncer_the_backend_and_pgbouncers_end_are_flagged_the_app_end_stay
     tracer
         .wait_for(SLACK + Duration::from_secs(3), |evs| {
             leaking(evs, "server", "idle_in_transaction", &oracle) == oracle
-                && Want::kind("leak")
-                    .role("client")
+                && Want::of("leak", "client", bouncer.pid())
                     .reason("idle_in_transaction")
-                    .find(evs)
-                    .iter()
-                    .filter(|e| e.pid == bouncer.pid())
-                    .count()
+                    .count(evs)
                     == 2
-                && Want::kind("leak")
-                    .role("client")
+                && Want::of("leak", "client", app.pid())
                     .reason("idle")
-                    .find(evs)
-                    .iter()
-                    .filter(|e| e.pid == app.pid())
-                    .count()
+                    .count(evs)
                     == 2
         })
         .unwrap_or_else(|e| panic!("backends, PgBouncer's server connections, app idle: {e}"));
@@ -415,9 +398,7 @@ fn expect_leaks_again(
 
 #[test]
 fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_open() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     let bouncer = PgBouncer::start(&pg, 4).expect("pgbouncer");
     let state = TempDir::new("restart-state").expect("state dir");
     let ports = format!("{},{}", pg.port, bouncer.port);
@@ -452,28 +433,14 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
                 == 4
         })
         .expect("the first daemon flags them");
-    let client_leak_ids = |pid: u32| -> BTreeSet<String> {
-        Want::kind("leak")
-            .role("client")
-            .reason("idle_in_transaction")
-            .find(&events)
-            .into_iter()
-            .filter(|e| e.pid == pid)
-            .map(|e| e.conn_id.clone())
-            .collect()
+    let leak_ids = |role: &str, pid: u32| -> BTreeSet<String> {
+        let leaks = Want::of("leak", role, pid).reason("idle_in_transaction");
+        leaks.conn_ids_in(&events).map(str::to_owned).collect()
     };
-    let app_ids = client_leak_ids(app.pid());
-    let unix_ids = client_leak_ids(unix.pid());
-    let gone_ids = client_leak_ids(gone.pid());
-    let unix_backend = unix.backend_pids[0];
-    let unix_backend_ids: BTreeSet<String> = Want::kind("leak")
-        .role("server")
-        .reason("idle_in_transaction")
-        .find(&events)
-        .into_iter()
-        .filter(|e| e.pid == unix_backend)
-        .map(|e| e.conn_id.clone())
-        .collect();
+    let app_ids = leak_ids("client", app.pid());
+    let unix_ids = leak_ids("client", unix.pid());
+    let gone_ids = leak_ids("client", gone.pid());
+    let unix_backend_ids = leak_ids("server", unix.backend_pids[0]);
     assert_eq!(
         (
             app_ids.len(),
@@ -561,9 +528,7 @@ fn a_leak_survives_sigterm_and_kill_9_and_a_connection_closed_meanwhile_is_not_o
 
 #[test]
 fn without_process_titles_found_connections_stay_unknown_and_check_says_so() {
-    let Some(pg) = root_postgres() else {
-        return;
-    };
+    let Some(pg) = root_postgres() else { return };
     run_ok(&mut pg.psql("127.0.0.1", "ALTER SYSTEM SET update_process_title = off"))
         .expect("ALTER SYSTEM");
     run_ok(&mut pg.psql("127.0.0.1", "SELECT pg_reload_conf()")).expect("reload");

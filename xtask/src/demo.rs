@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::free_port;
 
@@ -48,16 +48,16 @@ fn say(text: &str) {
     println!("demo    {text}");
 }
 
+/// Runs `cmd` to the end, its output kept for the error when it fails.
 fn run_quiet(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let said = [out.stdout, out.stderr].concat();
+    let said = String::from_utf8_lossy(&said);
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{said}",
+        out.status
+    );
     Ok(())
 }
 
@@ -75,14 +75,15 @@ fn as_postgres(program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
     Ok(cmd)
 }
 
+/// The newest installed server's binaries (`/usr/lib/postgresql/<major>/bin`).
 fn postgres_bin() -> Result<PathBuf> {
-    let mut dirs: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
-        .context("Postgres is not installed (run `cargo xtask setup`)")?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("postgres").exists())
-        .collect();
-    dirs.sort();
-    dirs.pop().context("no Postgres binaries")
+    let installed = fs::read_dir("/usr/lib/postgresql")
+        .context("Postgres is not installed (run `cargo xtask setup`)")?;
+    let servers = installed.filter_map(|e| Some(e.ok()?.path().join("bin")));
+    servers
+        .filter(|bin| bin.join("postgres").exists())
+        .max()
+        .context("no Postgres binaries")
 }
 
 /// What the demo started, stopped in reverse order on drop.

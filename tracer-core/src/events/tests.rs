@@ -29,18 +29,7 @@ fn close_event_has_every_common_field() {
     assert_eq!(v["closed_by"], "peer");
     assert_eq!(v["pid"], 9);
     assert_eq!(v["state"], "unknown");
-    for key in [
-        "peer_conn_id",
-        "backend_pid",
-        "linked",
-        "exe",
-        "cmdline",
-        "cgroup",
-        "container_id",
-        "container_runtime",
-        "pod_uid",
-        "systemd_unit",
-    ] {
+    for key in "peer_conn_id backend_pid linked exe cmdline cgroup container_id container_runtime pod_uid systemd_unit".split(' ') {
         assert!(v.get(key).is_some_and(serde_json::Value::is_null), "{key}");
     }
     assert!(ev.to_line().ends_with("}\n"));

@@ -205,10 +205,10 @@ where
             Command::Run(args)
         }
         RawCommand::List(flags) => {
-            let mut ports = if flags.ports.is_empty() {
+            let mut ports = if flags.watch.ports.is_empty() {
                 config::DEFAULT_PORTS.to_vec()
             } else {
-                flags.ports
+                flags.watch.ports
             };
             ports.sort_unstable();
             ports.dedup();
@@ -216,6 +216,7 @@ where
                 json: flags.json,
                 ports,
                 unix_socket_glob: flags
+                    .watch
                     .unix_socket_glob
                     .unwrap_or_else(|| config::DEFAULT_UNIX_SOCKET_GLOB.to_owned()),
                 cmdline: flags.cmdline.unwrap_or_default(),
@@ -265,6 +266,7 @@ enum RawCommand {
     #[command(after_help = RUN_AFTER_HELP)]
     Run(Box<RunFlags>),
     /// Print the Postgres connections open on this host right now, then exit.
+    #[command(after_help = GLOB_HELP)]
     List(ListFlags),
     /// Live terminal view of a running daemon's connections, by process or container.
     Top(TopFlags),
@@ -281,11 +283,13 @@ Durations: an integer and a unit (ms, s, m, h), e.g. 500ms, 5s, 2m, 1h, 1m30s.
 Unix-socket glob: `*` matches any characters, `/` included; `?` one character;
 `[a-z]`, `[!a-z]` one character of a class; `\\x` the character x.";
 
+const GLOB_HELP: &str = "\
+Unix-socket glob: `*` matches any characters, `/` included; `?` one character;
+`[a-z]`, `[!a-z]` one character of a class; `\\x` the character x.";
+
+/// Which sockets are Postgres: the same two flags on `run` and `list`.
 #[derive(Debug, Args)]
-struct RunFlags {
-    /// TOML file with any of these options; flags given here win over it.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+struct WatchFlags {
     /// Postgres / PgBouncer TCP ports, repeatable or comma list [default: 5432,6432]
     #[arg(long = "port", value_name = "P", value_delimiter = ',',
           allow_hyphen_values = true,
@@ -295,6 +299,18 @@ struct RunFlags {
     /// */.s.PGSQL.*]
     #[arg(long, value_name = "G", value_parser = Checked(config::parse_unix_socket_glob))]
     unix_socket_glob: Option<String>,
+}
+
+/// The four leak and stall thresholds take the same kind of value.
+const THRESHOLD: Checked<Duration> = Checked(config::parse_threshold);
+
+#[derive(Debug, Args)]
+struct RunFlags {
+    /// TOML file with any of these options; flags given here win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    watch: WatchFlags,
     /// Where JSON events go: `-` for stdout, or a file path (appended) [default: -]
     #[arg(long, value_name = "DEST", value_parser = EventsParser)]
     events: Option<EventsDest>,
@@ -302,20 +318,16 @@ struct RunFlags {
     #[arg(long, value_name = "ADDR", value_parser = Checked(parse_metrics_flag))]
     metrics_addr: Option<MetricsAddr>,
     /// A request unanswered this long is stalled [default: 5s]
-    #[arg(long, value_name = "DUR", allow_hyphen_values = true,
-          value_parser = Checked(config::parse_threshold))]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true, value_parser = THRESHOLD)]
     stall_after: Option<Duration>,
     /// Inside a transaction and silent this long = leak suspect [default: 30s]
-    #[arg(long, value_name = "DUR", allow_hyphen_values = true,
-          value_parser = Checked(config::parse_threshold))]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true, value_parser = THRESHOLD)]
     idle_in_transaction_after: Option<Duration>,
     /// Peer closed, local process has not, for this long = leak suspect [default: 10s]
-    #[arg(long, value_name = "DUR", allow_hyphen_values = true,
-          value_parser = Checked(config::parse_threshold))]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true, value_parser = THRESHOLD)]
     close_wait_after: Option<Duration>,
     /// No traffic at all for this long = leak suspect [default: 30m]
-    #[arg(long, value_name = "DUR", allow_hyphen_values = true,
-          value_parser = Checked(config::parse_threshold))]
+    #[arg(long, value_name = "DUR", allow_hyphen_values = true, value_parser = THRESHOLD)]
     idle_after: Option<Duration>,
     /// Logs on stderr: error, warn, info, debug or trace [default: info]
     #[arg(long, value_name = "LEVEL", value_parser = Checked(config::parse_log_level))]
@@ -348,8 +360,8 @@ struct RunFlags {
 impl RunFlags {
     fn into_settings(self) -> RunSettings {
         RunSettings {
-            ports: (!self.ports.is_empty()).then_some(self.ports),
-            unix_socket_glob: self.unix_socket_glob,
+            ports: (!self.watch.ports.is_empty()).then_some(self.watch.ports),
+            unix_socket_glob: self.watch.unix_socket_glob,
             events: self.events,
             metrics_addr: self.metrics_addr.map(|m| m.0),
             stall_after: self.stall_after,
@@ -372,14 +384,8 @@ struct ListFlags {
     /// One JSON object per connection instead of a table.
     #[arg(long)]
     json: bool,
-    /// Postgres / PgBouncer TCP ports, repeatable or comma list [default: 5432,6432]
-    #[arg(long = "port", value_name = "P", value_delimiter = ',',
-          allow_hyphen_values = true,
-          value_parser = Checked(config::parse_port))]
-    ports: Vec<u16>,
-    /// Unix-socket paths that count as Postgres [default: */.s.PGSQL.*]
-    #[arg(long, value_name = "G", value_parser = Checked(config::parse_unix_socket_glob))]
-    unix_socket_glob: Option<String>,
+    #[command(flatten)]
+    watch: WatchFlags,
     /// Command lines in --json: full, redacted or off [default: redacted]
     #[arg(long, value_name = "MODE", value_parser = Checked(config::parse_cmdline_mode))]
     cmdline: Option<CmdlineMode>,

@@ -8,10 +8,24 @@ fn glob_matches(pattern: &str, path: &str) -> bool {
     Glob::compile(pattern).is_ok_and(|g| g.matches(path))
 }
 
+/// Runs `parse` over `cases`: an `Ok` must come out equal, an `Err` must contain the text.
+fn check_parser<T: PartialEq + std::fmt::Debug, const N: usize>(
+    parse: impl Fn(&str) -> Result<T, String>,
+    cases: [(&str, Result<T, &str>); N],
+) {
+    for (text, want) in cases {
+        match (parse(text), want) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want, "{text:?}"),
+            (Err(got), Err(want)) => assert!(got.contains(want), "{text:?}: {got}"),
+            (got, want) => panic!("{text:?}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
 #[test]
 fn durations() {
     let ms = Duration::from_millis;
-    for (text, want) in [
+    let cases = [
         ("500ms", Ok(ms(500))),
         ("5s", Ok(ms(5_000))),
         ("2m", Ok(ms(120_000))),
@@ -36,13 +50,8 @@ fn durations() {
         ("31d", Err("too long")),
         ("99999999999999999999s", Err("too long")),
         ("18446744073709551615h", Err("too long")),
-    ] {
-        match (parse_duration(text), want) {
-            (Ok(got), Ok(want)) => assert_eq!(got, want, "{text:?}"),
-            (Err(got), Err(want)) => assert!(got.contains(want), "{text:?}: {got}"),
-            (got, want) => panic!("{text:?}: got {got:?}, want {want:?}"),
-        }
-    }
+    ];
+    check_parser(parse_duration, cases);
 }
 
 #[test]
@@ -78,7 +87,7 @@ fn ports() {
 #[test]
 fn metrics_addresses() {
     let v6: SocketAddr = "[::1]:9433".parse().expect("v6");
-    for (text, want) in [
+    let cases = [
         ("127.0.0.1:9433", Ok(Some(DEFAULT_METRICS_ADDR))),
         ("[::1]:9433", Ok(Some(v6))),
         ("off", Ok(None)),
@@ -90,13 +99,8 @@ fn metrics_addresses() {
         ("127.0.0.1:65536", Err("expected IP:PORT")),
         ("OFF", Err("expected IP:PORT")),
         ("", Err("expected IP:PORT")),
-    ] {
-        match (parse_metrics_addr(text), want) {
-            (Ok(got), Ok(want)) => assert_eq!(got, want, "{text:?}"),
-            (Err(got), Err(want)) => assert!(got.contains(want), "{text:?}: {got}"),
-            (got, want) => panic!("{text:?}: got {got:?}, want {want:?}"),
-        }
-    }
+    ];
+    check_parser(parse_metrics_addr, cases);
 }
 
 #[test]

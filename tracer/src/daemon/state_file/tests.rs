@@ -34,6 +34,15 @@ fn conn(cookie: u64, transport: Transport) -> Conn {
     c
 }
 
+/// A connection that sent at 20 s, was answered at 21 s and sits in a transaction since.
+fn in_transaction(cookie: u64, transport: Transport) -> Conn {
+    let mut c = conn(cookie, transport);
+    c.live.last_send_ns = 20 * S;
+    c.live.last_recv_ns = 21 * S;
+    c.live.tx_status = TX_IN_TRANSACTION;
+    c
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tracer-state-{tag}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
@@ -42,10 +51,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 #[test]
 fn round_trip_keeps_state_times_and_verdicts_but_no_command_line() {
-    let mut c = conn(11, Transport::Tcp);
-    c.live.last_send_ns = 20 * S;
-    c.live.last_recv_ns = 21 * S;
-    c.live.tx_status = TX_IN_TRANSACTION;
+    let mut c = in_transaction(11, Transport::Tcp);
     c.live.bytes_sent = 100;
     let limits = Thresholds {
         idle_in_transaction_after: Duration::from_secs(5),
@@ -96,10 +102,7 @@ fn round_trip_keeps_state_times_and_verdicts_but_no_command_line() {
 
 #[test]
 fn traffic_while_no_daemon_watched_voids_the_saved_state() {
-    let mut c = conn(12, Transport::Tcp);
-    c.live.last_send_ns = 20 * S;
-    c.live.last_recv_ns = 21 * S;
-    c.live.tx_status = TX_IN_TRANSACTION;
+    let c = in_transaction(12, Transport::Tcp);
     let saved = SavedConn::of(&c, 30 * S);
     // tcp_info says the client sent something at 35 s (COMMIT, say).
     let mut found = conn(12, Transport::Tcp);
@@ -111,10 +114,7 @@ fn traffic_while_no_daemon_watched_voids_the_saved_state() {
 
 #[test]
 fn a_title_that_disagrees_wins_and_unix_idle_counts_from_now() {
-    let mut c = conn(13, Transport::Unix);
-    c.live.last_send_ns = 20 * S;
-    c.live.last_recv_ns = 21 * S;
-    c.live.tx_status = TX_IN_TRANSACTION;
+    let c = in_transaction(13, Transport::Unix);
     let saved = SavedConn::of(&c, 30 * S);
 
     let mut agreeing = conn(13, Transport::Unix);

@@ -47,6 +47,12 @@ pub(crate) fn assert_line(text: &str, line: &str) {
     );
 }
 
+/// `assert_line` for a series of the psql label set: `series` is `NAME VALUE`.
+fn assert_psql(text: &str, series: &str) {
+    let (name, value) = series.split_once(' ').expect("NAME VALUE");
+    assert_line(text, &format!("{name}{{{PSQL}}} {value}"));
+}
+
 fn lines_starting<'t>(text: &'t str, prefix: &str) -> Vec<&'t str> {
     text.lines().filter(|l| l.starts_with(prefix)).collect()
 }
@@ -74,18 +80,12 @@ fn open_connection_exports_every_state_and_reason() {
     for reason in LeakReason::ALL.map(LeakReason::as_str) {
         assert_line(&text, &psql_leak(reason, 0));
     }
-    assert_line(
-        &text,
-        &format!("pgconn_connections_opened_total{{{PSQL}}} 1"),
-    );
-    assert_line(
-        &text,
-        &format!("pgconn_oldest_connection_age_seconds{{{PSQL}}} 12.5"),
-    );
-    assert_line(&text, &format!("pgconn_max_idle_seconds{{{PSQL}}} 3"));
-    assert_line(&text, &format!("pgconn_stalled_connections{{{PSQL}}} 0"));
-    assert_line(&text, &format!("pgconn_stalls_total{{{PSQL}}} 0"));
-    assert_line(&text, &format!("pgconn_bytes_sent_total{{{PSQL}}} 0"));
+    assert_psql(&text, "pgconn_connections_opened_total 1");
+    assert_psql(&text, "pgconn_oldest_connection_age_seconds 12.5");
+    assert_psql(&text, "pgconn_max_idle_seconds 3");
+    assert_psql(&text, "pgconn_stalled_connections 0");
+    assert_psql(&text, "pgconn_stalls_total 0");
+    assert_psql(&text, "pgconn_bytes_sent_total 0");
     assert_line(&text, "pgconn_tracer_tracked_connections 1");
     assert_line(&text, r#"pgconn_tracer_build_info{version="1.2.3"} 1"#);
     assert_line(&text, "# TYPE pgconn_open_connections gauge");
@@ -125,17 +125,11 @@ fn gauges_follow_ticks_and_disappear_after_close_while_counters_stay() {
     assert_line(&text, &psql_state("idle", 0));
     assert_line(&text, &psql_leak("idle_in_transaction", 1));
     assert_line(&text, &psql_leak("idle", 0));
-    assert_line(
-        &text,
-        &format!("pgconn_oldest_connection_age_seconds{{{PSQL}}} 100"),
-    );
-    assert_line(&text, &format!("pgconn_max_idle_seconds{{{PSQL}}} 40"));
-    assert_line(&text, &format!("pgconn_stalled_connections{{{PSQL}}} 1"));
-    assert_line(&text, &format!("pgconn_stalls_total{{{PSQL}}} 1"));
-    assert_line(
-        &text,
-        &format!("pgconn_connections_opened_total{{{PSQL}}} 2"),
-    );
+    assert_psql(&text, "pgconn_oldest_connection_age_seconds 100");
+    assert_psql(&text, "pgconn_max_idle_seconds 40");
+    assert_psql(&text, "pgconn_stalled_connections 1");
+    assert_psql(&text, "pgconn_stalls_total 1");
+    assert_psql(&text, "pgconn_connections_opened_total 2");
     assert_line(&text, "pgconn_tracer_tracked_connections 3");
     assert_eq!(lines_starting(&text, "pgconn_open_connections{").len(), 12);
 
@@ -163,11 +157,8 @@ fn gauges_follow_ticks_and_disappear_after_close_while_counters_stay() {
         r#"pgconn_open_connections{comm="app",container="",remote="10.0.0.5:6432",role="client",state="idle"} 1"#,
     );
     assert_line(&text, "pgconn_tracer_tracked_connections 1");
-    assert_line(
-        &text,
-        &format!("pgconn_connections_opened_total{{{PSQL}}} 2"),
-    );
-    assert_line(&text, &format!("pgconn_stalls_total{{{PSQL}}} 1"));
+    assert_psql(&text, "pgconn_connections_opened_total 2");
+    assert_psql(&text, "pgconn_stalls_total 1");
     assert_line(
         &text,
         &format!("pgconn_connections_closed_total{{closed_by=\"peer\",{PSQL}}} 1"),
@@ -177,16 +168,10 @@ fn gauges_follow_ticks_and_disappear_after_close_while_counters_stay() {
         &text,
         &format!("pgconn_connections_closed_total{{closed_by=\"unknown\",{PSQL}}} 1"),
     );
-    assert_line(&text, &format!("pgconn_bytes_sent_total{{{PSQL}}} 101"));
-    assert_line(&text, &format!("pgconn_bytes_received_total{{{PSQL}}} 202"));
-    assert_line(
-        &text,
-        &format!("pgconn_connection_duration_seconds_count{{{PSQL}}} 2"),
-    );
-    assert_line(
-        &text,
-        &format!("pgconn_connection_duration_seconds_sum{{{PSQL}}} 42.005"),
-    );
+    assert_psql(&text, "pgconn_bytes_sent_total 101");
+    assert_psql(&text, "pgconn_bytes_received_total 202");
+    assert_psql(&text, "pgconn_connection_duration_seconds_count 2");
+    assert_psql(&text, "pgconn_connection_duration_seconds_sum 42.005");
     assert_line(
         &text,
         &format!("pgconn_connection_duration_seconds_bucket{{{PSQL},le=\"0.01\"}} 1"),
