@@ -447,6 +447,25 @@ pub fn loaded_programs() -> Result<Vec<(u64, String)>> {
         .unwrap_or_default())
 }
 
+/// Runs of loaded `pgc_*` programs the kernel skipped because the same program was
+/// already running on that CPU (`recursion_misses`, shown only when not 0), by name.
+pub fn recursion_misses() -> BTreeMap<String, u64> {
+    let Ok(out) = run_ok(Command::new("bpftool").args(["-j", "prog", "show"])) else {
+        return BTreeMap::new();
+    };
+    let progs: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut misses = BTreeMap::new();
+    for p in progs.as_array().into_iter().flatten() {
+        let (Some(name), Some(n)) = (p["name"].as_str(), p["recursion_misses"].as_u64()) else {
+            continue;
+        };
+        if name.starts_with("pgc_") {
+            *misses.entry(name.to_owned()).or_default() += n;
+        }
+    }
+    misses
+}
+
 /// Program ids the BPF links attached right now point at (`bpftool link show`).
 pub fn linked_program_ids() -> Result<Vec<u64>> {
     let out = run_ok(Command::new("bpftool").args(["-j", "link", "show"]))?;

@@ -71,7 +71,7 @@ impl ClosedBy {
         }
     }
 
-    fn from_wire(value: u8) -> Self {
+    pub fn from_wire(value: u8) -> Self {
         match value {
             closed_by::LOCAL => Self::Local,
             closed_by::PEER => Self::Peer,

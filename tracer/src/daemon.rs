@@ -38,7 +38,7 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
 };
-use tracer_common::{EVENTS_RING_RECORDS_MAX, SOCK_FLAG_PEER_CLOSED, path_hash};
+use tracer_common::{EVENTS_RING_RECORDS_MAX, SOCK_FLAG_PEER_CLOSED, closed_by, path_hash};
 
 use crate::{
     config::Glob,
@@ -75,6 +75,13 @@ const TICK: Duration = Duration::from_secs(1);
 /// loss, a stall of the daemon or a socket the kernel let go of triggers a check at once):
 /// a safety net for closes lost some other way, and a dump of every socket of the host.
 const RECONCILE_TICKS: u64 = 30;
+/// After closes, the check comes within this many ticks: a close the kernel programs missed
+/// (a tracing program never runs nested on one CPU: a state change in a softirq that
+/// interrupts the same program is skipped) comes in a burst of closes it did see.
+const RECONCILE_AFTER_CLOSES_TICKS: u64 = 5;
+/// A socket gone from the socket tables but still in the kernel's table is closing, its
+/// record on the way; still there this many ticks later, the kernel missed its close.
+const MISSED_CLOSE_TICKS: u64 = 2;
 /// How often the listening Unix sockets are looked for again (Postgres may restart).
 const UNIX_LISTENER_REFRESH_TICKS: u64 = 5;
 /// The state file is written every tick up to this many connections, then every
@@ -227,6 +234,12 @@ struct Tracker {
     /// Kernel records were lost: some closes may be missing, check against the socket
     /// tables at the next tick.
     reconcile_needed: bool,
+    /// The tick of the last check against the socket tables, and whether closes came since.
+    reconciled_tick: u64,
+    closes_since_reconcile: bool,
+    /// TCP connections gone from the socket tables whose kernel entry stayed, by cookie:
+    /// the tick that first found them so (see [`MISSED_CLOSE_TICKS`]).
+    close_suspects: FxHashMap<u64, u64>,
     /// Kernel records are still queued (the last drain stopped at its batch limit).
     backlog: bool,
     /// When the last tick ran (monotonic ns): a long gap means the daemon was stopped.
@@ -450,6 +463,9 @@ impl Tracker {
             ticks: 0,
             tick_generation: FIRST_TICK_GENERATION,
             reconcile_needed: false,
+            reconciled_tick: 0,
+            closes_since_reconcile: false,
+            close_suspects: FxHashMap::default(),
             backlog: false,
             last_tick_ns: 0,
             state,

@@ -40,6 +40,7 @@ impl Tracker {
             }
             Change::OwnerChanged(cookie) => self.refresh_owner(cookie),
             Change::Closed(closed) => {
+                self.closes_since_reconcile = true;
                 let mut conn = closed.conn;
                 self.closed(
                     &mut conn,

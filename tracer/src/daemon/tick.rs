@@ -76,8 +76,12 @@ impl Tracker {
             }
         }
         self.close_gone_unix(probes, now);
-        if self.reconcile_needed || self.ticks.is_multiple_of(RECONCILE_TICKS) {
+        let after_closes = self.closes_since_reconcile
+            && self.ticks >= self.reconciled_tick + RECONCILE_AFTER_CLOSES_TICKS;
+        if self.reconcile_needed || after_closes || self.ticks.is_multiple_of(RECONCILE_TICKS) {
             self.reconcile_needed = false;
+            self.closes_since_reconcile = false;
+            self.reconciled_tick = self.ticks;
             self.close_gone_tcp(probes, now);
         }
     }
@@ -299,7 +303,9 @@ impl Tracker {
     }
 
     /// TCP connections whose close record was lost (ring full) would stay open forever and
-    /// turn into false leaks: any that the socket tables no longer list are closed here.
+    /// turn into false leaks: any that the socket tables no longer list are closed here. So
+    /// are those whose close the kernel programs missed: still in the kernel's table
+    /// [`MISSED_CLOSE_TICKS`] after the socket tables stopped listing them.
     pub(super) fn close_gone_tcp(&mut self, probes: &mut Probes, now: u64) {
         let tcp: Vec<(u64, u64)> = self
             .table
@@ -308,6 +314,7 @@ impl Tracker {
             .map(|c| (c.cookie, c.sock_key))
             .collect();
         if tcp.is_empty() {
+            self.close_suspects.clear();
             return;
         }
         let alive: HashSet<u64> = match sockets_in_every_netns(Path::new("/proc")) {
@@ -317,21 +324,57 @@ impl Tracker {
                 return;
             }
         };
+        let mut suspects = FxHashMap::default();
+        let mut missed = 0;
         for (cookie, key) in tcp {
             if alive.contains(&cookie) {
                 continue;
             }
-            // Still in the kernel table: its close record is on its way, not lost.
-            if key != 0 && probes.sock_state(key).is_some_and(|s| s.cookie == cookie) {
-                continue;
+            let kernel = (key != 0)
+                .then(|| probes.sock_state(key))
+                .flatten()
+                .filter(|s| s.cookie == cookie);
+            let mut ended_by = ClosedBy::Unknown;
+            if let Some(state) = kernel {
+                // Only one the kernel saw closing (a FIN either way) can have had its close
+                // missed; any other is alive where the socket tables do not reach (a
+                // network namespace no process is in any more).
+                if state.closed_by == closed_by::UNKNOWN {
+                    continue;
+                }
+                let since = self
+                    .close_suspects
+                    .get(&cookie)
+                    .copied()
+                    .unwrap_or(self.ticks);
+                if self.ticks < since + MISSED_CLOSE_TICKS {
+                    // Its close record is most likely on its way: look again next tick.
+                    suspects.insert(cookie, since);
+                    continue;
+                }
+                missed += 1;
+                #[allow(
+                    clippy::let_underscore_must_use,
+                    reason = "its close may have come meanwhile and removed it already"
+                )]
+                let _ = probes.forget_sock(key, cookie);
+                if let Some(conn) = self.table.get_mut(cookie) {
+                    conn.live = state;
+                }
+                ended_by = ClosedBy::from_wire(state.closed_by);
             }
             let Some(mut conn) = self.table.remove(cookie) else {
                 continue;
             };
             log::debug!("connection {cookie} is gone without a close record");
             let (sent, received) = (conn.live.bytes_sent, conn.live.bytes_received);
-            self.closed(&mut conn, now, sent, received, ClosedBy::Unknown);
+            self.closed(&mut conn, now, sent, received, ended_by);
         }
+        if missed > 0 {
+            log::info!("{missed} TCP connections closed whose close the kernel programs missed");
+        }
+        self.reconcile_needed |= !suspects.is_empty();
+        self.close_suspects = suspects;
     }
 
     pub(super) fn report_lost(&self, count: u64, location: &'static str) {
