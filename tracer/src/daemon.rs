@@ -79,8 +79,11 @@ const RECONCILE_TICKS: u64 = 30;
 /// (a tracing program never runs nested on one CPU: a state change in a softirq that
 /// interrupts the same program is skipped) comes in a burst of closes it did see.
 const RECONCILE_AFTER_CLOSES_TICKS: u64 = 5;
-/// A socket gone from the socket tables but still in the kernel's table is closing, its
-/// record on the way; still there this many ticks later, the kernel missed its close.
+/// A connection missing from the socket tables is closed only when it is still missing
+/// this many ticks later (a dump under churn can miss a socket), unless the kernel's table
+/// says it ended; a socket whose kernel entry stayed after a FIN and the socket tables no
+/// longer list is closing, its record on the way, and still there this many ticks later
+/// the kernel missed its close.
 const MISSED_CLOSE_TICKS: u64 = 2;
 /// How often the listening Unix sockets are looked for again (Postgres may restart).
 const UNIX_LISTENER_REFRESH_TICKS: u64 = 5;

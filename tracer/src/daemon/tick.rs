@@ -303,9 +303,14 @@ impl Tracker {
     }
 
     /// TCP connections whose close record was lost (ring full) would stay open forever and
-    /// turn into false leaks: any that the socket tables no longer list are closed here. So
-    /// are those whose close the kernel programs missed: still in the kernel's table
-    /// [`MISSED_CLOSE_TICKS`] after the socket tables stopped listing them.
+    /// turn into false leaks: any that the socket tables no longer list are closed here.
+    ///
+    /// The kernel's table says for sure that a socket it tracked has ended (it lets go of a
+    /// socket only at its close). Otherwise one dump of the socket tables is not enough: a
+    /// dump taken while sockets come and go can miss some, so a connection the kernel never
+    /// tracked (found at start-up) must be missing from the dumps for
+    /// [`MISSED_CLOSE_TICKS`]. So must one whose kernel entry stayed after a FIN: the kernel
+    /// programs missed its close.
     pub(super) fn close_gone_tcp(&mut self, probes: &mut Probes, now: u64) {
         let tcp: Vec<(u64, u64)> = self
             .table
@@ -334,24 +339,27 @@ impl Tracker {
                 .then(|| probes.sock_state(key))
                 .flatten()
                 .filter(|s| s.cookie == cookie);
-            let mut ended_by = ClosedBy::Unknown;
-            if let Some(state) = kernel {
-                // Only one the kernel saw closing (a FIN either way) can have had its close
-                // missed; any other is alive where the socket tables do not reach (a
-                // network namespace no process is in any more).
-                if state.closed_by == closed_by::UNKNOWN {
-                    continue;
-                }
+            // Only one the kernel saw closing (a FIN either way) can have had its close
+            // missed; any other is alive where the socket tables do not reach (a network
+            // namespace no process is in any more).
+            if kernel.is_some_and(|s| s.closed_by == closed_by::UNKNOWN) {
+                continue;
+            }
+            if key == 0 || kernel.is_some() {
                 let since = self
                     .close_suspects
                     .get(&cookie)
                     .copied()
                     .unwrap_or(self.ticks);
                 if self.ticks < since + MISSED_CLOSE_TICKS {
-                    // Its close record is most likely on its way: look again next tick.
+                    // Missing from one dump only, or its close record on its way: look
+                    // again next tick.
                     suspects.insert(cookie, since);
                     continue;
                 }
+            }
+            let mut ended_by = ClosedBy::Unknown;
+            if let Some(state) = kernel {
                 missed += 1;
                 #[allow(
                     clippy::let_underscore_must_use,
