@@ -131,8 +131,9 @@ fn sigkill_of_a_client_holding_200_connections_closes_all_of_them() {
         .filter(|e| e.kind == "close" && e.role == "server")
         .count();
     eprintln!(
-        "kill -9 of a holder of 200: {} client closes in {all_closed:?} (closed_by {by:?}), {server_closes} backend closes; tracked {held} -> {back} (baseline {baseline}) after {back_after:?}",
-        closes.len()
+        "kill -9 of a holder of 200: {} client closes in {all_closed:?} (closed_by {by:?}), {server_closes} backend closes; tracked {held} -> {back} (baseline {baseline}) after {back_after:?}; skipped program runs {:?}",
+        closes.len(),
+        tests::recursion_misses()
     );
     assert_eq!(
         closes.len(),

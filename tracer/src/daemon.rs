@@ -78,12 +78,10 @@ const RECONCILE_TICKS: u64 = 30;
 /// After closes, the check comes within this many ticks: a close the kernel programs missed
 /// (a tracing program never runs nested on one CPU: a state change in a softirq that
 /// interrupts the same program is skipped) comes in a burst of closes it did see.
-const RECONCILE_AFTER_CLOSES_TICKS: u64 = 5;
-/// A connection missing from the socket tables is closed only when it is still missing
-/// this many ticks later (a dump under churn can miss a socket), unless the kernel's table
-/// says it ended; a socket whose kernel entry stayed after a FIN and the socket tables no
-/// longer list is closing, its record on the way, and still there this many ticks later
-/// the kernel missed its close.
+const RECONCILE_AFTER_CLOSES_TICKS: u64 = 3;
+/// A connection no process holds any more is closed only when that is still so this many
+/// ticks later (a dump of the socket tables under churn can miss a socket; a close record
+/// may be on its way), unless the kernel's table says it ended.
 const MISSED_CLOSE_TICKS: u64 = 2;
 /// How often the listening Unix sockets are looked for again (Postgres may restart).
 const UNIX_LISTENER_REFRESH_TICKS: u64 = 5;

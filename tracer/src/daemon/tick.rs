@@ -303,14 +303,14 @@ impl Tracker {
     }
 
     /// TCP connections whose close record was lost (ring full) would stay open forever and
-    /// turn into false leaks: any that the socket tables no longer list are closed here.
+    /// turn into false leaks: any that no process holds any more are closed here.
     ///
     /// The kernel's table says for sure that a socket it tracked has ended (it lets go of a
-    /// socket only at its close). Otherwise one dump of the socket tables is not enough: a
-    /// dump taken while sockets come and go can miss some, so a connection the kernel never
-    /// tracked (found at start-up) must be missing from the dumps for
-    /// [`MISSED_CLOSE_TICKS`]. So must one whose kernel entry stayed after a FIN: the kernel
-    /// programs missed its close.
+    /// socket only at its close). Otherwise one look is not enough: a dump of the socket
+    /// tables taken while sockets come and go can miss some, so a connection the kernel
+    /// never tracked (found at start-up) must be missing for [`MISSED_CLOSE_TICKS`]. So
+    /// must one whose kernel entry stayed after its owner let go of it (no file, or not
+    /// listed at all) once a FIN went either way: the kernel programs missed its close.
     pub(super) fn close_gone_tcp(&mut self, probes: &mut Probes, now: u64) {
         let tcp: Vec<(u64, u64)> = self
             .table
@@ -322,8 +322,14 @@ impl Tracker {
             self.close_suspects.clear();
             return;
         }
-        let alive: HashSet<u64> = match sockets_in_every_netns(Path::new("/proc")) {
-            Ok((sockets, _)) => sockets.into_iter().map(|s| s.cookie).collect(),
+        // Sockets a process holds: time-wait sockets, orphans (closed by their owner, the
+        // kernel finishing the goodbye) and sockets not yet accepted have no file.
+        let held: HashSet<u64> = match sockets_in_every_netns(Path::new("/proc")) {
+            Ok((sockets, _)) => sockets
+                .into_iter()
+                .filter(|s| s.inode != 0)
+                .map(|s| s.cookie)
+                .collect(),
             Err(err) => {
                 log::warn!("listing TCP sockets: {err}");
                 return;
@@ -332,16 +338,15 @@ impl Tracker {
         let mut suspects = FxHashMap::default();
         let mut missed = 0;
         for (cookie, key) in tcp {
-            if alive.contains(&cookie) {
+            if held.contains(&cookie) {
                 continue;
             }
             let kernel = (key != 0)
                 .then(|| probes.sock_state(key))
                 .flatten()
                 .filter(|s| s.cookie == cookie);
-            // Only one the kernel saw closing (a FIN either way) can have had its close
-            // missed; any other is alive where the socket tables do not reach (a network
-            // namespace no process is in any more).
+            // With no FIN either way the connection is alive: not accepted yet, or where
+            // the socket tables do not reach (a network namespace no process is in).
             if kernel.is_some_and(|s| s.closed_by == closed_by::UNKNOWN) {
                 continue;
             }
