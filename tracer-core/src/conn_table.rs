@@ -224,6 +224,13 @@ pub enum Change {
 #[derive(Default)]
 pub struct ConnTable {
     conns: FxHashMap<u64, Conn>,
+    /// Moves on whenever a connection comes, goes or changes owner (all of which go through
+    /// the table's own methods): what is derived from the table's membership alone (which
+    /// processes hold both roles) need not be worked out again while it stands still.
+    membership: u64,
+    /// How many of the connections are Unix ones (their closes are found by a socket-table
+    /// check each tick, needless when there are none).
+    unix: usize,
 }
 
 fn ip_from_wire(family: u16, raw: &[u8; 16]) -> IpAddr {
@@ -244,6 +251,16 @@ impl ConnTable {
 
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
+    }
+
+    /// How many connections are over Unix sockets.
+    pub fn unix_count(&self) -> usize {
+        self.unix
+    }
+
+    /// See [`ConnTable::membership`]: equal values mean the same connections and owners.
+    pub fn membership(&self) -> u64 {
+        self.membership
     }
 
     pub fn get(&self, cookie: u64) -> Option<&Conn> {
@@ -269,7 +286,7 @@ impl ConnTable {
     /// old it is, when data last moved, the state seeded from its process title).
     pub fn insert_found(&mut self, found: Conn) -> bool {
         let Some(known) = self.conns.get_mut(&found.cookie) else {
-            self.conns.insert(found.cookie, found);
+            self.add(found);
             return true;
         };
         if known.preexisting {
@@ -284,7 +301,24 @@ impl ConnTable {
 
     /// Removes a connection whose end was noticed outside the kernel (Unix sockets).
     pub fn remove(&mut self, cookie: u64) -> Option<Conn> {
-        self.conns.remove(&cookie)
+        self.membership += 1;
+        let conn = self.conns.remove(&cookie)?;
+        if conn.transport == Transport::Unix {
+            self.unix -= 1;
+        }
+        Some(conn)
+    }
+
+    fn add(&mut self, conn: Conn) {
+        self.membership += 1;
+        if conn.transport == Transport::Unix {
+            self.unix += 1;
+        }
+        if let Some(old) = self.conns.insert(conn.cookie, conn)
+            && old.transport == Transport::Unix
+        {
+            self.unix -= 1;
+        }
     }
 
     /// Applies one kernel event. `unix_path` names the socket path a Unix path hash stands for.
@@ -294,6 +328,12 @@ impl ConnTable {
         unix_path: &dyn Fn(u64) -> Option<String>,
     ) -> Change {
         let cookie = event.header().cookie;
+        if matches!(
+            event,
+            KernelEvent::Open(_) | KernelEvent::Owner(_) | KernelEvent::Close(_)
+        ) {
+            self.membership += 1;
+        }
         match event {
             KernelEvent::Open(open) => self.apply_open(open, unix_path),
             KernelEvent::Owner(owner) => match self.conns.get_mut(&cookie) {
@@ -352,13 +392,13 @@ impl ConnTable {
         );
         conn.sock_key = open.sock_key;
         conn.preexisting = open.flags & OPEN_FLAG_PREEXISTING != 0;
-        self.conns.insert(cookie, conn);
+        self.add(conn);
         Change::Opened(cookie)
     }
 
     fn apply_close(&mut self, close: &ConnClose) -> Change {
         let cookie = close.header.cookie;
-        match self.conns.remove(&cookie) {
+        match self.remove(cookie) {
             Some(mut conn) => {
                 conn.live.bytes_sent = close.bytes_sent;
                 conn.live.bytes_received = close.bytes_received;

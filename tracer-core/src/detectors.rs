@@ -86,6 +86,18 @@ pub struct Thresholds {
     pub idle_after: Duration,
 }
 
+impl Thresholds {
+    /// How long `reason`'s condition must last to be a leak, ns.
+    fn leak_after(&self, reason: LeakReason) -> u64 {
+        let limit = match reason {
+            LeakReason::CloseWait => self.close_wait_after,
+            LeakReason::IdleInTransaction => self.idle_in_transaction_after,
+            LeakReason::Idle => self.idle_after,
+        };
+        limit.as_nanos() as u64
+    }
+}
+
 impl Default for Thresholds {
     /// The SPEC's defaults, written once in `settings`.
     fn default() -> Self {
@@ -235,6 +247,11 @@ pub enum Finding {
 pub struct Episodes {
     stall_since: Option<u64>,
     leak_since: [Option<u64>; 3],
+    /// The view the last `evaluate` judged, and the first time at which the same view can
+    /// give another verdict: until then, with that view, `evaluate` has nothing to do. Most
+    /// connections are quiet most ticks, so the tick judges only the few that moved or are
+    /// due.
+    judged: Option<(ConnView, u64)>,
 }
 
 fn secs(ns: u64) -> f64 {
@@ -278,8 +295,41 @@ impl Episodes {
             .find(|r| self.leak_since[r.index()].is_some())
     }
 
-    /// Updates the episodes for `view` at `now`; returns what started or ended.
+    /// Updates the episodes for `view` at `now`; returns what started or ended. `limits`
+    /// must be the same on every call (the daemon's are fixed at start-up): the time an
+    /// unchanged view is due again is worked out with them.
     pub fn evaluate(&mut self, view: &ConnView, now: u64, limits: &Thresholds) -> Vec<Finding> {
+        if self
+            .judged
+            .is_some_and(|(judged, due_ns)| judged == *view && now < due_ns)
+        {
+            return Vec::new();
+        }
+        let findings = self.judge(view, now, limits);
+        self.judged = Some((*view, self.due_ns(view, limits)));
+        findings
+    }
+
+    /// When, with `view` unchanged, the next verdict can start: a request outstanding for
+    /// `stall_after`, or a leak condition lasting its threshold. Everything else `judge`
+    /// decides from the view alone, so it has already decided it.
+    fn due_ns(&self, view: &ConnView, limits: &Thresholds) -> u64 {
+        let mut due = u64::MAX;
+        if self.stall_since.is_none() && view.outstanding() {
+            due = view
+                .to_server_ns
+                .saturating_add(limits.stall_after.as_nanos() as u64);
+        }
+        if let Some((reason, onset)) = view.leak_condition()
+            && self.leak_since[reason.index()].is_none()
+        {
+            due = due.min(onset.saturating_add(limits.leak_after(reason)));
+        }
+        due
+    }
+
+    /// `evaluate` without the shortcut.
+    fn judge(&mut self, view: &ConnView, now: u64, limits: &Thresholds) -> Vec<Finding> {
         let mut findings = Vec::new();
 
         match self.stall_since {
@@ -324,20 +374,15 @@ impl Episodes {
                         lasted_s: secs(current.saturating_sub(onset)),
                     });
                 }
-                (None, Some((_, onset))) => {
-                    let limit = match reason {
-                        LeakReason::CloseWait => limits.close_wait_after,
-                        LeakReason::IdleInTransaction => limits.idle_in_transaction_after,
-                        LeakReason::Idle => limits.idle_after,
-                    };
-                    if now.saturating_sub(onset) >= limit.as_nanos() as u64 {
-                        *slot = Some(onset);
-                        findings.push(Finding::Leak {
-                            reason,
-                            age_s: secs(now.saturating_sub(view.born_ns)),
-                            idle_s: secs(now.saturating_sub(view.last_activity_ns())),
-                        });
-                    }
+                (None, Some((_, onset)))
+                    if now.saturating_sub(onset) >= limits.leak_after(reason) =>
+                {
+                    *slot = Some(onset);
+                    findings.push(Finding::Leak {
+                        reason,
+                        age_s: secs(now.saturating_sub(view.born_ns)),
+                        idle_s: secs(now.saturating_sub(view.last_activity_ns())),
+                    });
                 }
                 _ => {}
             }
@@ -347,6 +392,7 @@ impl Episodes {
 
     /// The connection closed at `now`: every open episode ends.
     pub fn close(&mut self, view: &ConnView, now: u64) -> Vec<Finding> {
+        self.judged = None;
         let mut findings = Vec::new();
         if let Some(since) = self.stall_since.take() {
             let answered = if view.outstanding() {

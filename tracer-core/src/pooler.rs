@@ -52,8 +52,10 @@ pub struct Relations {
     /// pooling by transaction.
     poolers: HashSet<u32>,
     transaction_pooling: HashSet<u32>,
-    /// Processes holding both client- and server-role connections (refreshed each tick).
+    /// Processes holding both client- and server-role connections (refreshed each tick),
+    /// and the table membership they were worked out from.
     proxies: HashSet<u32>,
+    proxies_of: Option<u64>,
 }
 
 /// Still usable: open and the peer has not closed its side.
@@ -115,7 +117,11 @@ impl Relations {
 
     /// Processes that hold both roles: proxies, poolers among them.
     pub fn refresh_proxies(&mut self, table: &ConnTable) {
-        // Once a tick over every connection: FxHash, not SipHash, for a pid.
+        if self.proxies_of == Some(table.membership()) {
+            return;
+        }
+        self.proxies_of = Some(table.membership());
+        // Over every connection when they changed: FxHash, not SipHash, for a pid.
         let (mut clients, mut servers) = (FxHashSet::default(), FxHashSet::default());
         for conn in table.iter() {
             match conn.role {

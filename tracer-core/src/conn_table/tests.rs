@@ -242,3 +242,41 @@ fn closed_by_lists_every_value_in_declaration_order() {
     let names: Vec<_> = ClosedBy::ALL.map(|c| c.as_str()).to_vec();
     assert_eq!(names, ["local", "peer", "reset", "exit", "unknown"]);
 }
+
+#[test]
+fn the_unix_count_and_the_membership_follow_every_way_in_and_out() {
+    let mut table = ConnTable::default();
+    let unix_open = |cookie| {
+        let mut unix = open_v4(cookie);
+        unix.family = AF_UNIX;
+        KernelEvent::Open(unix)
+    };
+    let before = table.membership();
+    table.apply(&unix_open(1), &paths);
+    table.apply(&unix_open(2), &paths);
+    table.apply(&KernelEvent::Open(open_v4(3)), &paths);
+    // A second open of a known connection refreshes it: still one.
+    table.apply(&unix_open(1), &paths);
+    assert_eq!((table.len(), table.unix_count()), (3, 2));
+    let opened = table.membership();
+    assert_ne!(opened, before);
+    // Nothing that leaves membership alone moves it.
+    table.apply(
+        &KernelEvent::PeerClosed(ConnPeerClosed {
+            header: header(kind::CONN_PEER_CLOSED, 3, 2_000),
+        }),
+        &paths,
+    );
+    assert_eq!(table.membership(), opened);
+
+    table.apply(&close(1, closed_by::LOCAL), &paths);
+    assert!(table.remove(2).is_some());
+    assert!(table.remove(2).is_none());
+    assert_eq!((table.len(), table.unix_count()), (1, 0));
+    assert_ne!(table.membership(), opened);
+    let mut found = table.get(3).expect("tcp").clone();
+    found.cookie = 4;
+    found.transport = Transport::Unix;
+    assert!(table.insert_found(found));
+    assert_eq!(table.unix_count(), 1);
+}

@@ -321,3 +321,54 @@ fn ended_leaks(findings: &[Finding]) -> Vec<LeakReason> {
     };
     findings.iter().map(reason).collect()
 }
+
+/// The shortcut never changes a verdict: over random views (few distinct values, so that
+/// they repeat) and times, `evaluate` returns and keeps exactly what judging every call
+/// does.
+#[test]
+fn skipping_an_unchanged_view_until_it_is_due_changes_no_verdict() {
+    let limits = Thresholds {
+        stall_after: Duration::from_secs(2),
+        idle_in_transaction_after: Duration::from_secs(3),
+        close_wait_after: Duration::from_secs(4),
+        idle_after: Duration::from_secs(6),
+    };
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut skipped = 0;
+    for _ in 0..200 {
+        let (mut cached, mut every) = (Episodes::default(), Episodes::default());
+        let mut view = ConnView::default();
+        let mut now = 0;
+        for _ in 0..200 {
+            now += next(3) * S / 2;
+            match next(8) {
+                0 => view.to_server_ns = now.saturating_sub(next(2) * S),
+                1 => view.from_server_ns = now.saturating_sub(next(2) * S),
+                2 => view.tx_status = [TX_IDLE, TX_IN_TRANSACTION, TX_FAILED, 0][next(4) as usize],
+                3 => view.peer_closed_ns = [None, Some(now)][next(2) as usize],
+                4 => view.seeded = seeded(ConnState::IdleInTransaction, now),
+                _ => {}
+            }
+            let before = cached.judged;
+            let got = cached.evaluate(&view, now, &limits);
+            skipped += usize::from(cached.judged == before && before.is_some());
+            let want = every.judge(&view, now, &limits);
+            assert_eq!(got, want, "at {now} with {view:?}");
+            assert_eq!(
+                (cached.stall_since, cached.leak_since),
+                (every.stall_since, every.leak_since),
+                "at {now} with {view:?}"
+            );
+        }
+    }
+    assert!(
+        skipped > 1000,
+        "the shortcut was taken {skipped} times only"
+    );
+}

@@ -2,6 +2,7 @@
 //! checked, the detectors run, gauges and the live table rebuilt; and losses reported.
 
 use super::*;
+use crate::model::detectors::{ConnState, ConnView, LeakReason};
 
 impl Tracker {
     /// Looks for Postgres's listening Unix sockets; true when the set changed.
@@ -52,7 +53,6 @@ impl Tracker {
             }
         };
         self.judge(&live, now);
-        self.export_gauges(now);
         self.publish_live(now);
         self.save_state(now, false);
     }
@@ -121,12 +121,15 @@ impl Tracker {
     }
 
     /// Takes in the kernel's live state of the connections read, runs the detectors on
-    /// every connection and reports what they found.
+    /// every connection, reports what they found and exports the gauges: one walk over the
+    /// table.
     fn judge(&mut self, live: &LiveRead, now: u64) {
         let mut findings = Vec::new();
+        let mut figures = Vec::with_capacity(self.table.len());
         let mut ended_unseen = false;
         let mut changed = false;
         for conn in self.table.iter_mut() {
+            let mut gone = false;
             if conn.sock_key != 0 && live.covers(conn.sock_key) {
                 match live
                     .states
@@ -141,20 +144,23 @@ impl Tracker {
                             conn.peer_closed_ns.get_or_insert(now);
                         }
                     }
-                    None => {
-                        // The kernel has let go of it: it ended and its close record is
-                        // queued or was lost. No verdict on it; the next check settles it.
-                        ended_unseen = true;
-                        continue;
-                    }
+                    // The kernel has let go of it: it ended and its close record is queued
+                    // or was lost. No verdict on it; the next check settles it.
+                    None => gone = true,
                 }
             }
-            for finding in conn.episodes.evaluate(&conn.view(), now, &self.limits) {
-                findings.push((conn.cookie, finding));
+            let view = conn.view();
+            if !gone {
+                for finding in conn.episodes.evaluate(&view, now, &self.limits) {
+                    findings.push((conn.cookie, finding));
+                }
             }
+            ended_unseen |= gone;
+            figures.push(Figures::of(conn, &view, now));
         }
         self.reconcile_needed |= ended_unseen;
         self.relations.refresh_proxies(&self.table);
+        self.export_gauges(&figures);
         self.state_dirty |= changed || !findings.is_empty();
         for (cookie, finding) in findings {
             if let Some(conn) = self.table.get(cookie) {
@@ -163,31 +169,28 @@ impl Tracker {
         }
     }
 
-    /// Rebuilds every gauge from the table.
-    fn export_gauges(&self, now: u64) {
+    /// Sets every gauge from this tick's figures of each connection.
+    fn export_gauges(&self, figures: &[Figures]) {
         // Connections not announced yet (held until the start-up scan) have no shared labels.
-        let unannounced: FxHashMap<u64, ConnLabels> = self
-            .table
+        let unannounced: FxHashMap<u64, ConnLabels> = figures
             .iter()
-            .filter(|conn| self.labels.get(conn.cookie).is_none())
-            .map(|conn| (conn.cookie, labels_of(conn)))
+            .filter(|f| self.labels.get(f.cookie).is_none())
+            .filter_map(|f| Some((f.cookie, labels_of(self.table.get(f.cookie)?))))
             .collect();
-        let snapshot: Vec<ConnSnapshot<'_>> = self
-            .table
+        let snapshot: Vec<ConnSnapshot<'_>> = figures
             .iter()
-            .filter_map(|conn| {
-                let labels = match self.labels.get(conn.cookie) {
+            .filter_map(|f| {
+                let labels = match self.labels.get(f.cookie) {
                     Some(shared) => &**shared,
-                    None => unannounced.get(&conn.cookie)?,
+                    None => unannounced.get(&f.cookie)?,
                 };
-                let view = conn.view();
                 Some(ConnSnapshot {
                     labels,
-                    state: view.state(),
-                    age_s: secs(now.saturating_sub(conn.born_ns)),
-                    idle_s: secs(now.saturating_sub(view.last_activity_ns())),
-                    stalled: conn.episodes.stalled(),
-                    leak_reason: conn.episodes.leak(),
+                    state: f.state,
+                    age_s: f.age_s,
+                    idle_s: f.idle_s,
+                    stalled: f.stalled,
+                    leak_reason: f.leak_reason,
                 })
             })
             .collect();
@@ -232,6 +235,9 @@ impl Tracker {
 
     /// Unix sockets have no close hook: a tracked one missing from the socket table closed.
     pub(super) fn close_gone_unix(&mut self, probes: &mut Probes, now: u64) {
+        if self.table.unix_count() == 0 {
+            return;
+        }
         let unix: Vec<u64> = self
             .table
             .iter()
@@ -397,6 +403,29 @@ impl Tracker {
                 SystemTime::now(),
                 EventBody::Lost { count, location },
             ));
+        }
+    }
+}
+
+/// What the gauges take of one connection at a tick.
+struct Figures {
+    cookie: u64,
+    state: ConnState,
+    age_s: f64,
+    idle_s: f64,
+    stalled: bool,
+    leak_reason: Option<LeakReason>,
+}
+
+impl Figures {
+    fn of(conn: &Conn, view: &ConnView, now: u64) -> Self {
+        Self {
+            cookie: conn.cookie,
+            state: view.state(),
+            age_s: secs(now.saturating_sub(conn.born_ns)),
+            idle_s: secs(now.saturating_sub(view.last_activity_ns())),
+            stalled: conn.episodes.stalled(),
+            leak_reason: conn.episodes.leak(),
         }
     }
 }
